@@ -1,0 +1,18 @@
+//! The kernel sources, one per op, embedded at build time.
+
+/// One `.cu` file: its stem (the op name) and the `extern "C"` functions it defines.
+#[derive(Debug, Clone, Copy)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub functions: &'static [&'static str],
+}
+
+pub const ACT_QUANT: Kernel = Kernel {
+    name: "act_quant",
+    source: include_str!("../kernels/act_quant.cu"),
+    functions: &["act_quant_f32", "act_quant_bf16"],
+};
+
+/// Every kernel of the crate: the compile test builds all of them for `sm_90a`.
+pub const ALL: &[Kernel] = &[ACT_QUANT];

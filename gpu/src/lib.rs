@@ -1,0 +1,18 @@
+//! `dsv3-gpu`: DeepSeek-V3 ops as CUDA kernels for Hopper (`sm_90a`).
+//!
+//! Each op is one `.cu` file under `gpu/kernels/` (embedded with `include_str!`, compiled at run
+//! time by NVRTC, cached per module) and one Rust wrapper module here with the same stem. The
+//! wrappers take host slices and return host vectors; the root crate's registry adapts them to
+//! tensors and diffs them against the reference.
+//!
+//! Nothing here panics when CUDA is absent: [`runtime::nvrtc_available`] and [`Gpu::open`] report
+//! what is missing (cudarc itself panics if a library is missing, so every entry point checks
+//! first).
+
+pub mod act_quant;
+pub mod error;
+pub mod kernels;
+pub mod runtime;
+
+pub use error::{Error, Result};
+pub use runtime::{compile, driver_available, nvrtc_available, Compiled, FunctionStats, Gpu};

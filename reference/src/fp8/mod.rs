@@ -1,0 +1,22 @@
+//! FP8 numerics of DeepSeek-V3 (V3 §3.3): the formats and the tile quantization around them.
+//!
+//! - [`format`]: E4M3, E5M2 and E5M6 codes ↔ f32 (round-to-nearest-even, saturating or not).
+//! - [`ue8m0`]: power-of-two scales.
+//! - [`scale`]: the scale of one tile, `max(amax, 1e-4)/448`.
+//! - [`act_quant`]: 1×128 activation tiles and the 128×1 re-tiling of backward.
+//! - [`weight_quant`] / [`weight_dequant`]: 128×128 weight blocks.
+
+pub mod act_quant;
+pub mod format;
+pub mod scale;
+mod tile;
+pub mod ue8m0;
+pub mod weight_dequant;
+pub mod weight_quant;
+
+pub use act_quant::{act_quant, act_quant_128x1, retile_128x1};
+pub use format::{Format, Saturation, Specials, E4M3, E5M2, E5M6};
+pub use scale::{tile_scale, ScaleFmt, AMAX_FLOOR, E4M3_MAX};
+pub use tile::Quantized;
+pub use weight_dequant::weight_dequant;
+pub use weight_quant::weight_quant;

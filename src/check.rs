@@ -1,0 +1,224 @@
+//! `dsv3 check`: recompute an op's outputs with the reference and judge a candidate's outputs.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::compare::{compare, Policy, TensorReport};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::io::{SafeFile, TensorMap};
+use crate::registry::{OpEntry, PolicyCtx};
+use crate::table::Table;
+
+/// How outputs are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Each output under its op's tolerance policy.
+    Policy,
+    /// Every output bit-identical to the reference.
+    Exact,
+}
+
+/// The verdict on one set of outputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub op: String,
+    pub config: serde_json::Value,
+    pub mode: Mode,
+    pub tensors: Vec<TensorReport>,
+    pub reference_seconds: f64,
+    pub pass: bool,
+}
+
+/// Validate `inputs` and `candidate` against `op`'s contract, run the reference, and compare.
+/// `places` name where inputs and outputs came from, for error messages.
+pub fn check(
+    op: &OpEntry,
+    inputs: &TensorMap,
+    candidate: &TensorMap,
+    config: &Config,
+    mode: Mode,
+    places: (&str, &str),
+) -> Result<CheckReport> {
+    let contract = op.contract();
+    let bindings = contract.check_inputs(inputs, config, places.0)?;
+    let start = Instant::now();
+    let reference = (op.reference)(inputs, config)?;
+    let reference_seconds = start.elapsed().as_secs_f64();
+    contract.check_outputs(candidate, &reference, &bindings, config, places.1)?;
+    let tensors = judge(op, inputs, candidate, &reference, config, mode);
+    let pass = tensors.iter().all(|t| t.pass);
+    Ok(CheckReport {
+        op: op.name.to_string(),
+        config: config.as_json(),
+        mode,
+        tensors,
+        reference_seconds,
+        pass,
+    })
+}
+
+/// Compare every output of `candidate` with `reference` (both validated).
+pub fn judge(
+    op: &OpEntry,
+    inputs: &TensorMap,
+    candidate: &TensorMap,
+    reference: &TensorMap,
+    config: &Config,
+    mode: Mode,
+) -> Vec<TensorReport> {
+    op.outputs
+        .iter()
+        .map(|spec| {
+            let ctx = PolicyCtx {
+                output: spec.name,
+                inputs,
+                candidate,
+                reference,
+                config,
+            };
+            let policy = match mode {
+                Mode::Exact => Policy::Exact,
+                Mode::Policy => (op.policy)(&ctx),
+            };
+            compare(
+                spec.name,
+                &candidate[spec.name],
+                &reference[spec.name],
+                &policy,
+            )
+        })
+        .collect()
+}
+
+/// Load the tensors of `inputs` and `outputs` (the same file may hold both: its tensors are
+/// split by the contract's input names).
+pub fn load_pair(op: &OpEntry, inputs: &Path, outputs: &Path) -> Result<(TensorMap, TensorMap)> {
+    let same = inputs == outputs
+        || std::fs::canonicalize(inputs)
+            .ok()
+            .zip(std::fs::canonicalize(outputs).ok())
+            .is_some_and(|(a, b)| a == b);
+    let a = SafeFile::open(inputs)?.load_all()?;
+    if same {
+        let (ins, outs): (TensorMap, TensorMap) = a
+            .into_iter()
+            .partition(|(k, _)| op.inputs.iter().any(|s| s.name == k));
+        return Ok((ins, outs));
+    }
+    let b = SafeFile::open(outputs)?.load_all()?;
+    Ok((a, b))
+}
+
+/// Read `--config`: a path to a JSON file, or inline JSON starting with `{`.
+pub fn read_config(op: &OpEntry, arg: Option<&str>) -> Result<Config> {
+    let raw = match arg {
+        None => serde_json::Value::Null,
+        Some(s) if s.trim_start().starts_with('{') => {
+            serde_json::from_str(s).map_err(|e| Error::Config {
+                op: op.name,
+                msg: format!("inline JSON: {e}"),
+            })?
+        }
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                op: op.name,
+                msg: format!("{path}: {e}"),
+            })?
+        }
+    };
+    op.parse_config(&raw)
+}
+
+/// Human-readable report: one table row per output tensor, then the worst elements.
+pub fn render(report: &CheckReport) -> String {
+    let mut t = Table::new(&[
+        "tensor",
+        "dtype",
+        "shape",
+        "exact",
+        "max|Δ|",
+        "max rel",
+        "max ulp",
+        "ulp 0/1/2/>2",
+        "1-2Σxy/Σ(x²+y²)",
+        "worst (index: got vs ref)",
+        "verdict",
+    ]);
+    for r in &report.tensors {
+        t.row(vec![
+            r.name.clone(),
+            r.dtype.clone(),
+            format!("{:?}", r.shape),
+            format!("{}/{} ({:.6}%)", r.exact, r.numel, 100.0 * r.exact_fraction),
+            fmt_num(r.max_abs),
+            fmt_num(r.max_rel),
+            if r.max_ulp == u64::MAX {
+                "NaN".into()
+            } else {
+                r.max_ulp.to_string()
+            },
+            format!(
+                "{}/{}/{}/{}",
+                r.ulp_counts[0], r.ulp_counts[1], r.ulp_counts[2], r.ulp_counts[3]
+            ),
+            format!("{:.3e}", r.similarity_diff),
+            r.worst.as_ref().map_or("-".into(), |w| {
+                format!("{:?}: {} vs {}", w.index, w.got, w.want)
+            }),
+            if r.pass {
+                "PASS".into()
+            } else {
+                format!("FAIL ({} bad)", r.violations)
+            },
+        ]);
+    }
+    let mut out = format!(
+        "{} {} (mode: {:?}, reference {:.3}s)\n",
+        report.op, report.config, report.mode, report.reference_seconds
+    );
+    out += &t.render();
+    for r in &report.tensors {
+        out += &format!(
+            "  {}: policy {}; {} differing elements allowed by it\n",
+            r.name, r.policy, r.allowed
+        );
+        if r.nan_mismatch > 0 {
+            out += &format!(
+                "  {}: {} elements are NaN on one side only\n",
+                r.name, r.nan_mismatch
+            );
+        }
+        for v in &r.first_violations {
+            out += &format!(
+                "  {}: violation at {:?}: got {} vs ref {} (|Δ| {}, {} ulp)\n",
+                r.name,
+                v.index,
+                v.got,
+                v.want,
+                fmt_num(v.abs_err),
+                v.ulp.map_or("NaN".into(), |u| u.to_string())
+            );
+        }
+    }
+    out += if report.pass {
+        "verdict: PASS\n"
+    } else {
+        "verdict: FAIL\n"
+    };
+    out
+}
+
+pub fn fmt_num(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else if x.is_infinite() {
+        "inf".into()
+    } else {
+        format!("{x:.3e}")
+    }
+}

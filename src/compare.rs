@@ -1,0 +1,342 @@
+//! Comparing a candidate tensor with the reference: metrics, tolerance policies, verdicts.
+//!
+//! Every element is judged on its own: one element outside its policy fails the tensor, whatever
+//! the global metrics say. The report always carries the exact-match fraction, max abs / rel
+//! error, the ULP distances, DeepGEMM's global similarity `1 − 2Σxy/Σ(x²+y²)` (for orientation
+//! only) and the worst element with its index.
+
+use serde::Serialize;
+
+use crate::tensor::{unravel, DType, Tensor};
+
+/// How far a candidate element may be from the reference element.
+pub enum Policy<'a> {
+    /// Bit-identical (a NaN matches only the same NaN bits).
+    Exact,
+    /// At most `max` representable values apart (same dtype); NaN must face NaN.
+    Ulps { max: u64, why: &'static str },
+    /// `|got − want| ≤ atol + rtol·|want|`; NaN must face NaN, ±inf the same inf.
+    Close {
+        atol: f64,
+        rtol: f64,
+        why: &'static str,
+    },
+    /// Bit-identical, except elements `allow(flat index)` accepts; `why` says what it accepts.
+    ExactUnless {
+        why: &'static str,
+        allow: Box<dyn Fn(usize) -> bool + 'a>,
+    },
+}
+
+impl Policy<'_> {
+    /// One line for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            Policy::Exact => "exact (bitwise)".into(),
+            Policy::Ulps { max, why } => format!("≤ {max} ulp ({why})"),
+            Policy::Close { atol, rtol, why } => format!("|Δ| ≤ {atol:e} + {rtol:e}·|ref| ({why})"),
+            Policy::ExactUnless { why, .. } => format!("exact, except {why}"),
+        }
+    }
+}
+
+/// One element in a report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Element {
+    pub index: Vec<usize>,
+    pub got: String,
+    pub want: String,
+    pub abs_err: f64,
+    pub ulp: Option<u64>,
+}
+
+/// Comparison of one output tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub numel: usize,
+    pub policy: String,
+    /// Elements bit-identical to the reference.
+    pub exact: usize,
+    pub exact_fraction: f64,
+    /// Elements that differ but are within the policy.
+    pub allowed: usize,
+    /// Elements outside the policy.
+    pub violations: usize,
+    /// Elements where exactly one side is NaN.
+    pub nan_mismatch: usize,
+    pub max_abs: f64,
+    /// Max of `|Δ| / |ref|` over elements with a non-zero reference.
+    pub max_rel: f64,
+    /// Max distance in representable values (ULPs of the output dtype; FP8 codes count as ULPs).
+    pub max_ulp: u64,
+    /// How many elements are 0, 1, 2 and more than 2 ULPs away.
+    pub ulp_counts: [usize; 4],
+    /// DeepGEMM's `calc_diff` = 1 − 2Σxy/Σ(x²+y²) over pairs of finite values (0 = identical).
+    pub similarity_diff: f64,
+    /// The worst violation, or (when everything passes) the largest difference.
+    pub worst: Option<Element>,
+    /// The first few violations in index order.
+    pub first_violations: Vec<Element>,
+    pub pass: bool,
+}
+
+/// Judge `got` against `want` (same dtype and shape, checked by the caller) under `policy`.
+pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> TensorReport {
+    assert_eq!(
+        got.dtype, want.dtype,
+        "{name}: dtype checked before comparing"
+    );
+    assert_eq!(
+        got.shape, want.shape,
+        "{name}: shape checked before comparing"
+    );
+    let n = got.numel();
+    let mut r = TensorReport {
+        name: name.to_string(),
+        dtype: got.dtype.name().to_string(),
+        shape: got.shape.clone(),
+        numel: n,
+        policy: policy.describe(),
+        exact: 0,
+        exact_fraction: 1.0,
+        allowed: 0,
+        violations: 0,
+        nan_mismatch: 0,
+        max_abs: 0.0,
+        max_rel: 0.0,
+        max_ulp: 0,
+        ulp_counts: [0; 4],
+        similarity_diff: 0.0,
+        worst: None,
+        first_violations: Vec::new(),
+        pass: true,
+    };
+    let (mut sxy, mut sxx_yy) = (0f64, 0f64);
+    // (is violation, ulp, abs, flat index) of the current worst element
+    let mut worst: Option<(bool, u64, f64, usize)> = None;
+    for i in 0..n {
+        let (g, w) = (got.value(i), want.value(i));
+        let bit_equal = got.bits(i) == want.bits(i);
+        let (g_nan, w_nan) = (got.is_nan(i), want.is_nan(i));
+        if g_nan != w_nan {
+            r.nan_mismatch += 1;
+        }
+        let ulp = if g_nan || w_nan {
+            if g_nan && w_nan {
+                0
+            } else {
+                u64::MAX
+            }
+        } else {
+            got.ordinal(i).abs_diff(want.ordinal(i)) as u64
+        };
+        let abs = if g_nan || w_nan || g == w {
+            if g_nan == w_nan {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            (g - w).abs()
+        };
+        if g.is_finite() && w.is_finite() {
+            sxy += g * w;
+            sxx_yy += g * g + w * w;
+            r.max_abs = r.max_abs.max(abs);
+            if w != 0.0 {
+                r.max_rel = r.max_rel.max(abs / w.abs());
+            }
+        } else if abs.is_infinite() || (g != w && !(g_nan && w_nan)) {
+            r.max_abs = f64::INFINITY;
+        }
+        if ulp != u64::MAX {
+            r.max_ulp = r.max_ulp.max(ulp);
+        } else {
+            r.max_ulp = u64::MAX;
+        }
+        r.ulp_counts[ulp.min(3) as usize] += 1;
+        let ok = if bit_equal {
+            r.exact += 1;
+            continue;
+        } else {
+            match policy {
+                Policy::Exact => false,
+                Policy::Ulps { max, .. } => ulp <= *max,
+                Policy::Close { atol, rtol, .. } => {
+                    if g.is_finite() && w.is_finite() {
+                        abs <= atol + rtol * w.abs()
+                    } else {
+                        (g_nan && w_nan) || g == w
+                    }
+                }
+                Policy::ExactUnless { allow, .. } => allow(i),
+            }
+        };
+        if ok {
+            r.allowed += 1;
+        } else {
+            r.violations += 1;
+            if r.first_violations.len() < 5 {
+                r.first_violations.push(element(got, want, i, abs, ulp));
+            }
+        }
+        let better = match worst {
+            None => true,
+            Some((v, u, a, _)) => (!ok, ulp) > (v, u) || ((!ok, ulp) == (v, u) && abs > a),
+        };
+        if better {
+            worst = Some((!ok, ulp, abs, i));
+        }
+    }
+    r.exact_fraction = if n == 0 {
+        1.0
+    } else {
+        r.exact as f64 / n as f64
+    };
+    r.similarity_diff = if sxx_yy > 0.0 {
+        1.0 - 2.0 * sxy / sxx_yy
+    } else {
+        0.0
+    };
+    r.worst = worst.map(|(_, ulp, abs, i)| element(got, want, i, abs, ulp));
+    r.pass = r.violations == 0;
+    r
+}
+
+fn element(got: &Tensor, want: &Tensor, i: usize, abs: f64, ulp: u64) -> Element {
+    Element {
+        index: unravel(i, &got.shape),
+        got: show(got, i),
+        want: show(want, i),
+        abs_err: abs,
+        ulp: (ulp != u64::MAX).then_some(ulp),
+    }
+}
+
+/// An element for humans: FP8 and integer codes in hex with their value.
+pub fn show(t: &Tensor, i: usize) -> String {
+    let v = t.value(i);
+    let v = Short(v);
+    match t.dtype {
+        DType::F8E4M3 | DType::F8E5M2 | DType::F8E8M0 => format!("{:#04x} ({v})", t.bits(i)),
+        DType::U16 => format!("{:#05x}", t.bits(i)),
+        DType::F32 => format!("{}", Short(v.0 as f32 as f64)),
+        DType::BF16 | DType::F16 => format!("{v} ({:#06x})", t.bits(i)),
+        _ => format!("{v}"),
+    }
+}
+
+/// A float printed compactly: plain decimals in [1e-4, 1e7), scientific notation elsewhere.
+struct Short(f64);
+
+impl std::fmt::Display for Short {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = self.0.abs();
+        if a == 0.0 || !a.is_finite() || (1e-4..1e7).contains(&a) {
+            write!(f, "{}", self.0)
+        } else {
+            write!(f, "{:e}", self.0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(v: &[f32]) -> Tensor {
+        Tensor::from_f32(vec![v.len()], v)
+    }
+
+    #[test]
+    fn one_wrong_element_fails_exact_even_with_good_similarity() {
+        let want: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let mut got = want.clone();
+        got[500] = 500.5;
+        let r = compare("c", &f32s(&got), &f32s(&want), &Policy::Exact);
+        assert!(!r.pass);
+        assert_eq!(r.violations, 1);
+        assert!(
+            r.similarity_diff < 1e-9,
+            "global similarity cannot see it: {}",
+            r.similarity_diff
+        );
+        assert_eq!(r.worst.as_ref().unwrap().index, vec![500]);
+        assert_eq!(r.exact, 999);
+    }
+
+    #[test]
+    fn ulps_policy_counts_representable_values() {
+        let one_up = f32::from_bits(1.0f32.to_bits() + 1);
+        let r = compare(
+            "c",
+            &f32s(&[one_up, 2.0]),
+            &f32s(&[1.0, 2.0]),
+            &Policy::Ulps { max: 1, why: "t" },
+        );
+        assert!(r.pass && r.allowed == 1 && r.max_ulp == 1);
+        let two_up = f32::from_bits(1.0f32.to_bits() + 2);
+        let r = compare(
+            "c",
+            &f32s(&[two_up]),
+            &f32s(&[1.0]),
+            &Policy::Ulps { max: 1, why: "t" },
+        );
+        assert!(!r.pass);
+    }
+
+    #[test]
+    fn nan_must_face_nan() {
+        let r = compare(
+            "c",
+            &f32s(&[f32::NAN]),
+            &f32s(&[1.0]),
+            &Policy::Close {
+                atol: 1.0,
+                rtol: 1.0,
+                why: "t",
+            },
+        );
+        assert!(!r.pass && r.nan_mismatch == 1);
+        let r = compare(
+            "c",
+            &f32s(&[f32::NAN]),
+            &f32s(&[f32::NAN]),
+            &Policy::Close {
+                atol: 0.0,
+                rtol: 0.0,
+                why: "t",
+            },
+        );
+        assert!(r.pass);
+    }
+
+    #[test]
+    fn close_policy_is_per_element() {
+        let r = compare(
+            "c",
+            &f32s(&[1.001, 100.1]),
+            &f32s(&[1.0, 100.0]),
+            &Policy::Close {
+                atol: 0.0,
+                rtol: 2e-3,
+                why: "t",
+            },
+        );
+        assert!(r.pass);
+        let r = compare(
+            "c",
+            &f32s(&[1.01, 100.1]),
+            &f32s(&[1.0, 100.0]),
+            &Policy::Close {
+                atol: 0.0,
+                rtol: 2e-3,
+                why: "t",
+            },
+        );
+        assert!(!r.pass && r.violations == 1 && r.worst.unwrap().index == vec![0]);
+    }
+}

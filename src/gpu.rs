@@ -1,0 +1,74 @@
+//! Running an op's GPU implementation and diffing it against the reference under the op's
+//! tolerance policy (the same policy `dsv3 check` applies to user outputs).
+
+use std::time::Instant;
+
+use crate::check::{judge, Mode};
+use crate::compare::TensorReport;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::io::TensorMap;
+use crate::registry::OpEntry;
+
+/// Whether GPU runs are wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuMode {
+    /// Use a device when one is present.
+    Auto,
+    /// Fail when no device is present.
+    Require,
+    /// Never touch the GPU.
+    Off,
+}
+
+/// The process-wide device, or why there is none.
+pub fn device() -> std::result::Result<&'static dsv3_gpu::Gpu, String> {
+    dsv3_gpu::Gpu::shared()
+}
+
+/// `REQUIRE_GPU=1` in the environment.
+pub fn required_by_env() -> bool {
+    std::env::var_os("REQUIRE_GPU").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
+/// GPU outputs judged against the reference.
+pub struct GpuDiff {
+    pub tensors: Vec<TensorReport>,
+    pub gpu_seconds: f64,
+    pub pass: bool,
+}
+
+/// Run `op` on the GPU and on the reference with the same (contract-valid) inputs; compare.
+pub fn diff(
+    op: &OpEntry,
+    gpu: &dsv3_gpu::Gpu,
+    inputs: &TensorMap,
+    config: &Config,
+) -> Result<GpuDiff> {
+    let Some(gpu_fn) = op.gpu else {
+        return Err(Error::Usage(format!(
+            "{} has no GPU implementation",
+            op.name
+        )));
+    };
+    let contract = op.contract();
+    let bindings = contract.check_inputs(inputs, config, "")?;
+    let reference = (op.reference)(inputs, config)?;
+    let start = Instant::now();
+    let got = gpu_fn(gpu, inputs, config)?;
+    let gpu_seconds = start.elapsed().as_secs_f64();
+    contract.check_outputs(
+        &got,
+        &reference,
+        &bindings,
+        config,
+        " (from the GPU implementation)",
+    )?;
+    let tensors = judge(op, inputs, &got, &reference, config, Mode::Policy);
+    let pass = tensors.iter().all(|t| t.pass);
+    Ok(GpuDiff {
+        tensors,
+        gpu_seconds,
+        pass,
+    })
+}

@@ -1,0 +1,21 @@
+//! `dsv3`: the op registry and the tools around it (`dsv3 check`, `dsv3 verify`, `dsv3 ops`).
+//!
+//! The math lives in [`dsv3_reference`]; the CUDA kernels in [`dsv3_gpu`]. This crate describes
+//! every operation once ([`registry::OpEntry`]: tensor contract, config, reference, GPU
+//! implementation, tolerance policy, input generator) and judges outputs against it.
+
+pub mod check;
+pub mod compare;
+pub mod config;
+pub mod contract;
+pub mod error;
+pub mod gpu;
+pub mod io;
+pub mod ops;
+pub mod registry;
+pub mod rng;
+pub mod table;
+pub mod tensor;
+pub mod verify;
+
+pub use error::{Error, Result};

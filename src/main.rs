@@ -1,0 +1,307 @@
+//! The `dsv3` command line. Exit codes: 0 pass, 1 mismatch, 2 bad input.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use dsv3::check::{self, Mode};
+use dsv3::gpu::GpuMode;
+use dsv3::registry;
+use dsv3::{io, verify, Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "dsv3",
+    version,
+    about = "Reference oracle for DeepSeek-V3's math: is this output right?"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every op against the committed fixtures (external oracles) and, with a GPU, every
+    /// GPU kernel against the reference. Exit 0 when all pass.
+    Verify {
+        /// Fixtures directory (default: ./fixtures, else the source tree's).
+        #[arg(long)]
+        fixtures: Option<PathBuf>,
+        /// Only cases whose name contains this (or whose op is this).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Use the GPU when present (auto), insist on one (require), or not (off).
+        #[arg(long, value_enum, default_value = "auto")]
+        gpu: GpuMode,
+        /// Also write the results as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Recompute OP's outputs from your inputs with the reference and judge your outputs.
+    /// Exit 0 = pass, 1 = mismatch, 2 = bad input.
+    Check {
+        /// Op name (see `dsv3 ops`).
+        op: String,
+        /// safetensors file with the op's inputs.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// safetensors file with your outputs (may be the same file as --inputs).
+        #[arg(long)]
+        outputs: PathBuf,
+        /// Op config: a JSON file, or inline JSON such as '{"scale_fmt":"ue8m0"}'.
+        #[arg(long)]
+        config: Option<String>,
+        /// Write the full report as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Require every output to be bit-identical to the reference (ignore the op's policy).
+        #[arg(long)]
+        exact: bool,
+    },
+    /// List the registered ops with their tensor contracts and configs.
+    Ops {
+        /// One op in detail (contract, config, tolerance policy).
+        op: Option<String>,
+    },
+    /// Write random inputs for OP (from its generator) to a safetensors file.
+    Gen {
+        op: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        config: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Pin a named size, e.g. --size M=4096 --size K=7168.
+        #[arg(long = "size", value_parser = parse_size)]
+        sizes: Vec<(String, usize)>,
+    },
+    /// Run OP's reference on your inputs and write its outputs.
+    Run {
+        op: String,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        config: Option<String>,
+    },
+}
+
+fn parse_size(s: &str) -> std::result::Result<(String, usize), String> {
+    let (k, v) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+    Ok((k.to_string(), v.parse().map_err(|e| format!("{v}: {e}"))?))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `Ok(pass)` or a bad-input error.
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Verify {
+            fixtures,
+            filter,
+            gpu,
+            report,
+        } => {
+            let dir = fixtures.unwrap_or_else(verify::default_fixtures_dir);
+            let mut stdout = std::io::stdout();
+            let r = verify::verify(&dir, filter.as_deref(), gpu, &mut stdout)?;
+            let failed = r
+                .cases
+                .iter()
+                .filter(|c| !c.pass || c.gpu_pass == Some(false))
+                .count();
+            let gpu_ran = r.cases.iter().filter(|c| c.gpu_pass.is_some()).count();
+            println!(
+                "verify: {}/{} cases pass against their oracles; GPU: {}",
+                r.cases.iter().filter(|c| c.pass).count(),
+                r.cases.len(),
+                match &r.gpu_device {
+                    Some(d) => format!("{gpu_ran} cases diffed on {d}"),
+                    None => format!(
+                        "not run ({})",
+                        r.gpu_unavailable.clone().unwrap_or_default()
+                    ),
+                }
+            );
+            if r.cases.is_empty() {
+                println!("verify: no case matched the filter");
+            }
+            write_json(report, &r)?;
+            println!(
+                "{}",
+                if r.pass {
+                    "overall: PASS"
+                } else {
+                    "overall: FAIL"
+                }
+            );
+            let _ = failed;
+            Ok(r.pass)
+        }
+        Command::Check {
+            op,
+            inputs,
+            outputs,
+            config,
+            report,
+            exact,
+        } => {
+            let op = registry::find(&op)?;
+            let cfg = check::read_config(op, config.as_deref())?;
+            let (ins, outs) = check::load_pair(op, &inputs, &outputs)?;
+            let places = (
+                format!(" in {}", inputs.display()),
+                format!(" in {}", outputs.display()),
+            );
+            eprintln!(
+                "dsv3 check {}: running the reference on {} input tensor(s)…",
+                op.name,
+                ins.len()
+            );
+            let r = check::check(
+                op,
+                &ins,
+                &outs,
+                &cfg,
+                if exact { Mode::Exact } else { Mode::Policy },
+                (&places.0, &places.1),
+            )?;
+            print!("{}", check::render(&r));
+            write_json(report, &r)?;
+            Ok(r.pass)
+        }
+        Command::Ops { op: None } => {
+            print!("{}", verify::ops_table());
+            Ok(true)
+        }
+        Command::Ops { op: Some(name) } => {
+            let op = registry::find(&name)?;
+            println!(
+                "{}: {}\nsource: {}\nreference: {}",
+                op.name, op.summary, op.source, op.reference_fn
+            );
+            if let Some(k) = op.kernel {
+                println!("kernel: {k}");
+            }
+            for s in op.inputs {
+                println!("input  {}  -- {}", s.describe(), s.doc);
+            }
+            for s in op.outputs {
+                println!("output {}  -- {}", s.describe(), s.doc);
+            }
+            for c in op.constraints {
+                println!("constraint {}", c.describe());
+            }
+            for f in op.config {
+                println!("config {}  -- {}", f.describe(), f.doc);
+            }
+            println!("tolerance: {}", op.policy_doc);
+            Ok(true)
+        }
+        Command::Gen {
+            op,
+            out,
+            config,
+            seed,
+            sizes,
+        } => {
+            let op = registry::find(&op)?;
+            let cfg = check::read_config(op, config.as_deref())?;
+            let known = op_sizes(op);
+            let mut pinned = registry::Sizes::new();
+            for (k, v) in sizes {
+                let Some(name) = known.iter().find(|n| **n == k) else {
+                    return Err(Error::Usage(format!(
+                        "{}: no size named `{k}`; its sizes are {}",
+                        op.name,
+                        known.join(", ")
+                    )));
+                };
+                pinned.insert(name, v);
+            }
+            let inputs = (op.generate)(&mut dsv3::rng::Rng::new(seed), &cfg, &pinned);
+            io::save(
+                &out,
+                &inputs,
+                Some(
+                    BTreeMap::from([
+                        ("dsv3_op".to_string(), op.name.to_string()),
+                        ("dsv3_config".to_string(), cfg.as_json().to_string()),
+                    ])
+                    .into_iter()
+                    .collect(),
+                ),
+            )?;
+            for (name, t) in &inputs {
+                println!("{name}: {} {:?}", t.dtype, t.shape);
+            }
+            println!("wrote {}", out.display());
+            Ok(true)
+        }
+        Command::Run {
+            op,
+            inputs,
+            out,
+            config,
+        } => {
+            let op = registry::find(&op)?;
+            let cfg = check::read_config(op, config.as_deref())?;
+            let ins = io::load(&inputs)?;
+            op.contract()
+                .check_inputs(&ins, &cfg, &format!(" in {}", inputs.display()))?;
+            let outs = (op.reference)(&ins, &cfg)?;
+            io::save(&out, &outs, None)?;
+            for (name, t) in &outs {
+                println!("{name}: {} {:?}", t.dtype, t.shape);
+            }
+            println!("wrote {}", out.display());
+            Ok(true)
+        }
+    }
+}
+
+/// The named sizes of an op's input shape rules.
+fn op_sizes(op: &registry::OpEntry) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    for s in op.inputs {
+        for d in s.shape {
+            if let dsv3::contract::Dim::Var(n) = d {
+                if !v.contains(n) {
+                    v.push(*n);
+                }
+            }
+        }
+    }
+    if op
+        .inputs
+        .iter()
+        .any(|s| s.shape == [dsv3::contract::Dim::Batch])
+    {
+        v.push("N");
+    }
+    v
+}
+
+fn write_json<T: serde::Serialize>(path: Option<PathBuf>, value: &T) -> Result<()> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(value).map_err(|e| Error::Usage(e.to_string()))?;
+        std::fs::write(&p, text + "\n").map_err(|e| Error::io(&p, e))?;
+        eprintln!("report written to {}", p.display());
+    }
+    Ok(())
+}

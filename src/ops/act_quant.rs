@@ -1,0 +1,171 @@
+//! `act_quant` (1×B tiles) and `act_quant_128x1` (B×1 tiles).
+
+use dsv3_reference::fp8;
+
+use super::quant_policy::quant_policy;
+use super::{
+    codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, scale_fmt,
+    BLOCK_SIZE, SCALE_FMT,
+};
+use crate::compare::Policy;
+use crate::config::Config;
+use crate::contract::{Constraint, Dim, TensorSpec};
+use crate::error::Result;
+use crate::io::TensorMap;
+use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+
+const QUANT_POLICY_DOC: &str = "y: exact, except a neighbouring E4M3 code where x/s' lies within 2.5 f32-ulp of the \
+midpoint between the two codes (s' = the candidate's scale; approximate division div.full.f32 ≤ 2 ulp + ½ ulp quotient \
+rounding); s: ≤ 2 ulp of max(amax,1e-4)/448 (approximate division), with ue8m0 the power-of-two ceiling of such a value. \
+An IEEE-division kernel (ours) is bit-exact.";
+
+pub static ACT_QUANT: OpEntry = OpEntry {
+    name: "act_quant",
+    source: "V3 §3.3.2 (1×128 activation tiles, online scales); OFF kernel.py act_quant",
+    summary:
+        "per 1×B tile: s = max(amax,1e-4)/448 [ue8m0: next power of two], y = e4m3_satfinite(x/s)",
+    inputs: &[TensorSpec {
+        name: "x",
+        dtypes: &[DType::F32, DType::BF16],
+        shape: &[Dim::Batch, Dim::Var("K")],
+        doc: "activations",
+    }],
+    outputs: &[
+        TensorSpec {
+            name: "y",
+            dtypes: &[DType::F8E4M3],
+            shape: &[Dim::Batch, Dim::Var("K")],
+            doc: "E4M3 codes",
+        },
+        TensorSpec {
+            name: "s",
+            dtypes: &[DType::F32],
+            shape: &[Dim::Batch, Dim::Div("K", "block_size")],
+            doc: "one scale per tile",
+        },
+    ],
+    constraints: &[Constraint::MultipleOf("K", "block_size")],
+    config: &[BLOCK_SIZE, SCALE_FMT],
+    reference: act_quant_ref,
+    reference_fn: "reference/src/fp8/act_quant.rs::act_quant",
+    gpu: Some(act_quant_gpu),
+    kernel: Some("gpu/kernels/act_quant.cu"),
+    policy: act_quant_policy,
+    policy_doc: QUANT_POLICY_DOC,
+    generate: act_quant_gen,
+};
+
+fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let x = get(inputs, "x");
+    let q = fp8::act_quant(
+        matrix_f32(x).view(),
+        cfg.usize("block_size"),
+        scale_fmt(cfg),
+    )?;
+    let mut s_shape = x.shape.clone();
+    *s_shape.last_mut().expect("rank ≥ 1") /= cfg.usize("block_size");
+    Ok(outputs([
+        (
+            "y",
+            codes_tensor(DType::F8E4M3, x.shape.clone(), q.y.view()),
+        ),
+        ("s", f32_tensor(s_shape, q.s.view())),
+    ]))
+}
+
+fn act_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    use dsv3_gpu::act_quant::{act_quant, Input};
+    let x = get(inputs, "x");
+    let k = *x.shape.last().expect("rank ≥ 1");
+    let m = x.numel() / k.max(1);
+    let block = cfg.usize("block_size");
+    let ue8m0 = scale_fmt(cfg) == fp8::ScaleFmt::Ue8m0;
+    let out = match x.dtype {
+        DType::BF16 => act_quant(gpu, Input::Bf16(&x.to_u16_bits()), m, k, block, ue8m0)?,
+        _ => act_quant(
+            gpu,
+            Input::F32(&x.to_f32().expect("F32")),
+            m,
+            k,
+            block,
+            ue8m0,
+        )?,
+    };
+    let mut s_shape = x.shape.clone();
+    *s_shape.last_mut().expect("rank ≥ 1") /= block;
+    Ok(outputs([
+        (
+            "y",
+            Tensor::from_codes(DType::F8E4M3, x.shape.clone(), out.y),
+        ),
+        ("s", Tensor::from_f32(s_shape, &out.s)),
+    ]))
+}
+
+fn act_quant_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
+    quant_policy(ctx, "x", 1, ctx.config.usize("block_size"))
+}
+
+fn act_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let block = cfg.usize("block_size");
+    let m = sizes.get("M").copied().unwrap_or_else(|| rng.range(1, 9));
+    let k = sizes
+        .get("K")
+        .copied()
+        .unwrap_or_else(|| block * rng.range(1, 4));
+    let values = quant_values(rng, m, k, block);
+    outputs([("x", float_input(rng, vec![m, k], &values))])
+}
+
+pub static ACT_QUANT_128X1: OpEntry = OpEntry {
+    name: "act_quant_128x1",
+    source: "V3 §3.3.2 & App. B.2 (activations re-tiled 1×128 → 128×1 for Wgrad)",
+    summary: "per B×1 tile (B tokens of one channel): s = max(amax,1e-4)/448, y = e4m3_satfinite(x/s); partial last tile allowed",
+    inputs: &[TensorSpec { name: "x", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("M"), Dim::Var("K")], doc: "activations or activation gradients" }],
+    outputs: &[
+        TensorSpec { name: "y", dtypes: &[DType::F8E4M3], shape: &[Dim::Var("M"), Dim::Var("K")], doc: "E4M3 codes" },
+        TensorSpec { name: "s", dtypes: &[DType::F32], shape: &[Dim::CeilDiv("M", "block_size"), Dim::Var("K")], doc: "one scale per tile" },
+    ],
+    constraints: &[],
+    config: &[BLOCK_SIZE, SCALE_FMT],
+    reference: act_quant_128x1_ref,
+    reference_fn: "reference/src/fp8/act_quant.rs::act_quant_128x1",
+    gpu: None,
+    kernel: None,
+    policy: act_quant_128x1_policy,
+    policy_doc: QUANT_POLICY_DOC,
+    generate: act_quant_128x1_gen,
+};
+
+fn act_quant_128x1_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let x = get(inputs, "x");
+    let q = fp8::act_quant_128x1(
+        matrix_f32(x).view(),
+        cfg.usize("block_size"),
+        scale_fmt(cfg),
+    )?;
+    Ok(outputs([
+        (
+            "y",
+            codes_tensor(DType::F8E4M3, x.shape.clone(), q.y.view()),
+        ),
+        ("s", f32_tensor(q.s.shape().to_vec(), q.s.view())),
+    ]))
+}
+
+fn act_quant_128x1_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
+    quant_policy(ctx, "x", ctx.config.usize("block_size"), 1)
+}
+
+fn act_quant_128x1_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let block = cfg.usize("block_size");
+    let m = sizes
+        .get("M")
+        .copied()
+        .unwrap_or_else(|| rng.range(1, 2 * block + 3));
+    let k = sizes.get("K").copied().unwrap_or_else(|| rng.range(1, 6));
+    let values = quant_values(rng, m, k, block);
+    outputs([("x", float_input(rng, vec![m, k], &values))])
+}

@@ -1,0 +1,203 @@
+//! `fp8_cast` (f32 → codes) and `fp8_decode` (codes → f32) for E4M3, E5M2, E5M6 and UE8M0.
+
+use dsv3_reference::fp8::{ue8m0, Format, Saturation, E4M3, E5M2, E5M6};
+
+use super::{get, outputs};
+use crate::compare::Policy;
+use crate::config::{Config, ConfigField, FieldKind};
+use crate::contract::{Dim, TensorSpec};
+use crate::error::{Error, Result};
+use crate::io::TensorMap;
+use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+
+const CODE_DTYPES: &[DType] = &[DType::F8E4M3, DType::F8E5M2, DType::F8E8M0, DType::U16];
+
+pub static FP8_CAST: OpEntry = OpEntry {
+    name: "fp8_cast",
+    source: "OCP FP8 (E4M3 \"FN\", E5M2), OCP MX E8M0, V3 §3.3.3 E5M6 (our 12-bit definition, SPEC.md)",
+    summary: "f32 → code, round-to-nearest-even; saturate: overflow/inf → ±max (CUDA satfinite) or inf/NaN (ml_dtypes); \
+ue8m0 rounding nearest (the cast) or ceil (DeepSeek's scale rounding); E5M6 codes are stored in U16",
+    inputs: &[TensorSpec { name: "x", dtypes: &[DType::F32], shape: &[Dim::Batch], doc: "values" }],
+    outputs: &[TensorSpec { name: "y", dtypes: CODE_DTYPES, shape: &[Dim::Batch], doc: "codes (dtype from format)" }],
+    constraints: &[],
+    config: &[
+        ConfigField {
+            name: "format",
+            kind: FieldKind::Choice { values: &["e4m3", "e5m2", "e5m6", "ue8m0"], nullable: false },
+            default: "\"e4m3\"",
+            doc: "target format",
+        },
+        ConfigField {
+            name: "saturate",
+            kind: FieldKind::Bool,
+            default: "true",
+            doc: "e4m3/e5m2/e5m6: clamp overflow and ±inf to ±max (satfinite) instead of inf/NaN",
+        },
+        ConfigField {
+            name: "rounding",
+            kind: FieldKind::Choice { values: &["nearest", "ceil"], nullable: false },
+            default: "\"nearest\"",
+            doc: "ue8m0 only: nearest power of two (the ml_dtypes/torch cast) or the next one up (scale rounding)",
+        },
+    ],
+    reference: fp8_cast_ref,
+    reference_fn: "reference/src/fp8/format.rs::Format::encode",
+    gpu: None,
+    kernel: None,
+    policy: exact,
+    policy_doc: "exact: the formats define every bit (RNE of the exact value, a fixed overflow and NaN rule)",
+    generate: fp8_cast_gen,
+};
+
+fn format_of(name: Option<&str>) -> Option<(Format, DType)> {
+    match name {
+        Some("e4m3") => Some((E4M3, DType::F8E4M3)),
+        Some("e5m2") => Some((E5M2, DType::F8E5M2)),
+        Some("e5m6") => Some((E5M6, DType::U16)),
+        _ => None,
+    }
+}
+
+fn fp8_cast_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let x = get(inputs, "x");
+    let v = x.to_f32().expect("F32");
+    let shape = x.shape.clone();
+    let y = match format_of(cfg.choice("format")) {
+        Some((format, dtype)) => {
+            if cfg.choice("rounding") != Some("nearest") {
+                return Err(Error::Config {
+                    op: "fp8_cast",
+                    msg: "`rounding` = \"ceil\" applies to ue8m0 only".into(),
+                });
+            }
+            let sat = if cfg.bool("saturate") {
+                Saturation::SatFinite
+            } else {
+                Saturation::NonSat
+            };
+            let codes: Vec<u16> = v.iter().map(|&x| format.encode(x, sat)).collect();
+            if dtype == DType::U16 {
+                Tensor::from_u16(shape, &codes)
+            } else {
+                Tensor::from_codes(dtype, shape, codes.iter().map(|&c| c as u8).collect())
+            }
+        }
+        None => {
+            let codes = match cfg.choice("rounding") {
+                Some("ceil") => v
+                    .iter()
+                    .map(|&x| ue8m0::encode_ceil(x).unwrap_or(ue8m0::NAN_CODE))
+                    .collect(),
+                _ => v.iter().map(|&x| ue8m0::encode_nearest(x)).collect(),
+            };
+            Tensor::from_codes(DType::F8E8M0, shape, codes)
+        }
+    };
+    Ok(outputs([("y", y)]))
+}
+
+fn exact<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
+    Policy::Exact
+}
+
+/// Random bit patterns (every class: normals, subnormals, ±0, inf, NaN) and values near each
+/// format's ties and overflow threshold.
+fn fp8_cast_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 300));
+    let v: Vec<f32> = (0..n)
+        .map(|_| match rng.range(0, 3) {
+            0 => f32::from_bits(rng.next_u64() as u32),
+            1 => (rng.normal() * 100.0) as f32,
+            2 => *rng.pick(&[
+                0.0,
+                -0.0,
+                f32::INFINITY,
+                f32::NAN,
+                464.0,
+                465.0,
+                61440.0,
+                65280.0,
+                2f32.powi(-10),
+                1.5,
+                3.0,
+            ]),
+            _ => (rng.normal() * 1e-3) as f32,
+        })
+        .collect();
+    outputs([("x", Tensor::from_f32(vec![n], &v))])
+}
+
+pub static FP8_DECODE: OpEntry = OpEntry {
+    name: "fp8_decode",
+    source: "OCP FP8 / MX definitions; E5M6 as in SPEC.md",
+    summary: "code → exact f32 value; the format follows the dtype (F8_E4M3, F8_E5M2, F8_E8M0, U16 = E5M6); NaN codes → 0x7FC00000 with the code's sign",
+    inputs: &[TensorSpec { name: "y", dtypes: CODE_DTYPES, shape: &[Dim::Batch], doc: "codes" }],
+    outputs: &[TensorSpec { name: "x", dtypes: &[DType::F32], shape: &[Dim::Batch], doc: "values" }],
+    constraints: &[],
+    config: &[],
+    reference: fp8_decode_ref,
+    reference_fn: "reference/src/fp8/format.rs::Format::decode",
+    gpu: None,
+    kernel: None,
+    policy: exact,
+    policy_doc: "exact: every code has one exact f32 value (NaN as the quiet NaN of the code's sign)",
+    generate: fp8_decode_gen,
+};
+
+fn fp8_decode_ref(inputs: &TensorMap, _cfg: &Config) -> Result<TensorMap> {
+    let y = get(inputs, "y");
+    let values: Vec<f32> = match y.dtype {
+        DType::F8E4M3 => y.data.iter().map(|&c| E4M3.decode(u16::from(c))).collect(),
+        DType::F8E5M2 => y.data.iter().map(|&c| E5M2.decode(u16::from(c))).collect(),
+        DType::F8E8M0 => y.data.iter().map(|&c| ue8m0::decode(c)).collect(),
+        _ => {
+            let codes = y.to_u16().expect("U16");
+            if let Some((i, c)) = codes
+                .iter()
+                .enumerate()
+                .find(|(_, &c)| c >= 1 << E5M6.bits())
+            {
+                return Err(dsv3_reference::Error::Value {
+                    op: "fp8_decode",
+                    tensor: "y",
+                    index: crate::tensor::unravel(i, &y.shape),
+                    value: format!("{c:#x}"),
+                    why: "E5M6 codes have 12 bits (U16 values below 0x1000)",
+                }
+                .into());
+            }
+            codes.iter().map(|&c| E5M6.decode(c)).collect()
+        }
+    };
+    Ok(outputs([("x", Tensor::from_f32(y.shape.clone(), &values))]))
+}
+
+fn fp8_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 300));
+    let y = match rng.range(0, 3) {
+        0 => Tensor::from_codes(
+            DType::F8E4M3,
+            vec![n],
+            (0..n).map(|_| rng.next_u64() as u8).collect(),
+        ),
+        1 => Tensor::from_codes(
+            DType::F8E5M2,
+            vec![n],
+            (0..n).map(|_| rng.next_u64() as u8).collect(),
+        ),
+        2 => Tensor::from_codes(
+            DType::F8E8M0,
+            vec![n],
+            (0..n).map(|_| rng.next_u64() as u8).collect(),
+        ),
+        _ => Tensor::from_u16(
+            vec![n],
+            &(0..n)
+                .map(|_| (rng.next_u64() & 0xFFF) as u16)
+                .collect::<Vec<_>>(),
+        ),
+    };
+    outputs([("y", y)])
+}

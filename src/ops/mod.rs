@@ -1,0 +1,138 @@
+//! Registry entries, one module per op family: each adapts tensors to the reference function,
+//! states the tolerance policy and generates random inputs.
+
+pub mod act_quant;
+pub mod fp8_cast;
+mod quant_policy;
+pub mod weight_dequant;
+pub mod weight_quant;
+
+use ndarray::{Array2, ArrayView2};
+
+use dsv3_reference::fp8::ScaleFmt;
+
+use crate::config::{ConfigField, FieldKind};
+use crate::io::TensorMap;
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+
+/// The tensor `name` of a map the contract has validated.
+pub(crate) fn get<'a>(m: &'a TensorMap, name: &str) -> &'a Tensor {
+    m.get(name)
+        .unwrap_or_else(|| panic!("tensor `{name}` was validated by the contract"))
+}
+
+/// `[..., C]` floating values (F32/BF16/F16) as an f32 matrix `[rows, C]` (leading dims flattened).
+pub(crate) fn matrix_f32(t: &Tensor) -> Array2<f32> {
+    let cols = t.shape.last().copied().unwrap_or(1);
+    let rows = t.numel().checked_div(cols).unwrap_or(0);
+    let v = t
+        .to_f32()
+        .expect("contract allows only floating dtypes here");
+    Array2::from_shape_vec((rows, cols), v).expect("numel = rows · cols")
+}
+
+/// One-byte codes `[..., C]` as a matrix `[rows, C]`.
+pub(crate) fn matrix_u8(t: &Tensor) -> Array2<u8> {
+    let cols = t.shape.last().copied().unwrap_or(1);
+    let rows = t.numel().checked_div(cols).unwrap_or(0);
+    Array2::from_shape_vec((rows, cols), t.data.clone()).expect("one byte per element")
+}
+
+pub(crate) fn f32_tensor(shape: Vec<usize>, a: ArrayView2<f32>) -> Tensor {
+    Tensor::from_f32(shape, &a.iter().copied().collect::<Vec<_>>())
+}
+
+pub(crate) fn codes_tensor(dtype: DType, shape: Vec<usize>, a: ArrayView2<u8>) -> Tensor {
+    Tensor::from_codes(dtype, shape, a.iter().copied().collect())
+}
+
+pub(crate) fn outputs<const N: usize>(pairs: [(&str, Tensor); N]) -> TensorMap {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// The two fields every quantization op takes.
+pub(crate) const BLOCK_SIZE: ConfigField = ConfigField {
+    name: "block_size",
+    kind: FieldKind::PositiveInt,
+    default: "128",
+    doc: "tile edge; 128 in DeepSeek-V3",
+};
+pub(crate) const SCALE_FMT: ConfigField = ConfigField {
+    name: "scale_fmt",
+    kind: FieldKind::Choice {
+        values: &["ue8m0"],
+        nullable: true,
+    },
+    default: "null",
+    doc: "null: s = amax/448 (V3); \"ue8m0\": s rounded up to a power of two (V3.1)",
+};
+
+pub(crate) fn scale_fmt(cfg: &crate::config::Config) -> ScaleFmt {
+    match cfg.choice("scale_fmt") {
+        Some("ue8m0") => ScaleFmt::Ue8m0,
+        _ => ScaleFmt::F32,
+    }
+}
+
+/// Random values for quantization tests: Gaussian rows with a random magnitude, and with some
+/// probability a hazard tile (all zero, constant, one outlier over tiny values, below the amax
+/// floor, huge, exact E4M3 ties at scale 1).
+pub(crate) fn quant_values(rng: &mut Rng, rows: usize, cols: usize, tile: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(rows * cols);
+    for _ in 0..rows {
+        let row_scale = (rng.normal() * 2.0).exp();
+        for _ in 0..cols {
+            v.push((rng.normal() * row_scale) as f32);
+        }
+    }
+    let tiles = (rows * cols).div_ceil(tile);
+    for t in 0..tiles {
+        if !rng.chance(0.3) {
+            continue;
+        }
+        let span = t * tile..((t + 1) * tile).min(v.len());
+        let kind = rng.range(0, 5);
+        let c = (rng.normal() * 3.0) as f32;
+        for (j, x) in v[span].iter_mut().enumerate() {
+            *x = match kind {
+                0 => 0.0,
+                1 => c,
+                2 => {
+                    if j == 0 {
+                        1e4
+                    } else {
+                        *x * 1e-3
+                    }
+                }
+                3 => *x * 1e-6,
+                4 => *x * 1e30,
+                _ => *rng.pick(&[
+                    448.0,
+                    1.0625,
+                    -1.1875,
+                    2.125,
+                    13.0,
+                    -15.0,
+                    0.0,
+                    2f32.powi(-10),
+                    3.0 * 2f32.powi(-10),
+                ]),
+            };
+        }
+    }
+    v
+}
+
+/// F32 or BF16 (drawn) tensor of `shape` from f32 values (BF16 by RNE).
+pub(crate) fn float_input(rng: &mut Rng, shape: Vec<usize>, values: &[f32]) -> Tensor {
+    if rng.chance(0.5) {
+        Tensor::from_f32(shape, values)
+    } else {
+        let b: Vec<half::bf16> = values
+            .iter()
+            .map(|&x| dsv3_reference::numeric::round_to_bf16(x))
+            .collect();
+        Tensor::from_bf16(shape, &b)
+    }
+}

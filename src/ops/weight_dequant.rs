@@ -1,0 +1,95 @@
+//! `weight_dequant`: E4M3 codes × block scales → f32 or bf16.
+
+use dsv3_reference::fp8::{self, Saturation, E4M3};
+use dsv3_reference::numeric::round_to_bf16;
+
+use super::{get, matrix_u8, outputs, quant_values, BLOCK_SIZE};
+use crate::compare::Policy;
+use crate::config::{Config, ConfigField, FieldKind};
+use crate::contract::{Dim, TensorSpec};
+use crate::error::Result;
+use crate::io::TensorMap;
+use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+
+pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
+    name: "weight_dequant",
+    source: "OFF kernel.py weight_dequant, fp8_cast_bf16.py; checkpoint weight × weight_scale_inv",
+    summary: "w[n,k] = f32(y[n,k]) · s[n/B, k/B] (one f32 multiply); out_dtype bf16 rounds that product to bf16 (RNE)",
+    inputs: &[
+        TensorSpec { name: "y", dtypes: &[DType::F8E4M3], shape: &[Dim::Var("N"), Dim::Var("K")], doc: "E4M3 codes" },
+        TensorSpec {
+            name: "s",
+            dtypes: &[DType::F32],
+            shape: &[Dim::CeilDiv("N", "block_size"), Dim::CeilDiv("K", "block_size")],
+            doc: "block scales (weight_scale_inv)",
+        },
+    ],
+    outputs: &[TensorSpec { name: "w", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("N"), Dim::Var("K")], doc: "dequantized weight (dtype = out_dtype)" }],
+    constraints: &[],
+    config: &[
+        BLOCK_SIZE,
+        ConfigField {
+            name: "out_dtype",
+            kind: FieldKind::Choice { values: &["f32", "bf16"], nullable: false },
+            default: "\"bf16\"",
+            doc: "bf16 as OFF (default dtype of the official run), f32 to see the exact product",
+        },
+    ],
+    reference: weight_dequant_ref,
+    reference_fn: "reference/src/fp8/weight_dequant.rs::weight_dequant",
+    gpu: None,
+    kernel: None,
+    policy: weight_dequant_policy,
+    policy_doc: "exact: one IEEE f32 multiply (then one RNE to bf16); there is no approximate step to allow for",
+    generate: weight_dequant_gen,
+};
+
+fn weight_dequant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let y = get(inputs, "y");
+    let s = get(inputs, "s");
+    let s2 = ndarray::Array2::from_shape_vec((s.shape[0], s.shape[1]), s.to_f32().expect("F32"))
+        .expect("validated");
+    let w = fp8::weight_dequant(matrix_u8(y).view(), s2.view(), cfg.usize("block_size"))?;
+    let values: Vec<f32> = w.iter().copied().collect();
+    let out = match cfg.choice("out_dtype") {
+        Some("f32") => Tensor::from_f32(y.shape.clone(), &values),
+        _ => Tensor::from_bf16(
+            y.shape.clone(),
+            &values.iter().map(|&v| round_to_bf16(v)).collect::<Vec<_>>(),
+        ),
+    };
+    Ok(outputs([("w", out)]))
+}
+
+fn weight_dequant_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
+    Policy::Exact
+}
+
+fn weight_dequant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let block = cfg.usize("block_size");
+    let n = sizes
+        .get("N")
+        .copied()
+        .unwrap_or_else(|| rng.range(1, 2 * block + 5));
+    let k = sizes
+        .get("K")
+        .copied()
+        .unwrap_or_else(|| rng.range(1, 2 * block + 5));
+    let codes: Vec<u8> = quant_values(rng, n, k, block)
+        .iter()
+        .map(|&v| E4M3.encode(v.clamp(-448.0, 448.0), Saturation::SatFinite) as u8)
+        .collect();
+    let grid = n.div_ceil(block) * k.div_ceil(block);
+    let scales: Vec<f32> = (0..grid)
+        .map(|_| ((rng.normal() * 4.0).exp() * 1e-3) as f32)
+        .collect();
+    outputs([
+        ("y", Tensor::from_codes(DType::F8E4M3, vec![n, k], codes)),
+        (
+            "s",
+            Tensor::from_f32(vec![n.div_ceil(block), k.div_ceil(block)], &scales),
+        ),
+    ])
+}

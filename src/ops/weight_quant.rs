@@ -1,0 +1,77 @@
+//! `weight_quant`: B×B block quantization of a weight.
+
+use dsv3_reference::fp8;
+
+use super::quant_policy::quant_policy;
+use super::{
+    codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, scale_fmt,
+    BLOCK_SIZE, SCALE_FMT,
+};
+use crate::compare::Policy;
+use crate::config::Config;
+use crate::contract::{Dim, TensorSpec};
+use crate::error::Result;
+use crate::io::TensorMap;
+use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::rng::Rng;
+use crate::tensor::DType;
+
+pub static WEIGHT_QUANT: OpEntry = OpEntry {
+    name: "weight_quant",
+    source: "V3 §3.3.2 (128×128 weight blocks); checkpoint `weight` + `weight_scale_inv`; DeepGEMM per_block_cast_to_fp8",
+    summary: "per B×B block (partial edges allowed): s = max(amax,1e-4)/448 [ue8m0: next power of two], y = e4m3_satfinite(w/s)",
+    inputs: &[TensorSpec { name: "w", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("N"), Dim::Var("K")], doc: "weight [out, in]" }],
+    outputs: &[
+        TensorSpec { name: "y", dtypes: &[DType::F8E4M3], shape: &[Dim::Var("N"), Dim::Var("K")], doc: "E4M3 codes" },
+        TensorSpec {
+            name: "s",
+            dtypes: &[DType::F32],
+            shape: &[Dim::CeilDiv("N", "block_size"), Dim::CeilDiv("K", "block_size")],
+            doc: "one scale per block (the checkpoint's weight_scale_inv)",
+        },
+    ],
+    constraints: &[],
+    config: &[BLOCK_SIZE, SCALE_FMT],
+    reference: weight_quant_ref,
+    reference_fn: "reference/src/fp8/weight_quant.rs::weight_quant",
+    gpu: None,
+    kernel: None,
+    policy: weight_quant_policy,
+    policy_doc: "as act_quant (same division hazard), over B×B blocks",
+    generate: weight_quant_gen,
+};
+
+fn weight_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let w = get(inputs, "w");
+    let q = fp8::weight_quant(
+        matrix_f32(w).view(),
+        cfg.usize("block_size"),
+        scale_fmt(cfg),
+    )?;
+    Ok(outputs([
+        (
+            "y",
+            codes_tensor(DType::F8E4M3, w.shape.clone(), q.y.view()),
+        ),
+        ("s", f32_tensor(q.s.shape().to_vec(), q.s.view())),
+    ]))
+}
+
+fn weight_quant_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
+    let b = ctx.config.usize("block_size");
+    quant_policy(ctx, "w", b, b)
+}
+
+fn weight_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let block = cfg.usize("block_size");
+    let n = sizes
+        .get("N")
+        .copied()
+        .unwrap_or_else(|| rng.range(1, 2 * block + 5));
+    let k = sizes
+        .get("K")
+        .copied()
+        .unwrap_or_else(|| rng.range(1, 2 * block + 5));
+    let values = quant_values(rng, n, k, block);
+    outputs([("w", float_input(rng, vec![n, k], &values))])
+}

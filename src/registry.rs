@@ -1,0 +1,104 @@
+//! The op registry: one [`OpEntry`] per operation. `dsv3 ops`, `dsv3 check`, `dsv3 verify`, the
+//! property tests, the GPU diff and the benches all iterate over [`REGISTRY`].
+//!
+//! Adding an op means: a reference function in `reference/`, one entry here (in `src/ops/`), a
+//! kernel in `gpu/kernels/` with its wrapper (optional), and fixture cases in the generator.
+
+use std::collections::BTreeMap;
+
+use crate::compare::Policy;
+use crate::config::{Config, ConfigField};
+use crate::contract::{Constraint, Contract, TensorSpec};
+use crate::error::{Error, Result};
+use crate::io::TensorMap;
+use crate::rng::Rng;
+
+/// Reference implementation: validated inputs and config → outputs.
+pub type RefFn = fn(&TensorMap, &Config) -> Result<TensorMap>;
+/// GPU implementation (same contract as the reference).
+pub type GpuFn = fn(&dsv3_gpu::Gpu, &TensorMap, &Config) -> Result<TensorMap>;
+/// The tolerance policy of one output, given everything the comparison can see.
+pub type PolicyFn = for<'a> fn(&PolicyCtx<'a>) -> Policy<'a>;
+/// Random inputs satisfying the contract under `config`; `sizes` pins named sizes (`M`, `K`),
+/// the others are drawn small.
+pub type GenFn = fn(&mut Rng, &Config, &Sizes) -> TensorMap;
+
+/// Named sizes requested from a generator.
+pub type Sizes = BTreeMap<&'static str, usize>;
+
+/// What a [`PolicyFn`] may look at.
+pub struct PolicyCtx<'a> {
+    pub output: &'a str,
+    pub inputs: &'a TensorMap,
+    pub candidate: &'a TensorMap,
+    pub reference: &'a TensorMap,
+    pub config: &'a Config,
+}
+
+/// One registered operation.
+pub struct OpEntry {
+    pub name: &'static str,
+    /// Where the math comes from: equation numbers, paper section, official symbol.
+    pub source: &'static str,
+    pub summary: &'static str,
+    pub inputs: &'static [TensorSpec],
+    pub outputs: &'static [TensorSpec],
+    pub constraints: &'static [Constraint],
+    pub config: &'static [ConfigField],
+    pub reference: RefFn,
+    /// `path::function` of the reference implementation (SPEC.md links it).
+    pub reference_fn: &'static str,
+    pub gpu: Option<GpuFn>,
+    /// The `.cu` file of the GPU implementation.
+    pub kernel: Option<&'static str>,
+    pub policy: PolicyFn,
+    /// The policy in words, with its reason (SPEC.md repeats it).
+    pub policy_doc: &'static str,
+    pub generate: GenFn,
+}
+
+impl OpEntry {
+    pub fn contract(&self) -> Contract<'_> {
+        Contract {
+            op: self.name,
+            inputs: self.inputs,
+            outputs: self.outputs,
+            constraints: self.constraints,
+        }
+    }
+
+    /// Parse and validate a config (`null` = all defaults).
+    pub fn parse_config(&self, raw: &serde_json::Value) -> Result<Config> {
+        Config::parse(self.name, self.config, raw)
+    }
+
+    pub fn default_config(&self) -> Config {
+        Config::defaults(self.name, self.config)
+    }
+}
+
+/// Every op, in listing order.
+pub static REGISTRY: &[&OpEntry] = &[
+    &crate::ops::fp8_cast::FP8_CAST,
+    &crate::ops::fp8_cast::FP8_DECODE,
+    &crate::ops::act_quant::ACT_QUANT,
+    &crate::ops::act_quant::ACT_QUANT_128X1,
+    &crate::ops::weight_quant::WEIGHT_QUANT,
+    &crate::ops::weight_dequant::WEIGHT_DEQUANT,
+];
+
+/// The op called `name`.
+pub fn find(name: &str) -> Result<&'static OpEntry> {
+    REGISTRY
+        .iter()
+        .copied()
+        .find(|op| op.name == name)
+        .ok_or_else(|| Error::UnknownOp {
+            name: name.to_string(),
+            known: REGISTRY
+                .iter()
+                .map(|op| op.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}

@@ -1,0 +1,356 @@
+//! `dsv3 verify`: every registered op against the committed fixtures of external oracles, and
+//! (where a device is present) every GPU implementation against the reference.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::check::{check, fmt_num, Mode};
+use crate::error::{Error, Result};
+use crate::gpu::{self, GpuMode};
+use crate::io::{SafeFile, TensorMap};
+use crate::registry::{self, REGISTRY};
+use crate::table::Table;
+
+/// The manifest format this build reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+const REGEN_HINT: &str =
+    "restore the committed fixtures (`git checkout -- fixtures/`) or regenerate them with \
+`python fixtures/gen/gen_fixtures.py` using the pinned oracles of fixtures/gen/requirements.txt";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub generator: String,
+    pub command: String,
+    pub seed: u64,
+    pub oracles: BTreeMap<String, String>,
+    /// Relative path → sha256.
+    pub files: BTreeMap<String, String>,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Case {
+    pub name: String,
+    pub op: String,
+    pub config: serde_json::Value,
+    pub inputs: FileRef,
+    pub outputs: FileRef,
+    /// `"exact"` (bitwise against the oracle) or `"policy"` (the op's tolerance policy).
+    pub compare: String,
+    pub oracle: String,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// Tensors of one file: contract name → name in the file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FileRef {
+    pub file: String,
+    pub tensors: BTreeMap<String, String>,
+}
+
+/// The fixtures directory: `fixtures/` under the working directory if it has a manifest, else
+/// the one of the source tree this binary was built from.
+pub fn default_fixtures_dir() -> PathBuf {
+    let local = PathBuf::from("fixtures");
+    if local.join("manifest.json").is_file() {
+        local
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    }
+}
+
+/// Read the manifest and check its version and every file's sha256.
+pub fn load_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Fixture {
+        msg: format!("{}: {e}", path.display()),
+        hint: REGEN_HINT.into(),
+    })?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::Fixture {
+        msg: format!("{}: {e}", path.display()),
+        hint: REGEN_HINT.into(),
+    })?;
+    if m.format_version != FORMAT_VERSION {
+        return Err(Error::Fixture {
+            msg: format!(
+                "{} has format_version {}, this dsv3 reads {FORMAT_VERSION}",
+                path.display(),
+                m.format_version
+            ),
+            hint: REGEN_HINT.into(),
+        });
+    }
+    for (rel, want) in &m.files {
+        let p = dir.join(rel);
+        let bytes = std::fs::read(&p).map_err(|e| Error::Fixture {
+            msg: format!("{}: {e}", p.display()),
+            hint: REGEN_HINT.into(),
+        })?;
+        let got: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if &got != want {
+            return Err(Error::Fixture {
+                msg: format!("{} has sha256 {got}, the manifest says {want} (modified or regenerated with other oracle versions?)", p.display()),
+                hint: REGEN_HINT.into(),
+            });
+        }
+    }
+    Ok(m)
+}
+
+/// The tensors a case names, renamed to the contract's names.
+pub fn case_tensors(dir: &Path, r: &FileRef) -> Result<TensorMap> {
+    let f = SafeFile::open(dir.join(&r.file))?;
+    r.tensors
+        .iter()
+        .map(|(contract_name, file_name)| {
+            if !f.contains(file_name) {
+                return Err(Error::Fixture {
+                    msg: format!("{}: no tensor `{file_name}`", f.path().display()),
+                    hint: REGEN_HINT.into(),
+                });
+            }
+            Ok((contract_name.clone(), f.tensor(file_name)?))
+        })
+        .collect()
+}
+
+/// One row of the verify table.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub case: String,
+    pub op: String,
+    pub oracle: String,
+    pub compare: String,
+    pub elements: usize,
+    pub exact_fraction: f64,
+    pub max_abs: f64,
+    pub max_ulp: u64,
+    pub pass: bool,
+    pub detail: Option<String>,
+    pub gpu: String,
+    pub gpu_pass: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub fixtures: String,
+    pub oracles: BTreeMap<String, String>,
+    pub gpu_device: Option<String>,
+    pub gpu_unavailable: Option<String>,
+    pub cases: Vec<CaseResult>,
+    pub pass: bool,
+}
+
+/// Run every case (those whose name contains `filter`), printing rows to `out` as they finish.
+pub fn verify(
+    dir: &Path,
+    filter: Option<&str>,
+    gpu_mode: GpuMode,
+    out: &mut dyn Write,
+) -> Result<VerifyReport> {
+    let m = load_manifest(dir)?;
+    for case in &m.cases {
+        registry::find(&case.op).map_err(|e| Error::Fixture {
+            msg: format!("case {}: {e}", case.name),
+            hint: REGEN_HINT.into(),
+        })?;
+    }
+    let device = match gpu_mode {
+        GpuMode::Off => Err("disabled (--gpu off)".to_string()),
+        _ => gpu::device(),
+    };
+    if gpu_mode == GpuMode::Require {
+        if let Err(why) = &device {
+            return Err(Error::Usage(format!("--gpu require: no usable GPU: {why}")));
+        }
+    }
+    let oracles: Vec<String> = m.oracles.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(
+        out,
+        "dsv3 verify: {} cases from {} (oracles: {})",
+        m.cases.len(),
+        dir.display(),
+        oracles.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "GPU: {}",
+        match &device {
+            Ok(g) => g.description.clone(),
+            Err(why) => format!("not used: {why}"),
+        }
+    );
+    let header = [
+        "case",
+        "oracle vs reference",
+        "elements",
+        "exact",
+        "max|Δ|",
+        "max ulp",
+        "verdict",
+        "GPU vs reference",
+    ];
+    let _ = writeln!(out, "{}", header.join(" | "));
+    let mut results = Vec::new();
+    for case in m
+        .cases
+        .iter()
+        .filter(|c| filter.is_none_or(|f| c.name.contains(f) || c.op == f))
+    {
+        let r = run_case(dir, case, device.as_ref().ok().copied());
+        let _ = writeln!(
+            out,
+            "{} | {} | {} | {:.6}% | {} | {} | {} | {}",
+            r.case,
+            r.compare,
+            r.elements,
+            100.0 * r.exact_fraction,
+            fmt_num(r.max_abs),
+            if r.max_ulp == u64::MAX {
+                "NaN".into()
+            } else {
+                r.max_ulp.to_string()
+            },
+            if r.pass {
+                "PASS".to_string()
+            } else {
+                format!("FAIL {}", r.detail.clone().unwrap_or_default())
+            },
+            r.gpu
+        );
+        results.push(r);
+    }
+    let pass = !results.is_empty() && results.iter().all(|r| r.pass && r.gpu_pass != Some(false));
+    Ok(VerifyReport {
+        fixtures: dir.display().to_string(),
+        oracles: m.oracles.clone(),
+        gpu_device: device.as_ref().ok().map(|g| g.description.clone()),
+        gpu_unavailable: device.err(),
+        cases: results,
+        pass,
+    })
+}
+
+fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResult {
+    let mut r = CaseResult {
+        case: case.name.clone(),
+        op: case.op.clone(),
+        oracle: case.oracle.clone(),
+        compare: case.compare.clone(),
+        elements: 0,
+        exact_fraction: 0.0,
+        max_abs: 0.0,
+        max_ulp: 0,
+        pass: false,
+        detail: None,
+        gpu: "-".into(),
+        gpu_pass: None,
+    };
+    let op = registry::find(&case.op).expect("checked in verify");
+    let outcome = (|| -> Result<_> {
+        let config = op.parse_config(&case.config)?;
+        let inputs = case_tensors(dir, &case.inputs)?;
+        let outputs = case_tensors(dir, &case.outputs)?;
+        let mode = if case.compare == "exact" {
+            Mode::Exact
+        } else {
+            Mode::Policy
+        };
+        let report = check(op, &inputs, &outputs, &config, mode, ("", ""))?;
+        Ok((config, inputs, report))
+    })();
+    let (config, inputs, report) = match outcome {
+        Ok(x) => x,
+        Err(e) => {
+            r.detail = Some(format!("error: {e}"));
+            return r;
+        }
+    };
+    r.elements = report.tensors.iter().map(|t| t.numel).sum();
+    let exact: usize = report.tensors.iter().map(|t| t.exact).sum();
+    r.exact_fraction = if r.elements == 0 {
+        1.0
+    } else {
+        exact as f64 / r.elements as f64
+    };
+    r.max_abs = report.tensors.iter().map(|t| t.max_abs).fold(0.0, f64::max);
+    r.max_ulp = report.tensors.iter().map(|t| t.max_ulp).max().unwrap_or(0);
+    r.pass = report.pass;
+    if !report.pass {
+        let bad: Vec<String> = report
+            .tensors
+            .iter()
+            .filter(|t| !t.pass)
+            .map(|t| {
+                format!(
+                    "{}: {} bad, worst {}",
+                    t.name,
+                    t.violations,
+                    t.worst.as_ref().map_or("-".into(), |w| format!(
+                        "{:?} {} vs {}",
+                        w.index, w.got, w.want
+                    ))
+                )
+            })
+            .collect();
+        r.detail = Some(bad.join("; "));
+    }
+    if op.gpu.is_some() {
+        r.gpu = match device {
+            None => "no device".into(),
+            Some(g) => match gpu::diff(op, g, &inputs, &config) {
+                Ok(d) => {
+                    r.gpu_pass = Some(d.pass);
+                    let exact: usize = d.tensors.iter().map(|t| t.exact).sum();
+                    let max_abs = d.tensors.iter().map(|t| t.max_abs).fold(0.0, f64::max);
+                    format!(
+                        "{} exact {:.4}% max|Δ| {} {:.3} ms",
+                        if d.pass { "PASS" } else { "FAIL" },
+                        100.0 * exact as f64 / r.elements.max(1) as f64,
+                        fmt_num(max_abs),
+                        1e3 * d.gpu_seconds
+                    )
+                }
+                Err(e) => {
+                    r.gpu_pass = Some(false);
+                    format!("FAIL error: {e}")
+                }
+            },
+        };
+    }
+    r
+}
+
+/// The list of ops as a table (`dsv3 ops`).
+pub fn ops_table() -> String {
+    let mut t = Table::new(&["op", "inputs", "outputs", "config", "GPU", "source"]);
+    for op in REGISTRY {
+        let ins: Vec<String> = op.inputs.iter().map(|s| s.describe()).collect();
+        let outs: Vec<String> = op.outputs.iter().map(|s| s.describe()).collect();
+        let mut cfg: Vec<String> = op.config.iter().map(|f| f.describe()).collect();
+        cfg.extend(op.constraints.iter().map(|c| c.describe()));
+        t.row(vec![
+            op.name.into(),
+            ins.join("; "),
+            outs.join("; "),
+            if cfg.is_empty() {
+                "-".into()
+            } else {
+                cfg.join("; ")
+            },
+            op.kernel.map_or("-".into(), |_| "yes".into()),
+            op.source.into(),
+        ]);
+    }
+    t.render()
+}
