@@ -55,6 +55,11 @@ pub struct OpEntry {
     /// The policy in words, with its reason (SPEC.md repeats it).
     pub policy_doc: &'static str,
     pub generate: GenFn,
+    /// Configs (JSON objects) the property tests, the GPU diff and the benches sweep, besides the
+    /// defaults: one per config branch.
+    pub test_configs: &'static [&'static str],
+    /// Named sizes of DeepSeek-V3's real shapes (at reduced M) for benches and GPU tests.
+    pub v3_sizes: &'static [&'static [(&'static str, usize)]],
 }
 
 impl OpEntry {
@@ -74,6 +79,28 @@ impl OpEntry {
 
     pub fn default_config(&self) -> Config {
         Config::defaults(self.name, self.config)
+    }
+
+    /// The default config followed by every entry of `test_configs`.
+    pub fn configs(&self) -> Vec<Config> {
+        let mut v = vec![self.default_config()];
+        for raw in self.test_configs {
+            let json: serde_json::Value = serde_json::from_str(raw)
+                .unwrap_or_else(|e| panic!("{}: test config {raw}: {e}", self.name));
+            v.push(
+                self.parse_config(&json)
+                    .unwrap_or_else(|e| panic!("{}: test config {raw}: {e}", self.name)),
+            );
+        }
+        v
+    }
+
+    /// `v3_sizes` as [`Sizes`] maps.
+    pub fn v3_sizes(&self) -> Vec<Sizes> {
+        self.v3_sizes
+            .iter()
+            .map(|set| set.iter().copied().collect())
+            .collect()
     }
 }
 

@@ -55,6 +55,18 @@ pub static ACT_QUANT: OpEntry = OpEntry {
     policy: act_quant_policy,
     policy_doc: QUANT_POLICY_DOC,
     generate: act_quant_gen,
+    test_configs: &[
+        r#"{"scale_fmt":"ue8m0"}"#,
+        r#"{"block_size":64}"#,
+        r#"{"block_size":32,"scale_fmt":"ue8m0"}"#,
+    ],
+    v3_sizes: &[
+        &[("M", 4), ("K", 7168)],
+        &[("M", 4), ("K", 1536)],
+        &[("M", 4), ("K", 512)],
+        &[("M", 4), ("K", 2048)],
+        &[("M", 2), ("K", 16384)],
+    ],
 };
 
 fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
@@ -137,6 +149,8 @@ pub static ACT_QUANT_128X1: OpEntry = OpEntry {
     policy: act_quant_128x1_policy,
     policy_doc: QUANT_POLICY_DOC,
     generate: act_quant_128x1_gen,
+    test_configs: &[r#"{"scale_fmt":"ue8m0"}"#, r#"{"block_size":16}"#],
+    v3_sizes: &[&[("M", 4096), ("K", 4)]],
 };
 
 fn act_quant_128x1_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {

@@ -49,6 +49,16 @@ ue8m0 rounding nearest (the cast) or ceil (DeepSeek's scale rounding); E5M6 code
     policy: exact,
     policy_doc: "exact: the formats define every bit (RNE of the exact value, a fixed overflow and NaN rule)",
     generate: fp8_cast_gen,
+    test_configs: &[
+        r#"{"saturate":false}"#,
+        r#"{"format":"e5m2"}"#,
+        r#"{"format":"e5m2","saturate":false}"#,
+        r#"{"format":"e5m6"}"#,
+        r#"{"format":"e5m6","saturate":false}"#,
+        r#"{"format":"ue8m0"}"#,
+        r#"{"format":"ue8m0","rounding":"ceil"}"#,
+    ],
+    v3_sizes: &[],
 };
 
 fn format_of(name: Option<&str>) -> Option<(Format, DType)> {
@@ -144,6 +154,8 @@ pub static FP8_DECODE: OpEntry = OpEntry {
     policy: exact,
     policy_doc: "exact: every code has one exact f32 value (NaN as the quiet NaN of the code's sign)",
     generate: fp8_decode_gen,
+    test_configs: &[],
+    v3_sizes: &[],
 };
 
 fn fp8_decode_ref(inputs: &TensorMap, _cfg: &Config) -> Result<TensorMap> {

@@ -44,6 +44,8 @@ pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
     policy: weight_dequant_policy,
     policy_doc: "exact: one IEEE f32 multiply (then one RNE to bf16); there is no approximate step to allow for",
     generate: weight_dequant_gen,
+    test_configs: &[r#"{"out_dtype":"f32"}"#, r#"{"block_size":16}"#],
+    v3_sizes: &[&[("N", 576), ("K", 7168)]],
 };
 
 fn weight_dequant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {

@@ -39,6 +39,8 @@ pub static WEIGHT_QUANT: OpEntry = OpEntry {
     policy: weight_quant_policy,
     policy_doc: "as act_quant (same division hazard), over B×B blocks",
     generate: weight_quant_gen,
+    test_configs: &[r#"{"scale_fmt":"ue8m0"}"#, r#"{"block_size":16}"#],
+    v3_sizes: &[&[("N", 576), ("K", 7168)], &[("N", 2112), ("K", 7168)]],
 };
 
 fn weight_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {

@@ -1,0 +1,92 @@
+//! GPU implementations against the reference, under each op's tolerance policy (the policy
+//! `dsv3 check` uses): random shapes and adversarial values from the op's generator, every test
+//! config, and DeepSeek-V3's real shapes at reduced M.
+//!
+//! Without a usable device every test prints `SKIP <test>: <reason>` and passes, unless
+//! `REQUIRE_GPU=1`, which turns the skip into a failure.
+
+use dsv3::gpu::{device, diff, required_by_env};
+use dsv3::registry::{Sizes, REGISTRY};
+use dsv3::rng::Rng;
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
+
+fn gpu_or_skip(test: &str) -> Option<&'static dsv3_gpu::Gpu> {
+    match device() {
+        Ok(g) => Some(g),
+        Err(why) => {
+            assert!(!required_by_env(), "REQUIRE_GPU=1 but no usable GPU: {why}");
+            eprintln!("SKIP {test}: {why}");
+            None
+        }
+    }
+}
+
+fn run_one(
+    gpu: &dsv3_gpu::Gpu,
+    op: &dsv3::registry::OpEntry,
+    cfg: &dsv3::config::Config,
+    seed: u64,
+    sizes: &Sizes,
+) -> Result<(), String> {
+    let inputs = (op.generate)(&mut Rng::new(seed), cfg, sizes);
+    let d =
+        diff(op, gpu, &inputs, cfg).map_err(|e| format!("{} {}: {e}", op.name, cfg.as_json()))?;
+    if d.pass {
+        return Ok(());
+    }
+    let bad: Vec<String> = d
+        .tensors
+        .iter()
+        .filter(|t| !t.pass)
+        .map(|t| {
+            format!(
+                "{}: {}/{} bad, first {:?}",
+                t.name, t.violations, t.numel, t.first_violations
+            )
+        })
+        .collect();
+    Err(format!(
+        "{} {} seed {seed} sizes {sizes:?}: {}",
+        op.name,
+        cfg.as_json(),
+        bad.join("; ")
+    ))
+}
+
+#[test]
+fn gpu_matches_reference_on_random_inputs() {
+    let Some(gpu) = gpu_or_skip("gpu_matches_reference_on_random_inputs") else {
+        return;
+    };
+    // proptest drives the seeds (and shrinks nothing: the seed is the whole case)
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 32,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&any::<u64>(), |seed| {
+            for op in REGISTRY.iter().filter(|o| o.gpu.is_some()) {
+                for cfg in op.configs() {
+                    let r = run_one(gpu, op, &cfg, seed, &Sizes::new());
+                    prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn gpu_matches_reference_on_deepseek_v3_shapes() {
+    let Some(gpu) = gpu_or_skip("gpu_matches_reference_on_deepseek_v3_shapes") else {
+        return;
+    };
+    for op in REGISTRY.iter().filter(|o| o.gpu.is_some()) {
+        for cfg in op.configs() {
+            for sizes in op.v3_sizes() {
+                run_one(gpu, op, &cfg, 1, &sizes).unwrap();
+            }
+        }
+    }
+}

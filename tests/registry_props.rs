@@ -1,0 +1,104 @@
+//! Properties every registered op must have, driven by the registry (new ops are covered as soon
+//! as they are registered):
+//! - its generator's inputs satisfy its contract under every test config;
+//! - its reference outputs satisfy the output contract and pass `check` against themselves;
+//! - corrupting one element of one output makes `check` fail (a policy that cannot fail is a bug).
+
+use dsv3::check::{check, Mode};
+use dsv3::registry::{Sizes, REGISTRY};
+use dsv3::rng::Rng;
+use proptest::prelude::*;
+
+/// Flip the second-highest bit of element `i`: the exponent's top bit for floats (a change by a
+/// huge factor), a large jump for integers.
+fn corrupt(t: &mut dsv3::tensor::Tensor, i: usize) {
+    let size = t.dtype.size();
+    let bit = size * 8 - 2;
+    t.data[i * size + bit / 8] ^= 1 << (bit % 8);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_op_is_self_consistent_and_detects_one_corrupted_element(seed in any::<u64>(), pick in any::<u64>()) {
+        for op in REGISTRY {
+            for cfg in op.configs() {
+                let mut rng = Rng::new(seed);
+                let inputs = (op.generate)(&mut rng, &cfg, &Sizes::new());
+                let contract = op.contract();
+                let bindings = contract.check_inputs(&inputs, &cfg, "");
+                prop_assert!(bindings.is_ok(), "{} {}: generated inputs break the contract: {}", op.name, cfg.as_json(), bindings.unwrap_err());
+                let reference = (op.reference)(&inputs, &cfg);
+                prop_assert!(reference.is_ok(), "{} {}: reference failed on generated inputs: {}", op.name, cfg.as_json(), reference.unwrap_err());
+                let reference = reference.unwrap();
+                let report = check(op, &inputs, &reference, &cfg, Mode::Policy, ("", "")).unwrap();
+                prop_assert!(report.pass, "{} {}: reference does not pass against itself", op.name, cfg.as_json());
+
+                // one corrupted element must fail
+                let names: Vec<&String> = reference.iter().filter(|(_, t)| t.numel() > 0).map(|(k, _)| k).collect();
+                if names.is_empty() {
+                    continue;
+                }
+                let name = names[(pick % names.len() as u64) as usize].clone();
+                let mut bad = reference.clone();
+                let t = bad.get_mut(&name).unwrap();
+                let i = ((pick >> 8) % t.numel() as u64) as usize;
+                corrupt(t, i);
+                let report = check(op, &inputs, &bad, &cfg, Mode::Policy, ("", "")).unwrap();
+                prop_assert!(!report.pass, "{} {}: corrupting {name}[{i}] was not detected", op.name, cfg.as_json());
+                let failing: Vec<&str> = report.tensors.iter().filter(|r| !r.pass).map(|r| r.name.as_str()).collect();
+                prop_assert!(failing.contains(&name.as_str()), "{}: the failure is not reported on {name}: {failing:?}", op.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_op_has_a_unique_name_and_a_reference_path() {
+    let mut names: Vec<&str> = REGISTRY.iter().map(|o| o.name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), REGISTRY.len(), "duplicate op names");
+    for op in REGISTRY {
+        let (path, func) = op.reference_fn.split_once("::").expect("path::function");
+        let text =
+            std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+                .unwrap_or_else(|e| panic!("{}: {path}: {e}", op.name));
+        let last = func.rsplit("::").next().unwrap();
+        assert!(
+            text.contains(&format!("fn {last}")),
+            "{}: {path} has no fn {last}",
+            op.name
+        );
+        if let Some(k) = op.kernel {
+            assert!(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join(k)
+                    .is_file(),
+                "{}: kernel {k} missing",
+                op.name
+            );
+            assert!(op.gpu.is_some(), "{}: a kernel without a GPU fn", op.name);
+        }
+    }
+}
+
+#[test]
+fn v3_sized_inputs_satisfy_the_contract() {
+    for op in REGISTRY {
+        for sizes in op.v3_sizes() {
+            let cfg = op.default_config();
+            let inputs = (op.generate)(&mut Rng::new(7), &cfg, &sizes);
+            let b = op
+                .contract()
+                .check_inputs(&inputs, &cfg, "")
+                .unwrap_or_else(|e| panic!("{}: {e}", op.name));
+            for (k, v) in &sizes {
+                if let Some(bound) = b.vars.get(k) {
+                    assert_eq!(bound, v, "{}: size {k}", op.name);
+                }
+            }
+        }
+    }
+}
