@@ -12,6 +12,7 @@ pub mod error;
 pub mod gpu;
 pub mod io;
 pub mod ops;
+pub mod plot;
 pub mod registry;
 pub mod rng;
 pub mod table;
