@@ -69,6 +69,9 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
     std::fs::write(&p, v.to_string()).unwrap();
 }
 
+/// An edit of config.json.
+type ConfigEdit = Box<dyn Fn(&mut Value)>;
+
 const SINGLE: &str = "v3_yarn_qlora";
 const SHARDED: &str = "fp8_sharded";
 
@@ -136,7 +139,7 @@ fn unsupported_dtypes_are_named() {
 
 #[test]
 fn bad_configs_name_the_field() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, ConfigEdit, Vec<&str>)> = vec![
         (
             "missing",
             Box::new(|v: &mut Value| {

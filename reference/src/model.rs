@@ -144,8 +144,9 @@ impl ModelConfig {
 /// The FFN of a block.
 #[derive(Debug, Clone)]
 pub enum Ffn<'a> {
-    Dense(Mlp<'a>),
-    Moe(Moe<'a>),
+    /// Both boxed: the variants differ in size by hundreds of bytes.
+    Dense(Box<Mlp<'a>>),
+    Moe(Box<Moe<'a>>),
 }
 
 /// One pre-norm decoder block (OFF `Block`, HF `DeepseekV3DecoderLayer`).

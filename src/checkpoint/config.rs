@@ -256,7 +256,7 @@ pub fn parse(path: &Path, v: &Value) -> Result<Parsed> {
         mla,
         gate,
     };
-    if !(model.rms_norm_eps >= 0.0) {
+    if model.rms_norm_eps < 0.0 {
         return Err(o.err("rms_norm_eps", "must be ≥ 0"));
     }
     model.validate().map_err(|e| reference_error(path, e))?;

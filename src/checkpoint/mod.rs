@@ -437,7 +437,7 @@ impl Checkpoint {
             } else {
                 None
             };
-            Ffn::Moe(Moe {
+            Ffn::Moe(Box::new(Moe {
                 gate: self.linear(
                     &format!("{p}mlp.gate"),
                     e,
@@ -448,13 +448,13 @@ impl Checkpoint {
                 bias,
                 experts,
                 shared,
-            })
+            }))
         } else {
-            Ffn::Dense(self.mlp(
+            Ffn::Dense(Box::new(self.mlp(
                 &format!("{p}mlp."),
                 c.intermediate_size,
                 "dense FFN (layer < first_k_dense_replace): intermediate_size × hidden_size",
-            )?)
+            )?))
         };
         Ok(Block {
             layer,
