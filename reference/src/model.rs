@@ -37,8 +37,6 @@ pub struct ModelConfig {
     pub n_shared_experts: usize,
     /// Layers `0..first_k_dense_replace` use the dense FFN (3).
     pub first_k_dense_replace: usize,
-    /// MoE on layers with `layer % moe_layer_freq == 0` from `first_k_dense_replace` on (1).
-    pub moe_layer_freq: usize,
     /// eps of the block and final norms (`rms_norm_eps`, 1e-6); `q_norm`/`kv_norm` use 1e-6.
     pub rms_norm_eps: f64,
     /// Whether `attention_bias` adds biases to `q_a_proj`, `kv_a_proj_with_mqa`, `o_proj`.
@@ -91,11 +89,11 @@ impl MlaConfig {
 }
 
 impl ModelConfig {
-    /// Whether layer `layer` (main or MTP) has a MoE FFN (HF/HUB `DeepseekV3DecoderLayer`).
+    /// Whether layer `layer` (main or MTP) has a MoE FFN: OFF `Block` (`layer_id >=
+    /// n_dense_layers`) and transformers 5 `DeepseekV3DecoderLayer`. The hub's remote code also
+    /// reads `moe_layer_freq` (1 in every published config); OFF and transformers do not.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        self.n_routed_experts > 0
-            && layer >= self.first_k_dense_replace
-            && layer % self.moe_layer_freq == 0
+        self.n_routed_experts > 0 && layer >= self.first_k_dense_replace
     }
 
     /// Check sizes and routing against each other.
@@ -104,7 +102,6 @@ impl ModelConfig {
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_hidden_layers),
-            ("moe_layer_freq", self.moe_layer_freq),
         ] {
             if v == 0 {
                 return Err(Error::Config {

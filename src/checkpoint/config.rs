@@ -172,11 +172,15 @@ pub fn parse(path: &Path, v: &Value) -> Result<Parsed> {
     }
     let n_heads = o.usize_req("num_attention_heads")?;
     if let Some(kv) = o.get("num_key_value_heads") {
+        // MLA gives every head its own key/value (kv_b_proj); transformers then "repeats" them
+        // num_attention_heads / num_key_value_heads times, which only works when that is 1.
         let kv = o.usize_of("num_key_value_heads", kv)?;
-        if kv != n_heads {
+        if kv == 0 || n_heads / kv != 1 {
             return Err(o.err(
                 "num_key_value_heads",
-                format!("{kv} ≠ num_attention_heads = {n_heads}: MLA expands one latent into every head"),
+                format!(
+                    "{kv} with num_attention_heads = {n_heads}: MLA expands one latent into every head (transformers needs num_attention_heads / num_key_value_heads = 1 too)"
+                ),
             ));
         }
     }
@@ -248,7 +252,6 @@ pub fn parse(path: &Path, v: &Value) -> Result<Parsed> {
         first_k_dense_replace: o
             .usize_nullable("first_k_dense_replace", Some(3))?
             .unwrap_or(0),
-        moe_layer_freq: o.usize_or("moe_layer_freq", 1)?,
         rms_norm_eps: o.f64_or("rms_norm_eps", 1e-6)?,
         attention_bias: o.bool_or("attention_bias", false)?,
         tie_word_embeddings: o.bool_or("tie_word_embeddings", false)?,
@@ -256,6 +259,12 @@ pub fn parse(path: &Path, v: &Value) -> Result<Parsed> {
         mla,
         gate,
     };
+    let freq = o.usize_or("moe_layer_freq", 1)?;
+    if freq != 1 {
+        warnings.push(format!(
+            "moe_layer_freq = {freq} is ignored, as the official code and transformers ignore it (the hub's remote code would make layers with layer % {freq} ≠ 0 dense)"
+        ));
+    }
     if model.rms_norm_eps < 0.0 {
         return Err(o.err("rms_norm_eps", "must be ≥ 0"));
     }
