@@ -4,16 +4,9 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 use crate::kernels::ACT_QUANT;
-use crate::runtime::Gpu;
+use crate::runtime::{Gpu, HostFloats};
 
-/// The activation to quantize, row-major `[M, K]`.
-pub enum Input<'a> {
-    F32(&'a [f32]),
-    /// BF16 bit patterns.
-    Bf16(&'a [u16]),
-}
-
-/// E4M3 codes `[M, K]` and scales `[M, K/B]`.
+/// E4M3 codes and their scales (`[M, K]` and `[M, K/B]` here).
 pub struct Output {
     pub y: Vec<u8>,
     pub s: Vec<f32>,
@@ -24,17 +17,14 @@ const WARPS_PER_BLOCK: u32 = 4;
 /// Quantize `x: [M, K]` with 1×`block_size` tiles (`K % block_size == 0`).
 pub fn act_quant(
     gpu: &Gpu,
-    x: Input<'_>,
+    x: HostFloats<'_>,
     m: usize,
     k: usize,
     block_size: usize,
     ue8m0: bool,
 ) -> Result<Output> {
     const OP: &str = "act_quant";
-    let len = match x {
-        Input::F32(v) => v.len(),
-        Input::Bf16(v) => v.len(),
-    };
+    let len = x.len();
     if len != m * k {
         return Err(Error::Argument {
             op: OP,
@@ -48,17 +38,23 @@ pub fn act_quant(
         });
     }
     let n_tiles = m * k / block_size;
+    if n_tiles == 0 {
+        return Ok(Output {
+            y: Vec::new(),
+            s: Vec::new(),
+        });
+    }
     let stream = gpu.stream();
     let mut d_y = stream.alloc_zeros::<u8>(m * k)?;
-    let mut d_s = stream.alloc_zeros::<f32>(n_tiles.max(1))?;
+    let mut d_s = stream.alloc_zeros::<f32>(n_tiles)?;
     let cfg = LaunchConfig {
-        grid_dim: ((n_tiles as u32).div_ceil(WARPS_PER_BLOCK).max(1), 1, 1),
+        grid_dim: ((n_tiles as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
         block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
     let (n_tiles_arg, block_arg, ue8m0_arg) = (n_tiles as i64, block_size as i32, i32::from(ue8m0));
     match x {
-        Input::F32(v) => {
+        HostFloats::F32(v) => {
             let f = gpu.function(&ACT_QUANT, "act_quant_f32")?;
             let d_x = stream.clone_htod(v)?;
             let mut launch = stream.launch_builder(&f);
@@ -73,7 +69,7 @@ pub fn act_quant(
             // M·K codes and n_tiles scales, and every thread stays inside its tile.
             unsafe { launch.launch(cfg) }?;
         }
-        Input::Bf16(v) => {
+        HostFloats::Bf16(v) => {
             let f = gpu.function(&ACT_QUANT, "act_quant_bf16")?;
             let d_x = stream.clone_htod(v)?;
             let mut launch = stream.launch_builder(&f);
@@ -89,7 +85,6 @@ pub fn act_quant(
         }
     }
     let y = stream.clone_dtoh(&d_y)?;
-    let mut s = stream.clone_dtoh(&d_s)?;
-    s.truncate(n_tiles);
+    let s = stream.clone_dtoh(&d_s)?;
     Ok(Output { y, s })
 }

@@ -14,5 +14,17 @@ pub const ACT_QUANT: Kernel = Kernel {
     functions: &["act_quant_f32", "act_quant_bf16"],
 };
 
+pub const WEIGHT_QUANT: Kernel = Kernel {
+    name: "weight_quant",
+    source: include_str!("../kernels/weight_quant.cu"),
+    functions: &["weight_quant_f32", "weight_quant_bf16"],
+};
+
+pub const WEIGHT_DEQUANT: Kernel = Kernel {
+    name: "weight_dequant",
+    source: include_str!("../kernels/weight_dequant.cu"),
+    functions: &["weight_dequant_f32", "weight_dequant_bf16"],
+};
+
 /// Every kernel of the crate: the compile test builds all of them for `sm_90a`.
-pub const ALL: &[Kernel] = &[ACT_QUANT];
+pub const ALL: &[Kernel] = &[ACT_QUANT, WEIGHT_QUANT, WEIGHT_DEQUANT];

@@ -33,6 +33,26 @@ pub fn driver_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// A host buffer of floating values to upload: f32, or bf16 bit patterns.
+#[derive(Debug, Clone, Copy)]
+pub enum HostFloats<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl HostFloats<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            HostFloats::F32(v) => v.len(),
+            HostFloats::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Resource use of one compiled `__global__` function, parsed from ptxas' `-v` output.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FunctionStats {

@@ -88,17 +88,17 @@ fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
 }
 
 fn act_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    use dsv3_gpu::act_quant::{act_quant, Input};
+    use dsv3_gpu::{act_quant::act_quant, HostFloats};
     let x = get(inputs, "x");
     let k = *x.shape.last().expect("rank ≥ 1");
     let m = x.numel() / k.max(1);
     let block = cfg.usize("block_size");
     let ue8m0 = scale_fmt(cfg) == fp8::ScaleFmt::Ue8m0;
     let out = match x.dtype {
-        DType::BF16 => act_quant(gpu, Input::Bf16(&x.to_u16_bits()), m, k, block, ue8m0)?,
+        DType::BF16 => act_quant(gpu, HostFloats::Bf16(&x.to_u16_bits()), m, k, block, ue8m0)?,
         _ => act_quant(
             gpu,
-            Input::F32(&x.to_f32().expect("F32")),
+            HostFloats::F32(&x.to_f32().expect("F32")),
             m,
             k,
             block,
