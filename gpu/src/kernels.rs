@@ -26,5 +26,23 @@ pub const WEIGHT_DEQUANT: Kernel = Kernel {
     functions: &["weight_dequant_f32", "weight_dequant_bf16"],
 };
 
+pub const FP8_GEMM: Kernel = Kernel {
+    name: "fp8_gemm",
+    source: include_str!("../kernels/fp8_gemm.cu"),
+    functions: &["fp8_gemm_simt"],
+};
+
+pub const FP8_GEMM_WGMMA: Kernel = Kernel {
+    name: "fp8_gemm_wgmma",
+    source: include_str!("../kernels/fp8_gemm_wgmma.cu"),
+    functions: &["fp8_gemm_wgmma"],
+};
+
 /// Every kernel of the crate: the compile test builds all of them for `sm_90a`.
-pub const ALL: &[Kernel] = &[ACT_QUANT, WEIGHT_QUANT, WEIGHT_DEQUANT];
+pub const ALL: &[Kernel] = &[
+    ACT_QUANT,
+    WEIGHT_QUANT,
+    WEIGHT_DEQUANT,
+    FP8_GEMM,
+    FP8_GEMM_WGMMA,
+];

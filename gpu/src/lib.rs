@@ -11,6 +11,7 @@
 
 pub mod act_quant;
 pub mod error;
+pub mod fp8_gemm;
 pub mod kernels;
 pub mod runtime;
 pub mod weight_dequant;
