@@ -12,19 +12,10 @@
 //   Each K block is staged in shared memory (decoded exactly to f32) and dotted in f64.
 // Napkin math: 2·M·N·K flops in f64 on CUDA cores: a correctness kernel, not a fast one.
 
-#include <cuda_fp8.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 #define TILE 16
 #define BK 128
-
-// ---- device helpers
-
-__device__ __forceinline__ float e4m3_to_f32(unsigned char code) {
-    __nv_fp8_e4m3 q;
-    q.__x = code;
-    return float(q);  // exact
-}
 
 // ---- kernels
 

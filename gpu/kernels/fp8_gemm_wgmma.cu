@@ -18,8 +18,7 @@
 // Napkin math: 2·M·N·K flops on the Tensor Cores; staging is plain loads (no TMA, no pipelining):
 //   a readable wgmma kernel, far from DeepGEMM's speed.
 
-#include <cuda_fp8.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 #define BM 64
 #define BN 128

@@ -7,17 +7,14 @@
 // Launch: one thread per element, 256 threads per block, grid-stride loop.
 // Napkin math: reads 1 B (+ a cached scale) and writes 4 or 2 B per element: memory-bound.
 
-#include <cuda_fp8.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 // ---- device helpers
 
 __device__ __forceinline__ float dequant_one(const unsigned char* y, const float* s, long long i, int k, int block_size,
                                              int scale_cols) {
     const long long r = i / k, c = i % k;
-    __nv_fp8_e4m3 q;
-    q.__x = y[i];
-    return __fmul_rn(float(q), s[(r / block_size) * scale_cols + c / block_size]);
+    return __fmul_rn(e4m3_to_f32(y[i]), s[(r / block_size) * scale_cols + c / block_size]);
 }
 
 // ---- kernels

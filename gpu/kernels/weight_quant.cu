@@ -10,21 +10,9 @@
 //   Threads stride over the block's elements; amax is reduced with warp shuffles and shared memory.
 // Napkin math: reads 4 (f32) or 2 (bf16) B and writes 1 B per element: memory-bound.
 
-#include <cuda_fp8.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 // ---- device helpers
-
-__device__ __forceinline__ float load_f32(const float* p) { return *p; }
-__device__ __forceinline__ float load_f32(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-// Smallest power of two >= s (s >= 1e-4/448 is a normal float): exponent + (mantissa != 0).
-__device__ __forceinline__ float ceil_pow2(float s) {
-    unsigned int bits = __float_as_uint(s);
-    unsigned int e = (bits >> 23) & 0xFFu;
-    unsigned int m = bits & 0x7FFFFFu;
-    return __uint_as_float((e + (m != 0u ? 1u : 0u)) << 23);
-}
 
 template <typename T>
 __device__ void weight_quant_block(const T* __restrict__ w, unsigned char* __restrict__ y, float* __restrict__ s,
@@ -51,15 +39,13 @@ __device__ void weight_quant_block(const T* __restrict__ w, unsigned char* __res
     __syncthreads();
 
     // pass 2: the block's scale
-    float scale = __fdiv_rn(fmaxf(warp_max[0], 1e-4f), 448.0f);
-    if (ue8m0) scale = ceil_pow2(scale);
+    const float scale = tile_scale(warp_max[0], ue8m0);
     if (threadIdx.x == 0) s[(long long)blockIdx.y * gridDim.x + blockIdx.x] = scale;
 
     // pass 3: divide (IEEE) and convert with round-to-nearest-even, saturating
     for (long long i = threadIdx.x; i < count; i += blockDim.x) {
         const long long r = row0 + i / cols, c = col0 + i % cols;
-        float q = __fdiv_rn(load_f32(w + r * k + c), scale);
-        y[r * k + c] = (unsigned char)__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+        y[r * k + c] = quantize_e4m3(load_f32(w + r * k + c), scale);
     }
 }
 

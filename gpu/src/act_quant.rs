@@ -53,37 +53,19 @@ pub fn act_quant(
         shared_mem_bytes: 0,
     };
     let (n_tiles_arg, block_arg, ue8m0_arg) = (n_tiles as i64, block_size as i32, i32::from(ue8m0));
-    match x {
-        HostFloats::F32(v) => {
-            let f = gpu.function(&ACT_QUANT, "act_quant_f32")?;
-            let d_x = stream.clone_htod(v)?;
-            let mut launch = stream.launch_builder(&f);
-            launch
-                .arg(&d_x)
-                .arg(&mut d_y)
-                .arg(&mut d_s)
-                .arg(&n_tiles_arg)
-                .arg(&block_arg)
-                .arg(&ue8m0_arg);
-            // SAFETY: argument types and order match `act_quant_f32`; buffers hold M·K inputs,
-            // M·K codes and n_tiles scales, and every thread stays inside its tile.
-            unsafe { launch.launch(cfg) }?;
-        }
-        HostFloats::Bf16(v) => {
-            let f = gpu.function(&ACT_QUANT, "act_quant_bf16")?;
-            let d_x = stream.clone_htod(v)?;
-            let mut launch = stream.launch_builder(&f);
-            launch
-                .arg(&d_x)
-                .arg(&mut d_y)
-                .arg(&mut d_s)
-                .arg(&n_tiles_arg)
-                .arg(&block_arg)
-                .arg(&ue8m0_arg);
-            // SAFETY: as above, with 2-byte bf16 inputs.
-            unsafe { launch.launch(cfg) }?;
-        }
-    }
+    let d_x = x.upload(stream)?;
+    let f = gpu.function(&ACT_QUANT, &format!("act_quant_{}", d_x.suffix()))?;
+    let mut launch = stream.launch_builder(&f);
+    d_x.push(&mut launch);
+    launch
+        .arg(&mut d_y)
+        .arg(&mut d_s)
+        .arg(&n_tiles_arg)
+        .arg(&block_arg)
+        .arg(&ue8m0_arg);
+    // SAFETY: argument types and order match `act_quant_{f32,bf16}`; buffers hold M·K inputs,
+    // M·K codes and n_tiles scales, and every thread stays inside its tile.
+    unsafe { launch.launch(cfg) }?;
     let y = stream.clone_dtoh(&d_y)?;
     let s = stream.clone_dtoh(&d_s)?;
     Ok(Output { y, s })

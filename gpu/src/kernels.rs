@@ -1,5 +1,9 @@
 //! The kernel sources, one per op, embedded at build time.
 
+/// Headers the kernels `#include` by name, registered with NVRTC (no file system needed at run
+/// time, so the compiled test binaries work on a machine without the source tree).
+pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../kernels/common.cuh"))];
+
 /// One `.cu` file: its stem (the op name) and the `extern "C"` functions it defines.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernel {

@@ -43,39 +43,20 @@ pub fn weight_quant(
         };
         let (n_arg, k_arg, b_arg, u_arg) =
             (n as i32, k as i32, block_size as i32, i32::from(ue8m0));
-        match w {
-            HostFloats::F32(v) => {
-                let f = gpu.function(&WEIGHT_QUANT, "weight_quant_f32")?;
-                let d_w = stream.clone_htod(v)?;
-                let mut launch = stream.launch_builder(&f);
-                launch
-                    .arg(&d_w)
-                    .arg(&mut d_y)
-                    .arg(&mut d_s)
-                    .arg(&n_arg)
-                    .arg(&k_arg)
-                    .arg(&b_arg)
-                    .arg(&u_arg);
-                // SAFETY: argument types and order match `weight_quant_f32`; one thread block per
-                // weight block of the [N, K] input, every access is inside [N, K] and the grid.
-                unsafe { launch.launch(cfg) }?;
-            }
-            HostFloats::Bf16(v) => {
-                let f = gpu.function(&WEIGHT_QUANT, "weight_quant_bf16")?;
-                let d_w = stream.clone_htod(v)?;
-                let mut launch = stream.launch_builder(&f);
-                launch
-                    .arg(&d_w)
-                    .arg(&mut d_y)
-                    .arg(&mut d_s)
-                    .arg(&n_arg)
-                    .arg(&k_arg)
-                    .arg(&b_arg)
-                    .arg(&u_arg);
-                // SAFETY: as above, with 2-byte bf16 inputs.
-                unsafe { launch.launch(cfg) }?;
-            }
-        }
+        let d_w = w.upload(stream)?;
+        let f = gpu.function(&WEIGHT_QUANT, &format!("weight_quant_{}", d_w.suffix()))?;
+        let mut launch = stream.launch_builder(&f);
+        d_w.push(&mut launch);
+        launch
+            .arg(&mut d_y)
+            .arg(&mut d_s)
+            .arg(&n_arg)
+            .arg(&k_arg)
+            .arg(&b_arg)
+            .arg(&u_arg);
+        // SAFETY: argument types and order match `weight_quant_{f32,bf16}`; one thread block per
+        // weight block of the [N, K] input, every access is inside [N, K] and the grid.
+        unsafe { launch.launch(cfg) }?;
     }
     let mut y = stream.clone_dtoh(&d_y)?;
     let mut s = stream.clone_dtoh(&d_s)?;
