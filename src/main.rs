@@ -195,8 +195,8 @@ fn run(cli: Cli) -> Result<bool> {
                 "{}: {}\nsource: {}\nreference: {}",
                 op.name, op.summary, op.source, op.reference_fn
             );
-            if let Some(k) = op.kernel {
-                println!("kernel: {k}");
+            for g in op.gpu {
+                println!("kernel ({}): {}", g.backend, g.kernel);
             }
             for s in op.inputs {
                 println!("input  {}  -- {}", s.describe(), s.doc);

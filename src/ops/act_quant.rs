@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -50,8 +50,11 @@ pub static ACT_QUANT: OpEntry = OpEntry {
     config: &[BLOCK_SIZE, SCALE_FMT],
     reference: act_quant_ref,
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant",
-    gpu: Some(act_quant_gpu),
-    kernel: Some("gpu/kernels/act_quant.cu"),
+    gpu: &[GpuImpl {
+        backend: "cuda",
+        run: act_quant_gpu,
+        kernel: "gpu/kernels/act_quant.cu",
+    }],
     policy: act_quant_policy,
     policy_doc: QUANT_POLICY_DOC,
     generate: act_quant_gen,
@@ -144,8 +147,7 @@ pub static ACT_QUANT_128X1: OpEntry = OpEntry {
     config: &[BLOCK_SIZE, SCALE_FMT],
     reference: act_quant_128x1_ref,
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant_128x1",
-    gpu: None,
-    kernel: None,
+    gpu: &[],
     policy: act_quant_128x1_policy,
     policy_doc: QUANT_POLICY_DOC,
     generate: act_quant_128x1_gen,

@@ -9,7 +9,7 @@ use crate::config::{Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -39,8 +39,7 @@ pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
     ],
     reference: weight_dequant_ref,
     reference_fn: "reference/src/fp8/weight_dequant.rs::weight_dequant",
-    gpu: Some(weight_dequant_gpu),
-    kernel: Some("gpu/kernels/weight_dequant.cu"),
+    gpu: &[GpuImpl { backend: "cuda", run: weight_dequant_gpu, kernel: "gpu/kernels/weight_dequant.cu" }],
     policy: weight_dequant_policy,
     policy_doc: "exact: one IEEE f32 multiply (then one RNE to bf16); there is no approximate step to allow for",
     generate: weight_dequant_gen,
