@@ -6,9 +6,10 @@
 #   scripts/gpu-check.sh run [REPORT]   # there (GPU): run them with REQUIRE_GPU=1, write one report file
 #
 # `run` finds NVRTC and the headers in the toolkit (/usr/local/cuda, or $CUDA_HOME), prints the
-# device, runs the sm_90a compile check (registers/spills), the GPU-vs-reference property tests and
-# `dsv3 verify --gpu require`, and writes everything to REPORT (default gpu-report.txt). Exit code 0
-# only if every step passed.
+# device, runs the sm_90a compile check (registers/spills), the GPU-vs-reference property tests,
+# `dsv3 verify --gpu require`, `dsv3 gpu-bench` and the PyTorch yardsticks (benches/gpu_torch.py,
+# same shapes, same run), and writes everything to REPORT (default gpu-report.txt). Exit code 0
+# only if every step passed. GPU_BENCH_ARGS=--quick shortens the benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.devbin
@@ -56,6 +57,8 @@ run() {
   step "kernels_compile (sm_90a, registers and spills)" "$BIN/kernels_compile" --nocapture --test-threads=1
   step "gpu_ops (GPU vs reference, REQUIRE_GPU=1)" "$BIN/gpu_ops" --nocapture --test-threads=1
   step "dsv3 verify --gpu require" "$BIN/dsv3" verify --gpu require --report "${report%.txt}-verify.json"
+  step "dsv3 gpu-bench" "$BIN/dsv3" gpu-bench --require ${GPU_BENCH_ARGS:-}
+  step "torch yardsticks (benches/gpu_torch.py)" python3 benches/gpu_torch.py ${GPU_BENCH_ARGS:-}
   echo "## status $status" | tee -a "$report"
   return $status
 }

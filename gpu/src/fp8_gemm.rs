@@ -1,7 +1,7 @@
 //! Wrappers of `kernels/fp8_gemm.cu` (CUDA cores, exact per-block semantics) and
 //! `kernels/fp8_gemm_wgmma.cu` (Tensor Cores, promotion to FP32 every 128).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 use crate::kernels::{FP8_GEMM, FP8_GEMM_WGMMA};
@@ -59,20 +59,62 @@ pub fn fp8_gemm(
             msg: "dimensions must fit in i32".into(),
         });
     }
-    if m * n == 0 {
+    if m * n == 0 || k == 0 {
+        // no K blocks: every output is the empty sum, +0
         return Ok(if bf16_out {
-            GemmOut::Bf16(Vec::new())
+            GemmOut::Bf16(vec![0; m * n])
         } else {
-            GemmOut::F32(Vec::new())
+            GemmOut::F32(vec![0.0; m * n])
         });
     }
     let stream = gpu.stream();
-    let pad = |v: &[u8]| if v.is_empty() { vec![0u8] } else { v.to_vec() };
-    let padf = |v: &[f32]| if v.is_empty() { vec![0f32] } else { v.to_vec() };
-    let d_a = stream.clone_htod(&pad(a))?;
-    let d_b = stream.clone_htod(&pad(b))?;
-    let d_as = stream.clone_htod(&padf(a_s))?;
-    let d_bs = stream.clone_htod(&padf(b_s))?;
+    let d_a = stream.clone_htod(a)?;
+    let d_b = stream.clone_htod(b)?;
+    let d_as = stream.clone_htod(a_s)?;
+    let d_bs = stream.clone_htod(b_s)?;
+    let mut d_f32 = stream.alloc_zeros::<f32>(if bf16_out { 1 } else { m * n })?;
+    let mut d_bf16 = stream.alloc_zeros::<u16>(if bf16_out { m * n } else { 1 })?;
+    let operands = Operands {
+        a: &d_a,
+        a_s: &d_as,
+        b: &d_b,
+        b_s: &d_bs,
+    };
+    fp8_gemm_launch(
+        gpu,
+        backend,
+        &operands,
+        &mut d_f32,
+        &mut d_bf16,
+        (m, n, k),
+        bf16_out,
+    )?;
+    Ok(if bf16_out {
+        GemmOut::Bf16(stream.clone_dtoh(&d_bf16)?)
+    } else {
+        GemmOut::F32(stream.clone_dtoh(&d_f32)?)
+    })
+}
+
+/// The four device operands of the GEMM.
+pub struct Operands<'a> {
+    pub a: &'a CudaSlice<u8>,
+    pub a_s: &'a CudaSlice<f32>,
+    pub b: &'a CudaSlice<u8>,
+    pub b_s: &'a CudaSlice<f32>,
+}
+
+/// Launch one backend on device buffers (sizes checked by the caller; `c_f32` or `c_bf16` holds
+/// M·N elements, the other at least one); nothing is copied.
+pub fn fp8_gemm_launch(
+    gpu: &Gpu,
+    backend: Backend,
+    x: &Operands<'_>,
+    c_f32: &mut CudaSlice<f32>,
+    c_bf16: &mut CudaSlice<u16>,
+    (m, n, k): (usize, usize, usize),
+    bf16_out: bool,
+) -> Result<()> {
     let (kernel, function, cfg) = match backend {
         Backend::Simt => (
             &FP8_GEMM,
@@ -94,28 +136,22 @@ pub fn fp8_gemm(
         ),
     };
     let f = gpu.function(kernel, function)?;
-    let mut d_f32 = stream.alloc_zeros::<f32>(if bf16_out { 1 } else { m * n })?;
-    let mut d_bf16 = stream.alloc_zeros::<u16>(if bf16_out { m * n } else { 1 })?;
     let (m_arg, n_arg, k_arg, bf16_arg) = (m as i32, n as i32, k as i32, i32::from(bf16_out));
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = gpu.stream().launch_builder(&f);
     launch
-        .arg(&d_a)
-        .arg(&d_as)
-        .arg(&d_b)
-        .arg(&d_bs)
-        .arg(&mut d_f32)
-        .arg(&mut d_bf16)
+        .arg(x.a)
+        .arg(x.a_s)
+        .arg(x.b)
+        .arg(x.b_s)
+        .arg(c_f32)
+        .arg(c_bf16)
         .arg(&m_arg)
         .arg(&n_arg)
         .arg(&k_arg)
         .arg(&bf16_arg);
     // SAFETY: argument types and order match both kernels' signatures; the grids cover [M, N]
     // and every access is bounds-checked against M, N, K inside the kernels; the unused output
-    // buffer has one element and is never written.
+    // buffer is never written.
     unsafe { launch.launch(cfg) }?;
-    Ok(if bf16_out {
-        GemmOut::Bf16(stream.clone_dtoh(&d_bf16)?)
-    } else {
-        GemmOut::F32(stream.clone_dtoh(&d_f32)?)
-    })
+    Ok(())
 }

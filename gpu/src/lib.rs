@@ -10,6 +10,7 @@
 //! first).
 
 pub mod act_quant;
+pub mod bench;
 pub mod error;
 pub mod fp8_gemm;
 pub mod kernels;
