@@ -53,8 +53,7 @@ topk_group, others −inf; ids = top_k(b); w = s[ids] (/Σ if norm_topk_prob) ·
     ],
     reference: moe_gate_ref,
     reference_fn: "reference/src/moe/gate.rs::route",
-    gpu: None,
-    kernel: None,
+    gpu: &[],
     policy: moe_gate_policy,
     policy_doc: "topk_ids: the same set per token in any order, or a near-tie (every swapped expert pair, and group pair, \
 within the sum of their score-error bounds), reported apart; topk_weights: matched by expert id, |Δw| ≤ scale·(δs_c/Σs + \

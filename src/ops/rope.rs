@@ -35,8 +35,7 @@ pub static ROPE: OpEntry = OpEntry {
     ],
     reference: rope_ref,
     reference_fn: "reference/src/rope.rs::rope",
-    gpu: None,
-    kernel: None,
+    gpu: &[],
     policy: rope_policy,
     policy_doc: "per element, with (a, b) its pair and φ its angle: F32 |Δ| ≤ (|a|+|b|)·(|φ|·2^-21 + 2^-21); BF16 \
 |Δ| ≤ (|a|+|b|)·(|φ|·2^-21 + 3·2^-9) + 1 bf16 ulp. |φ|·2^-21: f' may differ by 2 f32 ulp between implementations \

@@ -25,8 +25,7 @@ pub static SWIGLU: OpEntry = OpEntry {
     config: &[],
     reference: swiglu_ref,
     reference_fn: "reference/src/mlp.rs::swiglu",
-    gpu: None,
-    kernel: None,
+    gpu: &[],
     policy: swiglu_policy,
     policy_doc: "F32 y: |Δ| ≤ 2^-21·|y| + 2^-100 (exp ≤ 2 ulp, 1 + e, a division and two products: ≤ 8 roundings of \
 2^-24; the 2^-100 covers silu underflowing to ±0 in f32 for gate < −88); BF16 y: ≤ 2 bf16 ulp (torch rounds silu and \
