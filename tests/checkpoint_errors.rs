@@ -69,6 +69,13 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
     std::fs::write(&p, v.to_string()).unwrap();
 }
 
+fn edit_index(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let p = dir.join("model.safetensors.index.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
 /// An edit of config.json.
 type ConfigEdit = Box<dyn Fn(&mut Value)>;
 
@@ -215,10 +222,9 @@ fn missing_shard_and_bad_index_entries_are_named() {
     );
     // the index points a tensor to a file that is not there
     let dir = copy_model(SHARDED, "index_file");
-    let ix = dir.join("model.safetensors.index.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&ix).unwrap()).unwrap();
-    v["weight_map"]["model.norm.weight"] = json!("model-00009-of-00003.safetensors");
-    std::fs::write(&ix, v.to_string()).unwrap();
+    edit_index(&dir, |v| {
+        v["weight_map"]["model.norm.weight"] = json!("model-00009-of-00003.safetensors")
+    });
     refused(
         &dir,
         &[],
@@ -226,10 +232,9 @@ fn missing_shard_and_bad_index_entries_are_named() {
     );
     // the index points a tensor to a shard that does not hold it
     let dir = copy_model(SHARDED, "index_wrong");
-    let ix = dir.join("model.safetensors.index.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&ix).unwrap()).unwrap();
-    v["weight_map"]["model.norm.weight"] = json!("model-00002-of-00003.safetensors");
-    std::fs::write(&ix, v.to_string()).unwrap();
+    edit_index(&dir, |v| {
+        v["weight_map"]["model.norm.weight"] = json!("model-00002-of-00003.safetensors")
+    });
     refused(
         &dir,
         &[],
@@ -268,13 +273,12 @@ fn fp8_scales_are_checked() {
         t.remove(&format!("{w}_scale_inv"));
     });
     refused(&dir, &[], &[&format!("{w}_scale_inv"), "has no tensor"]);
-    let ix = dir.join("model.safetensors.index.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&ix).unwrap()).unwrap();
-    v["weight_map"]
-        .as_object_mut()
-        .unwrap()
-        .remove(&format!("{w}_scale_inv"));
-    std::fs::write(&ix, v.to_string()).unwrap();
+    edit_index(&dir, |v| {
+        v["weight_map"]
+            .as_object_mut()
+            .unwrap()
+            .remove(&format!("{w}_scale_inv"));
+    });
     refused(
         &dir,
         &[],

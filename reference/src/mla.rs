@@ -103,6 +103,16 @@ pub struct Attention {
     pub lse: Array2<f32>,
 }
 
+/// How many of `t_len` keys query `si` of `s_len` sees: all, or with `causal` the keys
+/// `t ≤ t_len − s_len + si` (the queries are the last `s_len` positions).
+pub fn visible_keys(t_len: usize, s_len: usize, si: usize, causal: bool) -> usize {
+    if causal {
+        (t_len + si + 1).saturating_sub(s_len).min(t_len)
+    } else {
+        t_len
+    }
+}
+
 /// `o[s,h] = Σ_t softmax_t(scale · q[s,h]·k[t]) · v[t]`, `lse[h,s] = ln Σ_t exp(scale · q[s,h]·k[t])`.
 ///
 /// V3 eq. (10); FlashMLA `flash_mla_with_kvcache` (absorbed form, one key head) and the dense MHA
@@ -141,12 +151,7 @@ pub fn attention(
     let mut lse = Array2::<f32>::zeros((heads, s_len));
     let mut scores = vec![0f64; t_len];
     for si in 0..s_len {
-        // keys this query sees
-        let visible = if causal {
-            (t_len + si + 1).saturating_sub(s_len).min(t_len)
-        } else {
-            t_len
-        };
+        let visible = visible_keys(t_len, s_len, si, causal);
         for h in 0..heads {
             let kh = if hk == 1 { 0 } else { h };
             if visible == 0 {

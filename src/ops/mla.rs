@@ -13,7 +13,7 @@
 
 use ndarray::{s, Array3, Array4, ArrayView3};
 
-use dsv3_reference::mla::attention;
+use dsv3_reference::mla::{attention, visible_keys};
 
 use super::{float_like, get, half_bf16_ulp, outputs, values_f32, U32};
 use crate::compare::Policy;
@@ -240,11 +240,7 @@ fn row_bounds(
     let t_len = k.dim().0;
     let mut rows = Vec::with_capacity(s_len * h);
     for si in 0..s_len {
-        let visible = if causal {
-            (t_len + si + 1).saturating_sub(s_len).min(t_len)
-        } else {
-            t_len
-        };
+        let visible = visible_keys(t_len, s_len, si, causal);
         for hi in 0..h {
             let kh = if k.dim().1 == 1 { 0 } else { hi };
             let mut qk_abs = 0f64;
