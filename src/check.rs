@@ -187,6 +187,9 @@ pub fn render(report: &CheckReport) -> String {
             "  {}: policy {}; {} differing elements allowed by it\n",
             r.name, r.policy, r.allowed
         );
+        for (reason, n) in &r.allowed_by {
+            out += &format!("  {}: {n} allowed as {reason}\n", r.name);
+        }
         if r.nan_mismatch > 0 {
             out += &format!(
                 "  {}: {} elements are NaN on one side only\n",

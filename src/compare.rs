@@ -5,6 +5,8 @@
 //! error, the ULP distances, DeepGEMM's global similarity `1 − 2Σxy/Σ(x²+y²)` (for orientation
 //! only) and the worst element with its index.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::tensor::{unravel, DType, Tensor};
@@ -26,6 +28,13 @@ pub enum Policy<'a> {
         why: &'static str,
         allow: Box<dyn Fn(usize) -> bool + 'a>,
     },
+    /// Each element that is not bit-identical is judged by `judge(flat index)`: `Some(reason)`
+    /// accepts it and counts it under `reason` in [`TensorReport::allowed_by`] (so that, e.g.,
+    /// routing near-ties are reported apart from rounding differences), `None` is a violation.
+    Judged {
+        why: &'static str,
+        judge: Box<dyn Fn(usize) -> Option<&'static str> + 'a>,
+    },
 }
 
 impl Policy<'_> {
@@ -36,6 +45,7 @@ impl Policy<'_> {
             Policy::Ulps { max, why } => format!("≤ {max} ulp ({why})"),
             Policy::Close { atol, rtol, why } => format!("|Δ| ≤ {atol:e} + {rtol:e}·|ref| ({why})"),
             Policy::ExactUnless { why, .. } => format!("exact, except {why}"),
+            Policy::Judged { why, .. } => why.to_string(),
         }
     }
 }
@@ -63,6 +73,8 @@ pub struct TensorReport {
     pub exact_fraction: f64,
     /// Elements that differ but are within the policy.
     pub allowed: usize,
+    /// The allowed elements by the reason a [`Policy::Judged`] gave (empty for other policies).
+    pub allowed_by: BTreeMap<String, usize>,
     /// Elements outside the policy.
     pub violations: usize,
     /// Elements where exactly one side is NaN.
@@ -103,6 +115,7 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
         exact: 0,
         exact_fraction: 1.0,
         allowed: 0,
+        allowed_by: BTreeMap::new(),
         violations: 0,
         nan_mismatch: 0,
         max_abs: 0.0,
@@ -163,6 +176,13 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
             continue;
         } else {
             match policy {
+                Policy::Judged { judge, .. } => match judge(i) {
+                    Some(reason) => {
+                        *r.allowed_by.entry(reason.to_string()).or_default() += 1;
+                        true
+                    }
+                    None => false,
+                },
                 Policy::Exact => false,
                 Policy::Ulps { max, .. } => ulp <= *max,
                 Policy::Close { atol, rtol, .. } => {

@@ -81,6 +81,10 @@ pub enum Error {
     Gpu(#[from] dsv3_gpu::Error),
     #[error("fixtures: {msg}\nHINT: {hint}")]
     Fixture { msg: String, hint: String },
+    /// A model directory that cannot be loaded: a bad `config.json` field, a missing or
+    /// misshaped tensor, an unsupported dtype, a missing shard. `path` is the file at fault.
+    #[error("{path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
     #[error("{0}")]
     Usage(String),
 }

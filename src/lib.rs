@@ -5,10 +5,12 @@
 //! implementation, tolerance policy, input generator) and judges outputs against it.
 
 pub mod check;
+pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod contract;
 pub mod error;
+pub mod forward;
 pub mod gpu;
 pub mod io;
 pub mod ops;

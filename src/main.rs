@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use dsv3::check::{self, Mode};
 use dsv3::gpu::GpuMode;
 use dsv3::registry;
-use dsv3::{io, verify, Error, Result};
+use dsv3::{forward, io, verify, Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +79,32 @@ enum Command {
         #[arg(long = "size", value_parser = parse_size)]
         sizes: Vec<(String, usize)>,
     },
+    /// Logits of one token sequence (positions 0..T−1) from a model directory in the hub
+    /// layout (config.json + *.safetensors [+ model.safetensors.index.json]).
+    Forward {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Token ids, comma-separated: --tokens 1,2,3
+        #[arg(long)]
+        tokens: String,
+        /// Write `logits` F32 [T, vocab] to this safetensors file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Feed the tokens one at a time through the absorbed MLA and its latent cache.
+        #[arg(long)]
+        decode: bool,
+        /// f32, bf16 (weights and GEMM operands in bf16), or fp8 (FP8 GEMMs; needs fp8_gemm).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
+        /// Load only these layers, e.g. --layers 0 or --layers 0,3-5 (embedding, final norm and
+        /// head are always loaded); the logits are then those of the truncated model.
+        #[arg(long)]
+        layers: Option<String>,
+        /// MLA form of a prefill: naive (per-head K/V) or absorbed (latent cache).
+        #[arg(long, value_enum, default_value = "naive")]
+        attn: AttnArg,
+    },
     /// Time the GPU kernels at DeepSeek-V3 shapes (fp8_gemm TFLOPS, act_quant GB/s beside the
     /// device-to-device copy bandwidth). Prints SKIP without a device.
     GpuBench {
@@ -99,6 +125,19 @@ enum Command {
         #[arg(long)]
         config: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Bf16,
+    Fp8,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AttnArg {
+    Naive,
+    Absorbed,
 }
 
 fn parse_size(s: &str) -> std::result::Result<(String, usize), String> {
@@ -261,6 +300,36 @@ fn run(cli: Cli) -> Result<bool> {
                 println!("{name}: {} {:?}", t.dtype, t.shape);
             }
             println!("wrote {}", out.display());
+            Ok(true)
+        }
+        Command::Forward {
+            model,
+            tokens,
+            out,
+            decode,
+            precision,
+            layers,
+            attn,
+        } => {
+            use dsv3_reference::linear::Precision;
+            use dsv3_reference::model::AttnImpl;
+            let args = forward::ForwardArgs {
+                model,
+                tokens: forward::parse_tokens(&tokens)?,
+                out,
+                decode,
+                precision: match precision {
+                    PrecisionArg::F32 => Precision::F32,
+                    PrecisionArg::Bf16 => Precision::Bf16,
+                    PrecisionArg::Fp8 => Precision::Fp8,
+                },
+                layers: layers.as_deref().map(forward::parse_layers).transpose()?,
+                attn: match attn {
+                    AttnArg::Naive => AttnImpl::Naive,
+                    AttnArg::Absorbed => AttnImpl::Absorbed,
+                },
+            };
+            forward::run(&args, &mut std::io::stderr())?;
             Ok(true)
         }
         Command::GpuBench { require, quick } => gpu_bench(require, quick),

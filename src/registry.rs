@@ -121,6 +121,12 @@ pub static REGISTRY: &[&OpEntry] = &[
     &crate::ops::act_quant::ACT_QUANT_128X1,
     &crate::ops::weight_quant::WEIGHT_QUANT,
     &crate::ops::weight_dequant::WEIGHT_DEQUANT,
+    &crate::ops::rmsnorm::RMSNORM,
+    &crate::ops::rope::ROPE,
+    &crate::ops::swiglu::SWIGLU,
+    &crate::ops::moe_gate::MOE_GATE,
+    &crate::ops::mla::MLA,
+    &crate::ops::mla::MLA_DECODE,
 ];
 
 /// The op called `name`.

@@ -31,4 +31,20 @@ pub enum Error {
         value: String,
         why: String,
     },
+    /// A model configuration that cannot describe a DeepSeek-V3-style model.
+    #[error("model config: `{field}` = {value}: {why}")]
+    Config {
+        field: &'static str,
+        value: String,
+        why: String,
+    },
+    /// An error while computing with one named weight or input (the tensor's checkpoint name).
+    #[error("{tensor}: {source}")]
+    InTensor { tensor: String, source: Box<Error> },
+    /// A computation this build cannot do yet.
+    #[error("{what} is not available yet: {why}")]
+    Unavailable {
+        what: &'static str,
+        why: &'static str,
+    },
 }

@@ -13,13 +13,29 @@
 //! | `N` | output features of a Linear (rows of a weight `[N, K]`) |
 //! | `K` | input features / GEMM reduction dimension |
 //! | `B` | quantization block size (128 in DeepSeek-V3) |
+//! | `S` | new tokens of one sequence; `T` keys attended (cache length) |
+//! | `D` | model width (`hidden_size`, 7168) |
+//! | `H` | attention heads (128); `dn`/`dr`/`dv` nope/rope/value head dims, `dc` = `kv_lora_rank` |
+//! | `E` | routed experts (256); `I` an FFN's intermediate width |
 //!
 //! # Modules
 //! - [`fp8`]: FP8 formats (E4M3, E5M2, UE8M0, E5M6), 1×128 / 128×1 / 128×128 tile quantization.
 //! - [`numeric`]: BF16 rounding and ULP helpers shared by every module.
+//! - [`norm`]: RMSNorm. [`rope`]: RoPE on interleaved pairs and YaRN.
+//! - [`linear`]: Linear layers over stored (F32/BF16/FP8) weights, and [`linear::Precision`].
+//! - [`mlp`]: SwiGLU. [`mla`]: Multi-head Latent Attention (naive and absorbed).
+//! - [`moe`]: the router ([`moe::gate`]) and the expert mixture.
+//! - [`model`]: decoder blocks, the model, the latent caches, the MTP module's weights.
 
 pub mod error;
 pub mod fp8;
+pub mod linear;
+pub mod mla;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod norm;
 pub mod numeric;
+pub mod rope;
 
 pub use error::{Error, Result};

@@ -3,7 +3,12 @@
 
 pub mod act_quant;
 pub mod fp8_cast;
+pub mod mla;
+pub mod moe_gate;
 mod quant_policy;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
 pub mod weight_dequant;
 pub mod weight_quant;
 
@@ -136,3 +141,43 @@ pub(crate) fn float_input(rng: &mut Rng, shape: Vec<usize>, values: &[f32]) -> T
         Tensor::from_bf16(shape, &b)
     }
 }
+
+/// Values computed in f32 as a tensor of `dtype` (F32, or BF16 by RNE): the reference's output
+/// in the dtype of the op's input.
+pub(crate) fn float_like(dtype: DType, shape: Vec<usize>, values: &[f32]) -> Tensor {
+    match dtype {
+        DType::BF16 => Tensor::from_bf16(
+            shape,
+            &values
+                .iter()
+                .map(|&v| dsv3_reference::numeric::round_to_bf16(v))
+                .collect::<Vec<_>>(),
+        ),
+        _ => Tensor::from_f32(shape, values),
+    }
+}
+
+/// An I64 tensor.
+pub(crate) fn i64_tensor(shape: Vec<usize>, values: &[i64]) -> Tensor {
+    Tensor::from_bytes(
+        DType::I64,
+        shape,
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+    .expect("one value per element")
+}
+
+/// Floating values of any shape, widened exactly to f32.
+pub(crate) fn values_f32(t: &Tensor) -> Vec<f32> {
+    t.to_f32()
+        .expect("contract allows only floating dtypes here")
+}
+
+/// Half the spacing of bf16 values at `|x|` (the largest error of one bf16 rounding).
+pub(crate) fn half_bf16_ulp(x: f64) -> f64 {
+    let a = x.abs().max(f64::from(f32::MIN_POSITIVE));
+    2f64.powi(a.log2().floor() as i32 - 8)
+}
+
+/// f32 unit roundoff 2^-24.
+pub(crate) const U32: f64 = 1.0 / 16_777_216.0;

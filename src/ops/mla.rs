@@ -1,0 +1,420 @@
+//! `mla` (prefill attention of the naive MLA form: per-head q, k with `D_qk = nope + rope`, v with
+//! `D_v`) and `mla_decode` (the absorbed form against a paged latent cache: FlashMLA's
+//! `flash_mla_with_kvcache` contract).
+//!
+//! Tolerance (both ops, per query row `(b, s, h)`; candidate computing in f32, any order):
+//! scores `σ_t = scale·q·k_t` are off by at most `δσ = scale·D_qk·2^-24·max_t Σ_d |q_d k_td|`
+//! (γ_D, worst-case summation); the softmax weights then by a factor `exp(±2δσ)` and the
+//! normalisation and the value sum add `(T + 4)·2^-24` relative. So
+//! `|Δout| ≤ V·(2δσ + (T + 4)·2^-24)` with `V = max_t |v_t|` over the visible keys, and
+//! `|Δlse| ≤ δσ + (T + 2)·2^-24 + 2^-24|lse|`. With BF16 inputs the output is BF16: add
+//! `2^-8·V` (FlashMLA rounds the probabilities to bf16 for the P·V product) and one bf16 ulp of
+//! the output.
+
+use ndarray::{s, Array3, Array4, ArrayView3};
+
+use dsv3_reference::mla::{attention, visible_keys};
+
+use super::{float_like, get, half_bf16_ulp, outputs, values_f32, U32};
+use crate::compare::Policy;
+use crate::config::{Config, ConfigField, FieldKind};
+use crate::contract::{Dim, TensorSpec};
+use crate::error::{Error, Result};
+use crate::io::TensorMap;
+use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+
+const SOFTMAX_SCALE: ConfigField = ConfigField {
+    name: "softmax_scale",
+    kind: FieldKind::PositiveFloat,
+    default: "0.1352337788608801",
+    doc: "V3: 192^-1/2 · (0.1·ln 40 + 1)² (the absorbed form keeps the 192-dim scale)",
+};
+const CAUSAL: ConfigField = ConfigField {
+    name: "causal",
+    kind: FieldKind::Bool,
+    default: "true",
+    doc: "query s of S_q sees keys t ≤ T − S_q + s (the queries are the last positions)",
+};
+const POLICY_DOC: &str = "per query row: |Δout| ≤ V·(2δσ + (T+4)·2^-24) [+ 2^-8·V + 1 bf16 ulp for BF16], \
+|Δlse| ≤ δσ + (T+2)·2^-24 + 2^-24|lse|, δσ = scale·D·2^-24·max_t Σ|q k_t|, V = max visible |v| (module doc of \
+src/ops/mla.rs); ±inf and NaN must match";
+
+pub static MLA: OpEntry = OpEntry {
+    name: "mla",
+    source: "V3 eq. (10) with eqs. (4), (9) (naive MLA: per-head keys [k^C; k^R]); OFF MLA attn_impl=\"naive\"; \
+HF eager_attention_forward; FlashMLA dense MHA prefill (d_qk 192, d_v 128)",
+    summary: "out[b,s,h] = Σ_t softmax_t(scale·q[b,s,h]·k[b,t,h]) v[b,t,h], lse[b,h,s] = ln Σ_t exp(scale·q·k); \
+causal: t ≤ S_k − S_q + s; a query without keys: out 0, lse +inf",
+    inputs: &[
+        TensorSpec { name: "q", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("B"), Dim::Var("Sq"), Dim::Var("H"), Dim::Var("Dqk")], doc: "[q^C | q^R] per head" },
+        TensorSpec { name: "k", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("B"), Dim::Var("Sk"), Dim::Var("H"), Dim::Var("Dqk")], doc: "[k^C | k^R] per head" },
+        TensorSpec { name: "v", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("B"), Dim::Var("Sk"), Dim::Var("H"), Dim::Var("Dv")], doc: "v^C per head" },
+    ],
+    outputs: &[
+        TensorSpec { name: "out", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("B"), Dim::Var("Sq"), Dim::Var("H"), Dim::Var("Dv")], doc: "dtype of q" },
+        TensorSpec { name: "lse", dtypes: &[DType::F32], shape: &[Dim::Var("B"), Dim::Var("H"), Dim::Var("Sq")], doc: "natural-log log-sum-exp of the scaled scores" },
+    ],
+    constraints: &[],
+    config: &[SOFTMAX_SCALE, CAUSAL],
+    reference: mla_ref,
+    reference_fn: "reference/src/mla.rs::attention",
+    gpu: &[],
+    policy: mla_policy,
+    policy_doc: POLICY_DOC,
+    generate: mla_gen,
+    test_configs: &[r#"{"causal":false}"#, r#"{"softmax_scale":0.5}"#],
+    v3_sizes: &[&[("B", 1), ("Sq", 64), ("Sk", 64), ("H", 128), ("Dqk", 192), ("Dv", 128)]],
+};
+
+pub static MLA_DECODE: OpEntry = OpEntry {
+    name: "mla_decode",
+    source: "V3 eq. (10) in the absorbed form (V2 App. C): one shared latent key/value head; OFF MLA attn_impl=\"absorb\"; \
+FlashMLA flash_mla_with_kvcache (tests/ref.py)",
+    summary: "per sequence b: keys t < cache_seqlens[b] read from k_cache[block_table[b, t/64], t%64, 0, :]; \
+out = softmax(scale·q·kᵀ)·k[:, :512], lse natural log; causal (s_q > 1, MTP): t ≤ len − s_q + s; no keys: out 0, lse +inf",
+    inputs: &[
+        TensorSpec { name: "q", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("B"), Dim::Var("Sq"), Dim::Var("H"), Dim::Fixed(576)], doc: "[q_abs (512) | q_pe (64)]" },
+        TensorSpec { name: "k_cache", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("NB"), Dim::Fixed(64), Dim::Fixed(1), Dim::Fixed(576)], doc: "paged [c_kv (512) | k_pe (64)], 64 tokens per block" },
+        TensorSpec { name: "block_table", dtypes: &[DType::I32], shape: &[Dim::Var("B"), Dim::Var("MB")], doc: "block of each 64-token page per sequence (unused entries are not read)" },
+        TensorSpec { name: "cache_seqlens", dtypes: &[DType::I32], shape: &[Dim::Var("B")], doc: "tokens in each sequence's cache (the new ones included)" },
+    ],
+    outputs: &[
+        TensorSpec { name: "out", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("B"), Dim::Var("Sq"), Dim::Var("H"), Dim::Fixed(512)], doc: "latent output (dtype of q)" },
+        TensorSpec { name: "lse", dtypes: &[DType::F32], shape: &[Dim::Var("B"), Dim::Var("H"), Dim::Var("Sq")], doc: "natural-log log-sum-exp" },
+    ],
+    constraints: &[],
+    config: &[SOFTMAX_SCALE, CAUSAL],
+    reference: mla_decode_ref,
+    reference_fn: "reference/src/mla.rs::attention",
+    gpu: &[],
+    policy: mla_decode_policy,
+    policy_doc: POLICY_DOC,
+    generate: mla_decode_gen,
+    test_configs: &[r#"{"causal":false}"#],
+    v3_sizes: &[&[("B", 2), ("Sq", 1), ("H", 128)], &[("B", 1), ("Sq", 2), ("H", 128)]],
+};
+
+/// FlashMLA's page size and the latent/value widths.
+const PAGE: usize = 64;
+const D_QK: usize = 576;
+const D_V: usize = 512;
+
+fn array4(t: &Tensor) -> Array4<f32> {
+    let s = &t.shape;
+    Array4::from_shape_vec((s[0], s[1], s[2], s[3]), values_f32(t)).expect("validated rank 4")
+}
+
+/// Keys (and values) of every batch entry as `[T, Hk, D]` arrays, with the queries `[S, H, D]`.
+struct Batch {
+    q: Vec<Array3<f32>>,
+    k: Vec<Array3<f32>>,
+    /// The values: `k[.., .., ..dv]` for the latent form, separate for `mla`.
+    v: Vec<Array3<f32>>,
+}
+
+fn mla_batch(inputs: &TensorMap) -> Batch {
+    let (q, k, v) = (
+        array4(get(inputs, "q")),
+        array4(get(inputs, "k")),
+        array4(get(inputs, "v")),
+    );
+    let b = q.shape()[0];
+    Batch {
+        q: (0..b)
+            .map(|i| q.slice(s![i, .., .., ..]).to_owned())
+            .collect(),
+        k: (0..b)
+            .map(|i| k.slice(s![i, .., .., ..]).to_owned())
+            .collect(),
+        v: (0..b)
+            .map(|i| v.slice(s![i, .., .., ..]).to_owned())
+            .collect(),
+    }
+}
+
+fn decode_error(
+    tensor: &'static str,
+    index: Vec<usize>,
+    value: String,
+    why: &'static str,
+) -> Error {
+    Error::Reference(dsv3_reference::Error::Value {
+        op: "mla_decode",
+        tensor,
+        index,
+        value,
+        why,
+    })
+}
+
+/// Gather each sequence's keys from the paged cache (FlashMLA layout), checking the block table
+/// entries that are read.
+fn decode_batch(inputs: &TensorMap) -> Result<Batch> {
+    let q = array4(get(inputs, "q"));
+    let cache = array4(get(inputs, "k_cache"));
+    let table = get(inputs, "block_table");
+    let lens = get(inputs, "cache_seqlens");
+    let (b, max_blocks) = (table.shape[0], table.shape[1]);
+    let n_blocks = cache.shape()[0];
+    let mut batch = Batch {
+        q: Vec::new(),
+        k: Vec::new(),
+        v: Vec::new(),
+    };
+    for bi in 0..b {
+        let len = lens.value(bi);
+        if len < 0.0 || len as usize > max_blocks * PAGE {
+            return Err(decode_error(
+                "cache_seqlens",
+                vec![bi],
+                len.to_string(),
+                "must be in 0..=64·(block_table columns)",
+            ));
+        }
+        let len = len as usize;
+        let mut kv = Array3::<f32>::zeros((len, 1, D_QK));
+        for t in 0..len {
+            let blk = table.value(bi * max_blocks + t / PAGE);
+            if blk < 0.0 || blk as usize >= n_blocks {
+                return Err(decode_error(
+                    "block_table",
+                    vec![bi, t / PAGE],
+                    blk.to_string(),
+                    "a block the sequence reads must index k_cache",
+                ));
+            }
+            kv.slice_mut(s![t, 0, ..])
+                .assign(&cache.slice(s![blk as usize, t % PAGE, 0, ..]));
+        }
+        batch.q.push(q.slice(s![bi, .., .., ..]).to_owned());
+        batch.v.push(kv.slice(s![.., .., ..D_V]).to_owned());
+        batch.k.push(kv);
+    }
+    Ok(batch)
+}
+
+/// Run the attention core per batch entry: `out [B, S, H, Dv]` (dtype of q), `lse [B, H, S]`.
+fn run(batch: &Batch, q_dtype: DType, dv: usize, cfg: &Config) -> Result<TensorMap> {
+    let b = batch.q.len();
+    let (s_len, h, _) = batch.q.first().map_or((0, 0, 0), |q| q.dim());
+    let mut out = Vec::with_capacity(b * s_len * h * dv);
+    let mut lse = Vec::with_capacity(b * h * s_len);
+    for i in 0..b {
+        let a = attention(
+            batch.q[i].view(),
+            batch.k[i].view(),
+            batch.v[i].view(),
+            cfg.f64("softmax_scale"),
+            cfg.bool("causal"),
+        )?;
+        out.extend(a.out.iter().copied());
+        lse.extend(a.lse.iter().copied());
+    }
+    Ok(outputs([
+        ("out", float_like(q_dtype, vec![b, s_len, h, dv], &out)),
+        ("lse", Tensor::from_f32(vec![b, h, s_len], &lse)),
+    ]))
+}
+
+fn mla_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let q = get(inputs, "q");
+    run(&mla_batch(inputs), q.dtype, get(inputs, "v").shape[3], cfg)
+}
+
+fn mla_decode_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    run(&decode_batch(inputs)?, get(inputs, "q").dtype, D_V, cfg)
+}
+
+/// Per query row `(b, s, h)`: the output and lse bounds of the module doc.
+fn row_bounds(
+    q: ArrayView3<f32>,
+    k: ArrayView3<f32>,
+    v: ArrayView3<f32>,
+    scale: f64,
+    causal: bool,
+    bf16: bool,
+) -> Vec<(f64, f64)> {
+    let (s_len, h, d) = q.dim();
+    let t_len = k.dim().0;
+    let mut rows = Vec::with_capacity(s_len * h);
+    for si in 0..s_len {
+        let visible = visible_keys(t_len, s_len, si, causal);
+        for hi in 0..h {
+            let kh = if k.dim().1 == 1 { 0 } else { hi };
+            let mut qk_abs = 0f64;
+            let mut vmax = 0f64;
+            for t in 0..visible {
+                let a: f64 = (0..d)
+                    .map(|c| (f64::from(q[[si, hi, c]]) * f64::from(k[[t, kh, c]])).abs())
+                    .sum();
+                qk_abs = qk_abs.max(a);
+                for c in 0..v.dim().2 {
+                    vmax = vmax.max(f64::from(v[[t, kh, c]].abs()));
+                }
+            }
+            let dsig = scale * d as f64 * U32 * qk_abs;
+            let mut out_tol = vmax * (2.0 * dsig + (visible as f64 + 4.0) * U32);
+            if bf16 {
+                out_tol += 2f64.powi(-8) * vmax;
+            }
+            let lse_tol = dsig + (visible as f64 + 2.0) * U32;
+            rows.push((out_tol, lse_tol));
+        }
+    }
+    rows
+}
+
+fn attention_policy<'a>(ctx: &PolicyCtx<'a>, batch: Option<Batch>) -> Policy<'a> {
+    let bf16 = get(ctx.inputs, "q").dtype == DType::BF16;
+    let (scale, causal) = (ctx.config.f64("softmax_scale"), ctx.config.bool("causal"));
+    let batch = batch.unwrap_or(Batch {
+        q: vec![],
+        k: vec![],
+        v: vec![],
+    });
+    // bounds[b][s·H + h]
+    let bounds: Vec<Vec<(f64, f64)>> = (0..batch.q.len())
+        .map(|i| {
+            row_bounds(
+                batch.q[i].view(),
+                batch.k[i].view(),
+                batch.v[i].view(),
+                scale,
+                causal,
+                bf16,
+            )
+        })
+        .collect();
+    let (s_len, h) = batch.q.first().map_or((0, 0), |q| (q.dim().0, q.dim().1));
+    let got = get(ctx.candidate, ctx.output);
+    let want = get(ctx.reference, ctx.output);
+    let is_out = ctx.output == "out";
+    let dv = want.shape.last().copied().unwrap_or(1);
+    Policy::Judged {
+        why: "within the softmax-attention error bound of its query row (SPEC.md)",
+        judge: Box::new(move |i| {
+            let (g, w) = (got.value(i), want.value(i));
+            if !(g.is_finite() && w.is_finite()) {
+                return None;
+            }
+            let tol = if is_out {
+                // out [B, S, H, Dv]: row (b, s·H + h)
+                let r = i / dv;
+                let (b, sh) = (r / (s_len * h), r % (s_len * h));
+                bounds.get(b)?.get(sh)?.0 + if bf16 { 2.0 * half_bf16_ulp(w) } else { 0.0 }
+            } else {
+                // lse [B, H, S]
+                let (b, hs) = (i / (h * s_len), i % (h * s_len));
+                let (hi, si) = (hs / s_len, hs % s_len);
+                bounds.get(b)?.get(si * h + hi)?.1 + U32 * w.abs()
+            };
+            ((g - w).abs() <= tol).then_some("within the attention error bound")
+        }),
+    }
+}
+
+fn mla_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
+    attention_policy(ctx, Some(mla_batch(ctx.inputs)))
+}
+
+fn mla_decode_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
+    attention_policy(ctx, decode_batch(ctx.inputs).ok())
+}
+
+fn normal_input(rng: &mut Rng, shape: Vec<usize>, scale: f64, bf16: bool) -> Tensor {
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
+    float_like(if bf16 { DType::BF16 } else { DType::F32 }, shape, &v)
+}
+
+fn mla_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let size = |rng: &mut Rng, name, lo, hi| {
+        sizes
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| rng.range(lo, hi))
+    };
+    let b = size(rng, "B", 1, 2);
+    let sq = size(rng, "Sq", 1, 5);
+    let sk = sizes
+        .get("Sk")
+        .copied()
+        .unwrap_or_else(|| sq + rng.range(0, 4));
+    let h = size(rng, "H", 1, 3);
+    let dqk = size(rng, "Dqk", 1, 24);
+    let dv = size(rng, "Dv", 1, 16);
+    let bf16 = rng.chance(0.4);
+    outputs([
+        ("q", normal_input(rng, vec![b, sq, h, dqk], 1.5, bf16)),
+        ("k", normal_input(rng, vec![b, sk, h, dqk], 1.5, bf16)),
+        ("v", normal_input(rng, vec![b, sk, h, dv], 1.0, bf16)),
+    ])
+}
+
+fn mla_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let b = sizes.get("B").copied().unwrap_or_else(|| rng.range(1, 2));
+    let sq = sizes.get("Sq").copied().unwrap_or_else(|| rng.range(1, 2));
+    let h = sizes.get("H").copied().unwrap_or_else(|| rng.range(1, 4));
+    let lens: Vec<usize> = (0..b)
+        .map(|_| {
+            if rng.chance(0.1) {
+                0
+            } else {
+                rng.range(1, 150)
+            }
+        })
+        .collect();
+    let pages: Vec<usize> = lens.iter().map(|l| l.div_ceil(PAGE)).collect();
+    let max_blocks = pages.iter().copied().max().unwrap_or(0) + 1;
+    let n_blocks = pages.iter().sum::<usize>() + 1;
+    // a random permutation of the blocks
+    let mut order: Vec<usize> = (0..n_blocks).collect();
+    for i in (1..n_blocks).rev() {
+        order.swap(i, rng.range(0, i));
+    }
+    let bf16 = rng.chance(0.5);
+    let mut cache: Vec<f32> = (0..n_blocks * PAGE * D_QK)
+        .map(|_| (rng.normal() * 0.5) as f32)
+        .collect();
+    // FlashMLA's poison: unused table entries point far outside, NaN past each sequence's end
+    let mut table = vec![2_147_480_000i32; b * max_blocks];
+    let mut next = 0;
+    for bi in 0..b {
+        for p in 0..pages[bi] {
+            table[bi * max_blocks + p] = order[next] as i32;
+            next += 1;
+        }
+        if pages[bi] > 0 {
+            let last = order[next - 1];
+            for t in lens[bi] - (pages[bi] - 1) * PAGE..PAGE {
+                for c in 0..D_QK {
+                    cache[(last * PAGE + t) * D_QK + c] = f32::NAN;
+                }
+            }
+        }
+    }
+    let int32 = |shape: Vec<usize>, v: &[i32]| {
+        Tensor::from_bytes(
+            DType::I32,
+            shape,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
+        .expect("one value per element")
+    };
+    let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    outputs([
+        ("q", normal_input(rng, vec![b, sq, h, D_QK], 0.5, bf16)),
+        (
+            "k_cache",
+            float_like(
+                if bf16 { DType::BF16 } else { DType::F32 },
+                vec![n_blocks, PAGE, 1, D_QK],
+                &cache,
+            ),
+        ),
+        ("block_table", int32(vec![b, max_blocks], &table)),
+        ("cache_seqlens", int32(vec![b], &lens_i32)),
+    ])
+}

@@ -1,0 +1,305 @@
+//! `moe_gate`: the router of a MoE layer, `x` → `top_k` experts and gate weights per token.
+//!
+//! Expert ids are compared as sets per token (transformers' `topk(sorted=False)` returns them in
+//! any order). A token whose set differs is accepted only as a **near-tie**: every swapped pair
+//! of experts (and, when groups differ, of groups) has selection scores within the sum of their
+//! error bounds; such tokens are counted apart (`allowed as near-tie`) and their weights are not
+//! compared. Bounds per expert e (f64 reference, candidate in f32 or bf16):
+//! `δu_e = D·2^-24·Σ_i|x_i w_ei| + ρ|u_e|` (any summation order; ρ = 2^-9 with BF16 inputs, for
+//! a bf16 GEMM output, 2^-24 otherwise), `δs_e = s_e(1−s_e)·δu_e + 2ρ' s_e` (sigmoid) or
+//! `s_e·(δu_e + max_j δu_j) + 2ρ' s_e` (softmax), ρ' = 2^-9 (bf16) or 2^-24, and
+//! `δb_e = δs_e + 2^-24|b_e|` for the biased score.
+
+use std::collections::BTreeSet;
+
+use ndarray::Array2;
+
+use dsv3_reference::linear::{linear, Linear, Precision, Weight};
+use dsv3_reference::moe::gate::{route, token_scores, GateConfig, ScoringFunc, TopkMethod};
+
+use super::{float_input, get, i64_tensor, matrix_f32, outputs, values_f32, U32};
+use crate::compare::Policy;
+use crate::config::{Config, ConfigField, FieldKind};
+use crate::contract::{Constraint, Dim, TensorSpec};
+use crate::error::Result;
+use crate::io::TensorMap;
+use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+
+pub static MOE_GATE: OpEntry = OpEntry {
+    name: "moe_gate",
+    source: "V3 eqs. (13)-(16), §2.1.2 node-limited routing; OFF Gate.forward; HF DeepseekV3TopkRouter",
+    summary: "u = x·Wᵀ; s = σ(u) | softmax(u); b = s + bias (noaux_tc); groups by top-2 sum (noaux_tc) or max, keep \
+topk_group, others −inf; ids = top_k(b); w = s[ids] (/Σ if norm_topk_prob) · routed_scaling_factor",
+    inputs: &[
+        TensorSpec { name: "x", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("N"), Dim::Var("D")], doc: "FFN input (after post_attention_layernorm)" },
+        TensorSpec { name: "weight", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("E"), Dim::Var("D")], doc: "expert centroids (mlp.gate.weight)" },
+        TensorSpec { name: "e_score_correction_bias", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("E")], doc: "selection bias (used by noaux_tc only)" },
+    ],
+    outputs: &[
+        TensorSpec { name: "topk_weights", dtypes: &[DType::F32], shape: &[Dim::Var("N"), Dim::Field("top_k")], doc: "gate weights, by descending selection score" },
+        TensorSpec { name: "topk_ids", dtypes: &[DType::I64], shape: &[Dim::Var("N"), Dim::Field("top_k")], doc: "expert indices (compared as sets per token)" },
+    ],
+    constraints: &[Constraint::MultipleOf("E", "n_group")],
+    config: &[
+        ConfigField { name: "top_k", kind: FieldKind::PositiveInt, default: "8", doc: "num_experts_per_tok" },
+        ConfigField { name: "n_group", kind: FieldKind::PositiveInt, default: "8", doc: "expert groups (nodes)" },
+        ConfigField { name: "topk_group", kind: FieldKind::PositiveInt, default: "4", doc: "groups kept per token" },
+        ConfigField { name: "scoring_func", kind: FieldKind::Choice { values: &["sigmoid", "softmax"], nullable: false }, default: "\"sigmoid\"", doc: "affinity" },
+        ConfigField { name: "topk_method", kind: FieldKind::Choice { values: &["noaux_tc", "greedy", "group_limited_greedy"], nullable: false }, default: "\"noaux_tc\"", doc: "noaux_tc: bias + top-2-sum groups (V3); greedy: no groups; group_limited_greedy: max groups, no bias" },
+        ConfigField { name: "norm_topk_prob", kind: FieldKind::Bool, default: "true", doc: "normalise the selected weights to sum 1" },
+        ConfigField { name: "routed_scaling_factor", kind: FieldKind::PositiveFloat, default: "2.5", doc: "weight multiplier" },
+    ],
+    reference: moe_gate_ref,
+    reference_fn: "reference/src/moe/gate.rs::route",
+    gpu: &[],
+    policy: moe_gate_policy,
+    policy_doc: "topk_ids: the same set per token in any order, or a near-tie (every swapped expert pair, and group pair, \
+within the sum of their score-error bounds), reported apart; topk_weights: matched by expert id, |Δw| ≤ scale·(δs_c/Σs + \
+s_c·Σδs/Σs²) (normalised) or scale·δs_c, plus 4·2^-24|w| (2^-8|w| with BF16 inputs); not compared on near-tie tokens. \
+Score bounds δs: module doc of src/ops/moe_gate.rs and SPEC.md",
+    generate: moe_gate_gen,
+    test_configs: &[
+        r#"{"n_group":1,"topk_group":1,"top_k":4,"norm_topk_prob":false,"routed_scaling_factor":1.0}"#,
+        r#"{"scoring_func":"softmax","topk_method":"greedy","top_k":6,"norm_topk_prob":false,"routed_scaling_factor":1.0}"#,
+        r#"{"scoring_func":"softmax","topk_method":"group_limited_greedy","n_group":8,"topk_group":3,"top_k":6,"norm_topk_prob":false,"routed_scaling_factor":16.0}"#,
+        r#"{"topk_method":"group_limited_greedy","n_group":4,"topk_group":2,"top_k":4}"#,
+        r#"{"top_k":1,"n_group":2,"topk_group":1}"#,
+    ],
+    v3_sizes: &[&[("N", 4), ("D", 7168), ("E", 256)]],
+};
+
+pub(crate) fn gate_config(cfg: &Config) -> GateConfig {
+    GateConfig {
+        top_k: cfg.usize("top_k"),
+        n_group: cfg.usize("n_group"),
+        topk_group: cfg.usize("topk_group"),
+        scoring_func: match cfg.choice("scoring_func") {
+            Some("softmax") => ScoringFunc::Softmax,
+            _ => ScoringFunc::Sigmoid,
+        },
+        topk_method: match cfg.choice("topk_method") {
+            Some("greedy") => TopkMethod::Greedy,
+            Some("group_limited_greedy") => TopkMethod::GroupLimitedGreedy,
+            _ => TopkMethod::NoauxTc,
+        },
+        norm_topk_prob: cfg.bool("norm_topk_prob"),
+        routed_scaling_factor: cfg.f64("routed_scaling_factor"),
+    }
+}
+
+fn logits(inputs: &TensorMap) -> Result<Array2<f32>> {
+    let w = Linear::new(Weight::from_values(
+        "weight",
+        matrix_f32(get(inputs, "weight")),
+    ));
+    Ok(linear(
+        matrix_f32(get(inputs, "x")).view(),
+        &w,
+        Precision::F32,
+    )?)
+}
+
+fn moe_gate_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let u = logits(inputs)?;
+    let bias = values_f32(get(inputs, "e_score_correction_bias"));
+    let r = route(u.view(), Some(&bias), &gate_config(cfg))?;
+    let (n, k) = r.ids.dim();
+    let ids: Vec<i64> = r.ids.iter().map(|&i| i as i64).collect();
+    let w: Vec<f32> = r.weights.iter().copied().collect();
+    Ok(outputs([
+        ("topk_weights", Tensor::from_f32(vec![n, k], &w)),
+        ("topk_ids", i64_tensor(vec![n, k], &ids)),
+    ]))
+}
+
+/// Per token: whether the candidate's expert set differs from the reference's but only by a
+/// near-tie, and the tolerance of each candidate weight slot (`None`: no comparable weight).
+struct TokenVerdict {
+    near_tie: bool,
+    weight_tol: Vec<Option<(f64, f64)>>, // (reference weight, tolerance) per candidate slot
+}
+
+fn judge_tokens(ctx: &PolicyCtx) -> Option<Vec<TokenVerdict>> {
+    let cfg = gate_config(ctx.config);
+    let x = matrix_f32(get(ctx.inputs, "x"));
+    let w = matrix_f32(get(ctx.inputs, "weight"));
+    let bias = values_f32(get(ctx.inputs, "e_score_correction_bias"));
+    let bf16 = [get(ctx.inputs, "x"), get(ctx.inputs, "weight")]
+        .iter()
+        .any(|t| t.dtype == DType::BF16);
+    let (rho, rho_s) = if bf16 {
+        (2f64.powi(-9), 2f64.powi(-9))
+    } else {
+        (U32, U32)
+    };
+    let u = logits(ctx.inputs).ok()?;
+    let (n_len, d) = x.dim();
+    let e_len = w.nrows();
+    let k = cfg.top_k;
+    let ref_ids = get(ctx.reference, "topk_ids");
+    let ref_w = values_f32(get(ctx.reference, "topk_weights"));
+    let cand_ids = get(ctx.candidate, "topk_ids");
+    let scale = cfg.routed_scaling_factor;
+    let mut out = Vec::with_capacity(n_len);
+    for n in 0..n_len {
+        let urow: Vec<f32> = u.row(n).to_vec();
+        let sc = token_scores(&urow, Some(&bias), &cfg).ok()?;
+        // step 1: error bounds of logits, affinities and selection scores
+        let du: Vec<f64> = (0..e_len)
+            .map(|e| {
+                let a: f64 = (0..d)
+                    .map(|i| (f64::from(x[[n, i]]) * f64::from(w[[e, i]])).abs())
+                    .sum();
+                d as f64 * U32 * a + rho * f64::from(urow[e]).abs()
+            })
+            .collect();
+        let du_max = du.iter().fold(0f64, |m, &v| m.max(v));
+        let ds: Vec<f64> = (0..e_len)
+            .map(|e| {
+                let s = sc.affinity[e];
+                let prop = match cfg.scoring_func {
+                    ScoringFunc::Sigmoid => s * (1.0 - s) * du[e],
+                    ScoringFunc::Softmax => s * (du[e] + du_max),
+                };
+                prop + 2.0 * rho_s * s
+            })
+            .collect();
+        let biased: Vec<f64> = (0..e_len)
+            .map(|e| {
+                sc.affinity[e]
+                    + if cfg.topk_method == TopkMethod::NoauxTc {
+                        f64::from(bias[e])
+                    } else {
+                        0.0
+                    }
+            })
+            .collect();
+        let db: Vec<f64> = (0..e_len).map(|e| ds[e] + U32 * biased[e].abs()).collect();
+        // step 2: the two sets
+        let r_set: Vec<usize> = (0..k).map(|j| ref_ids.value(n * k + j) as usize).collect();
+        let c_raw: Vec<f64> = (0..k).map(|j| cand_ids.value(n * k + j)).collect();
+        let valid = c_raw
+            .iter()
+            .all(|&c| c >= 0.0 && c < e_len as f64 && c.fract() == 0.0);
+        let c_set: BTreeSet<usize> = c_raw.iter().map(|&c| c as usize).collect();
+        let r_sorted: BTreeSet<usize> = r_set.iter().copied().collect();
+        if !valid || c_set.len() != k {
+            out.push(TokenVerdict {
+                near_tie: false,
+                weight_tol: vec![None; k],
+            });
+            continue;
+        }
+        if c_set != r_sorted {
+            // step 3: near-tie? every swapped pair within the sum of its bounds
+            let per = e_len / cfg.n_group.max(1);
+            let group_bound =
+                |g: usize| 2.0 * (g * per..(g + 1) * per).fold(0f64, |m, e| m.max(db[e]));
+            let kept_min = sc
+                .kept_groups
+                .iter()
+                .map(|&g| (sc.groups[g], g))
+                .fold((f64::INFINITY, 0), |m, v| if v.0 < m.0 { v } else { m });
+            let mut near = true;
+            for &c in c_set.difference(&r_sorted) {
+                for &r in r_sorted.difference(&c_set) {
+                    near &= biased[c] + db[c] >= biased[r] - db[r];
+                }
+                if cfg.grouped() && !sc.kept_groups.contains(&(c / per)) {
+                    let g = c / per;
+                    near &= sc.groups[g] + group_bound(g) >= kept_min.0 - group_bound(kept_min.1);
+                }
+            }
+            out.push(TokenVerdict {
+                near_tie: near,
+                weight_tol: vec![None; k],
+            });
+            continue;
+        }
+        // step 4: weight tolerances, matched by expert id
+        let sum: f64 = r_set.iter().map(|&e| sc.affinity[e]).sum();
+        let sum_ds: f64 = r_set.iter().map(|&e| ds[e]).sum();
+        let eps_w = if bf16 { 2f64.powi(-8) } else { 4.0 * U32 };
+        let tol = c_raw
+            .iter()
+            .map(|&c| {
+                let c = c as usize;
+                let pos = r_set.iter().position(|&r| r == c)?;
+                let want = f64::from(ref_w[n * k + pos]);
+                let t = if cfg.norm_topk_prob {
+                    scale * (ds[c] / sum + sc.affinity[c] * sum_ds / (sum * sum))
+                } else {
+                    scale * ds[c]
+                };
+                Some((want, t + eps_w * want.abs()))
+            })
+            .collect();
+        out.push(TokenVerdict {
+            near_tie: false,
+            weight_tol: tol,
+        });
+    }
+    Some(out)
+}
+
+fn moe_gate_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
+    let k = ctx.config.usize("top_k");
+    let verdicts = judge_tokens(ctx).unwrap_or_default();
+    let got = get(ctx.candidate, "topk_weights");
+    let is_ids = ctx.output == "topk_ids";
+    Policy::Judged {
+        why: "ids as sets per token (near-ties apart); weights matched by expert id within the score-error bound",
+        judge: Box::new(move |i| {
+            let v = verdicts.get(i / k)?;
+            if v.near_tie {
+                return Some("near-tie");
+            }
+            let (want, tol) = v.weight_tol[i % k]?;
+            if is_ids {
+                return Some("same expert set, another order");
+            }
+            let g = got.value(i);
+            (g.is_finite() && (g - want).abs() <= tol).then_some("within the score-error bound")
+        }),
+    }
+}
+
+fn moe_gate_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let g = gate_config(cfg);
+    let groups = g.n_group;
+    let per = if g.grouped() {
+        let need = g.top_k.div_ceil(g.topk_group);
+        need.max(if g.topk_method == TopkMethod::NoauxTc {
+            2
+        } else {
+            1
+        })
+    } else {
+        g.top_k.div_ceil(groups)
+    };
+    let e = sizes
+        .get("E")
+        .copied()
+        .unwrap_or_else(|| groups * (per + rng.range(0, 2)));
+    let d = sizes.get("D").copied().unwrap_or_else(|| rng.range(4, 48));
+    let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 8));
+    let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+    let mut w: Vec<f32> = (0..e * d)
+        .map(|_| (rng.normal() / (d as f64).sqrt()) as f32)
+        .collect();
+    let mut b: Vec<f32> = (0..e).map(|_| (0.05 * rng.normal()) as f32).collect();
+    if rng.chance(0.2) && e >= 2 {
+        // two identical experts: an exact tie
+        let (a, c) = (rng.range(0, e - 1), rng.range(0, e - 1));
+        let row: Vec<f32> = w[a * d..(a + 1) * d].to_vec();
+        w[c * d..(c + 1) * d].copy_from_slice(&row);
+        b[c] = b[a];
+    }
+    outputs([
+        ("x", float_input(rng, vec![n, d], &x)),
+        ("weight", float_input(rng, vec![e, d], &w)),
+        ("e_score_correction_bias", Tensor::from_f32(vec![e], &b)),
+    ])
+}
