@@ -9,6 +9,7 @@ pub mod compare;
 pub mod config;
 pub mod contract;
 pub mod error;
+pub mod fast;
 pub mod gpu;
 pub mod io;
 pub mod ops;

@@ -112,6 +112,12 @@ pub static REGISTRY: &[&OpEntry] = &[
     &crate::ops::act_quant::ACT_QUANT_128X1,
     &crate::ops::weight_quant::WEIGHT_QUANT,
     &crate::ops::weight_dequant::WEIGHT_DEQUANT,
+    &crate::ops::fp8_gemm::FP8_GEMM,
+    &crate::ops::fp8_gemm::M_GROUPED_CONTIGUOUS,
+    &crate::ops::fp8_gemm::M_GROUPED_MASKED,
+    &crate::ops::fp8_gemm::LINEAR_FP8_FPROP,
+    &crate::ops::fp8_gemm::LINEAR_FP8_DGRAD,
+    &crate::ops::fp8_gemm::LINEAR_FP8_WGRAD,
 ];
 
 /// The op called `name`.

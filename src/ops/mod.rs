@@ -3,6 +3,7 @@
 
 pub mod act_quant;
 pub mod fp8_cast;
+pub mod fp8_gemm;
 mod quant_policy;
 pub mod weight_dequant;
 pub mod weight_quant;
