@@ -294,6 +294,15 @@ fn op_sizes(op: &registry::OpEntry) -> Vec<&'static str> {
     {
         v.push("N");
     }
+    // leading dims `...` are drawn as M rows (the generators read the size `M`)
+    if op
+        .inputs
+        .iter()
+        .any(|s| s.shape.first() == Some(&dsv3::contract::Dim::Batch) && s.shape.len() > 1)
+        && !v.contains(&"M")
+    {
+        v.push("M");
+    }
     v
 }
 
