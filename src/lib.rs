@@ -4,6 +4,7 @@
 //! every operation once ([`registry::OpEntry`]: tensor contract, config, reference, GPU
 //! implementation, tolerance policy, input generator) and judges outputs against it.
 
+pub mod accum_study;
 pub mod check;
 pub mod compare;
 pub mod config;
