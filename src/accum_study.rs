@@ -343,9 +343,9 @@ How to read it (SPEC.md \"Tensor Core accumulation model\" has the measured numb
   every small product loses up to one quantum 2^(e_max-F): without promotion the error grows
   with the sum, i.e. with K.
 - Distribution: truncation toward zero always shrinks. With U[0,1) inputs all products are
-  positive, the losses add up and the result is systematically small (mean signed error equals
-  the maximum, about -7.5% at K = 4096). With N(0,1) the losses have random signs and cancel,
-  and the running sum grows only like sqrt(K).
+  positive, the losses add up and every result comes out small (at K = 4096: mean signed error
+  about -7.5%, maximum about 7.9%). With N(0,1) the losses have random signs and cancel, and
+  the running sum grows only like sqrt(K).
 - Metric: for N(0,1) the maximum relative error is dominated by outputs whose exact value is
   near 0 (hundreds of percent, and noisy); p99, median and norm are the meaningful figures.
   The paper names neither distribution nor metric; its \"nearly 2%\" lies between the N(0,1)

@@ -23,7 +23,7 @@ use dsv3_reference::fp8::fp8_gemm::{e4m3_values, scaled_dot, Accumulation, Scale
 /// Rows of the output per parallel task.
 const ROWS_PER_TASK: usize = 64;
 /// Output columns per f64 block-dot tile.
-const COLS_PER_TILE: usize = 256;
+const COLS_PER_TILE: usize = 512;
 
 /// The f32 accumulators of a GEMM and, on request, each element's promotion magnitude
 /// `Σ |p|·a_s·b_s` (what the tolerance policy scales with).
