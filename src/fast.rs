@@ -94,6 +94,9 @@ impl Operands<'_> {
     }
 }
 
+/// One parallel task: its index, its rows of `c`, and of the magnitudes if wanted.
+type Task<'a> = (usize, &'a mut [f32], Option<&'a mut [f64]>);
+
 /// Exact mode: f64 block dots from a blocked GEMM, then the reference's promotion per element.
 fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64]) {
     let values = e4m3_values();
@@ -104,7 +107,7 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64]) {
     let b64: Vec<f64> = ops.b.iter().map(|&x| values[usize::from(x)]).collect();
     let with_magnitude = !magnitude.is_empty();
     let chunk = ROWS_PER_TASK * n;
-    let tasks: Vec<(usize, &mut [f32], Option<&mut [f64]>)> = if with_magnitude {
+    let tasks: Vec<Task> = if with_magnitude {
         c.chunks_mut(chunk)
             .zip(magnitude.chunks_mut(chunk))
             .enumerate()
@@ -283,8 +286,8 @@ pub fn m_grouped_masked(
             (0, 0)
         }),
     };
-    for g in 0..groups {
-        let rows = masked_m[g] as usize;
+    for (g, &rows) in masked_m.iter().enumerate() {
+        let rows = rows as usize;
         if rows == 0 {
             continue;
         }

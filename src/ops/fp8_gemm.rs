@@ -710,8 +710,8 @@ fn masked_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
     let mut a = gemm_codes(rng, groups * m_max, k, block);
     let a_s = gemm_scales(rng, vec![groups, m_max, kb], uniform);
     let mut a_s_values = a_s.to_f32().expect("scales");
-    for g in 0..groups {
-        for m in masked_m[g]..m_max {
+    for (g, &rows) in masked_m.iter().enumerate() {
+        for m in rows..m_max {
             let row = g * m_max + m;
             scribble_codes(rng, &mut a[row * k..(row + 1) * k]);
             for s in &mut a_s_values[row * kb..(row + 1) * kb] {

@@ -489,7 +489,7 @@ mod tests {
         // each step aligns to 2^16 (quantum 2^3 = 8): the ones are lost in every step, since
         // the running accumulator (≈ 2^17.6) stays in every step. Exact: 200704 + 63.
         let mut av = vec![448.0f32];
-        av.extend(std::iter::repeat(1.0).take(63));
+        av.extend(std::iter::repeat_n(1.0, 63));
         let a = Array2::from_shape_vec((1, 64), codes(&av)).unwrap();
         let s = array![[1.0f32]];
         let tc = Accumulation::TensorCore {

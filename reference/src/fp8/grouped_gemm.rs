@@ -81,15 +81,14 @@ pub fn m_grouped_fp8_gemm_masked(
     let (a, a_s) = (a.as_standard_layout(), a_s.as_standard_layout());
     let (b, b_s) = (b.as_standard_layout(), b_s.as_standard_layout());
     let values = e4m3_values();
-    let (groups, m_max) = (a.shape()[0], a.shape()[1]);
-    let mut c = Array3::<f32>::zeros((groups, m_max, b.shape()[1]));
-    for g in 0..groups {
+    let mut c = Array3::<f32>::zeros((a.shape()[0], a.shape()[1], b.shape()[1]));
+    for (g, &rows) in masked_m.iter().enumerate() {
         let (b_g, b_s_g) = (
             CowArray::from(b.index_axis(Axis(0), g)),
             CowArray::from(b_s.index_axis(Axis(0), g)),
         );
         // only the first masked_m[g] rows are real; the rest stay 0
-        for m in 0..masked_m[g] as usize {
+        for m in 0..rows as usize {
             let mut c_row = c.slice_mut(ndarray::s![g, m, ..]);
             output_row(
                 c_row.as_slice_mut().expect("a fresh array is contiguous"),
