@@ -6,9 +6,9 @@ use std::time::Instant;
 use crate::check::{judge, Mode};
 use crate::compare::TensorReport;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::OpEntry;
+use crate::registry::{GpuImpl, OpEntry};
 
 /// Whether GPU runs are wanted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -38,24 +38,20 @@ pub struct GpuDiff {
     pub pass: bool,
 }
 
-/// Run `op` on the GPU and on the reference with the same (contract-valid) inputs; compare.
+/// Run `imp` (one of `op`'s GPU implementations) and the reference on the same
+/// (contract-valid) inputs; compare under the op's policy.
 pub fn diff(
     op: &OpEntry,
+    imp: &GpuImpl,
     gpu: &dsv3_gpu::Gpu,
     inputs: &TensorMap,
     config: &Config,
 ) -> Result<GpuDiff> {
-    let Some(gpu_fn) = op.gpu else {
-        return Err(Error::Usage(format!(
-            "{} has no GPU implementation",
-            op.name
-        )));
-    };
     let contract = op.contract();
     let bindings = contract.check_inputs(inputs, config, "")?;
     let reference = (op.reference)(inputs, config)?;
     let start = Instant::now();
-    let got = gpu_fn(gpu, inputs, config)?;
+    let got = (imp.run)(gpu, inputs, config)?;
     let gpu_seconds = start.elapsed().as_secs_f64();
     contract.check_outputs(
         &got,

@@ -130,6 +130,16 @@ enum Command {
         #[arg(long, default_value = ".")]
         plot_dir: String,
     },
+    /// Time the GPU kernels at DeepSeek-V3 shapes (fp8_gemm TFLOPS, act_quant GB/s beside the
+    /// device-to-device copy bandwidth). Prints SKIP without a device.
+    GpuBench {
+        /// Fail (exit 2) when no device is present.
+        #[arg(long)]
+        require: bool,
+        /// Fewer shapes and repetitions.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run OP's reference on your inputs and write its outputs.
     Run {
         op: String,
@@ -258,8 +268,8 @@ fn run(cli: Cli) -> Result<bool> {
                 "{}: {}\nsource: {}\nreference: {}",
                 op.name, op.summary, op.source, op.reference_fn
             );
-            if let Some(k) = op.kernel {
-                println!("kernel: {k}");
+            for g in op.gpu {
+                println!("kernel ({}): {}", g.backend, g.kernel);
             }
             for s in op.inputs {
                 println!("input  {}  -- {}", s.describe(), s.doc);
@@ -358,6 +368,7 @@ fn run(cli: Cli) -> Result<bool> {
             dsv3::accum_study::run(&study, &mut std::io::stdout())?;
             Ok(true)
         }
+        Command::GpuBench { require, quick } => gpu_bench(require, quick),
         Command::Run {
             op,
             inputs,
@@ -378,6 +389,69 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
     }
+}
+
+fn gpu_bench(require: bool, quick: bool) -> Result<bool> {
+    use dsv3_gpu::bench::{bench_act_quant, bench_copy, bench_fp8_gemm, BenchRow};
+    use dsv3_gpu::fp8_gemm::Backend;
+    let gpu = match dsv3::gpu::device() {
+        Ok(g) => g,
+        Err(why) if require => {
+            return Err(Error::Usage(format!(
+                "gpu-bench --require: no usable GPU: {why}"
+            )))
+        }
+        Err(why) => {
+            println!("SKIP gpu-bench: {why}");
+            return Ok(true);
+        }
+    };
+    println!("gpu-bench on {}", gpu.description);
+    // (N, K) of DeepSeek-V3's Linears (DeepGEMM's test shapes), M tokens
+    let nk: &[(usize, usize)] = if quick {
+        &[(7168, 2048), (4096, 7168)]
+    } else {
+        &[
+            (2112, 7168),
+            (24576, 1536),
+            (32768, 512),
+            (7168, 16384),
+            (4096, 7168),
+            (7168, 2048),
+        ]
+    };
+    let ms: &[usize] = if quick {
+        &[128, 4096]
+    } else {
+        &[64, 128, 4096]
+    };
+    let mut rows: Vec<BenchRow> = vec![bench_copy(gpu, 1 << 30)?];
+    for &(m, k) in &[(4096usize, 7168usize), (4096, 16384)] {
+        rows.push(bench_act_quant(gpu, m, k)?);
+    }
+    for &(n, k) in nk {
+        for &m in ms {
+            rows.push(bench_fp8_gemm(
+                gpu,
+                Backend::Wgmma,
+                (m, n, k),
+                if m >= 4096 { 5 } else { 20 },
+            )?);
+        }
+        rows.push(bench_fp8_gemm(gpu, Backend::Simt, (128, n, k), 2)?);
+    }
+    let mut t = dsv3::table::Table::new(&["kernel", "shape", "ms", "TFLOP/s", "GB/s"]);
+    for r in rows {
+        t.row(vec![
+            r.kernel,
+            r.shape,
+            format!("{:.4}", r.ms),
+            r.tflops.map_or("-".into(), |v| format!("{v:.1}")),
+            r.gbps.map_or("-".into(), |v| format!("{v:.0}")),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(true)
 }
 
 /// The named sizes of an op's input shape rules.

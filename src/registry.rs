@@ -35,6 +35,16 @@ pub struct PolicyCtx<'a> {
     pub config: &'a Config,
 }
 
+/// One GPU implementation of an op (an op may have several backends, e.g. CUDA cores and
+/// Tensor Cores); each is judged against the reference under the op's tolerance policy.
+pub struct GpuImpl {
+    /// Backend name shown by `verify` (`"cuda"`, `"simt"`, `"wgmma"`).
+    pub backend: &'static str,
+    pub run: GpuFn,
+    /// The `.cu` file of the kernel.
+    pub kernel: &'static str,
+}
+
 /// One registered operation.
 pub struct OpEntry {
     pub name: &'static str,
@@ -48,9 +58,8 @@ pub struct OpEntry {
     pub reference: RefFn,
     /// `path::function` of the reference implementation (SPEC.md links it).
     pub reference_fn: &'static str,
-    pub gpu: Option<GpuFn>,
-    /// The `.cu` file of the GPU implementation.
-    pub kernel: Option<&'static str>,
+    /// GPU implementations (empty when there is none).
+    pub gpu: &'static [GpuImpl],
     pub policy: PolicyFn,
     /// The policy in words, with its reason (SPEC.md repeats it).
     pub policy_doc: &'static str,

@@ -306,16 +306,19 @@ fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResu
             .collect();
         r.detail = Some(bad.join("; "));
     }
-    if op.gpu.is_some() {
-        r.gpu = match device {
-            None => "no device".into(),
-            Some(g) => match gpu::diff(op, g, &inputs, &config) {
+    let cells: Vec<String> = op
+        .gpu
+        .iter()
+        .map(|imp| match device {
+            None => format!("{}: no device", imp.backend),
+            Some(g) => match gpu::diff(op, imp, g, &inputs, &config) {
                 Ok(d) => {
-                    r.gpu_pass = Some(d.pass);
+                    r.gpu_pass = Some(r.gpu_pass.unwrap_or(true) && d.pass);
                     let exact: usize = d.tensors.iter().map(|t| t.exact).sum();
                     let max_abs = d.tensors.iter().map(|t| t.max_abs).fold(0.0, f64::max);
                     format!(
-                        "{} exact {:.4}% max|Δ| {} {:.3} ms",
+                        "{}: {} exact {:.4}% max|Δ| {} {:.3} ms",
+                        imp.backend,
                         if d.pass { "PASS" } else { "FAIL" },
                         100.0 * exact as f64 / r.elements.max(1) as f64,
                         fmt_num(max_abs),
@@ -324,10 +327,13 @@ fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResu
                 }
                 Err(e) => {
                     r.gpu_pass = Some(false);
-                    format!("FAIL error: {e}")
+                    format!("{}: FAIL error: {e}", imp.backend)
                 }
             },
-        };
+        })
+        .collect();
+    if !cells.is_empty() {
+        r.gpu = cells.join("; ");
     }
     r
 }
@@ -349,7 +355,15 @@ pub fn ops_table() -> String {
             } else {
                 cfg.join("; ")
             },
-            op.kernel.map_or("-".into(), |_| "yes".into()),
+            if op.gpu.is_empty() {
+                "-".into()
+            } else {
+                op.gpu
+                    .iter()
+                    .map(|g| g.backend)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
             op.source.into(),
         ]);
     }

@@ -5,8 +5,9 @@
 //! Without a usable device every test prints `SKIP <test>: <reason>` and passes, unless
 //! `REQUIRE_GPU=1`, which turns the skip into a failure.
 
+use dsv3::config::Config;
 use dsv3::gpu::{device, diff, required_by_env};
-use dsv3::registry::{Sizes, REGISTRY};
+use dsv3::registry::{OpEntry, Sizes, REGISTRY};
 use dsv3::rng::Rng;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -22,36 +23,39 @@ fn gpu_or_skip(test: &str) -> Option<&'static dsv3_gpu::Gpu> {
     }
 }
 
+/// Every GPU implementation of `op` on one generated input set.
 fn run_one(
     gpu: &dsv3_gpu::Gpu,
-    op: &dsv3::registry::OpEntry,
-    cfg: &dsv3::config::Config,
+    op: &OpEntry,
+    cfg: &Config,
     seed: u64,
     sizes: &Sizes,
 ) -> Result<(), String> {
     let inputs = (op.generate)(&mut Rng::new(seed), cfg, sizes);
-    let d =
-        diff(op, gpu, &inputs, cfg).map_err(|e| format!("{} {}: {e}", op.name, cfg.as_json()))?;
-    if d.pass {
-        return Ok(());
+    for imp in op.gpu {
+        let context = format!(
+            "{} [{}] {} seed {seed} sizes {sizes:?}",
+            op.name,
+            imp.backend,
+            cfg.as_json()
+        );
+        let d = diff(op, imp, gpu, &inputs, cfg).map_err(|e| format!("{context}: {e}"))?;
+        if !d.pass {
+            let bad: Vec<String> = d
+                .tensors
+                .iter()
+                .filter(|t| !t.pass)
+                .map(|t| {
+                    format!(
+                        "{}: {}/{} bad, first {:?}",
+                        t.name, t.violations, t.numel, t.first_violations
+                    )
+                })
+                .collect();
+            return Err(format!("{context}: {}", bad.join("; ")));
+        }
     }
-    let bad: Vec<String> = d
-        .tensors
-        .iter()
-        .filter(|t| !t.pass)
-        .map(|t| {
-            format!(
-                "{}: {}/{} bad, first {:?}",
-                t.name, t.violations, t.numel, t.first_violations
-            )
-        })
-        .collect();
-    Err(format!(
-        "{} {} seed {seed} sizes {sizes:?}: {}",
-        op.name,
-        cfg.as_json(),
-        bad.join("; ")
-    ))
+    Ok(())
 }
 
 #[test]
@@ -66,7 +70,7 @@ fn gpu_matches_reference_on_random_inputs() {
     });
     runner
         .run(&any::<u64>(), |seed| {
-            for op in REGISTRY.iter().filter(|o| o.gpu.is_some()) {
+            for op in REGISTRY.iter().filter(|o| !o.gpu.is_empty()) {
                 for cfg in op.configs() {
                     let r = run_one(gpu, op, &cfg, seed, &Sizes::new());
                     prop_assert!(r.is_ok(), "{}", r.unwrap_err());
@@ -82,7 +86,7 @@ fn gpu_matches_reference_on_deepseek_v3_shapes() {
     let Some(gpu) = gpu_or_skip("gpu_matches_reference_on_deepseek_v3_shapes") else {
         return;
     };
-    for op in REGISTRY.iter().filter(|o| o.gpu.is_some()) {
+    for op in REGISTRY.iter().filter(|o| !o.gpu.is_empty()) {
         for cfg in op.configs() {
             for sizes in op.v3_sizes() {
                 run_one(gpu, op, &cfg, 1, &sizes).unwrap();

@@ -79,7 +79,8 @@ fn every_op_has_a_unique_name_and_a_reference_path() {
             "{}: {path} has no fn {last}",
             op.name
         );
-        if let Some(k) = op.kernel {
+        for g in op.gpu {
+            let k = g.kernel;
             assert!(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join(k)
@@ -87,7 +88,6 @@ fn every_op_has_a_unique_name_and_a_reference_path() {
                 "{}: kernel {k} missing",
                 op.name
             );
-            assert!(op.gpu.is_some(), "{}: a kernel without a GPU fn", op.name);
         }
     }
 }

@@ -23,7 +23,7 @@ fn every_op_has_a_spec_row_with_its_reference_and_kernel() {
             "SPEC.md row of `{}` does not name {path}",
             op.name
         );
-        if let Some(k) = op.kernel {
+        for k in op.gpu.iter().map(|g| g.kernel) {
             assert!(
                 row.contains(k),
                 "SPEC.md row of `{}` does not name its kernel {k}",

@@ -10,22 +10,9 @@
 // Napkin math: reads 4 (f32) or 2 (bf16) bytes and writes 1 byte per element, plus 4 bytes per
 //   tile: memory-bound; at B = 128 and f32 input, ~5.03 bytes per element.
 
-#include <cuda_fp8.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 // ---- device helpers
-
-__device__ __forceinline__ float load_f32(const float* p) { return *p; }
-__device__ __forceinline__ float load_f32(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-// Smallest power of two >= s for a positive normal float: exponent + (mantissa != 0).
-// s >= 1e-4/448 here, so it is always normal.
-__device__ __forceinline__ float ceil_pow2(float s) {
-    unsigned int bits = __float_as_uint(s);
-    unsigned int e = (bits >> 23) & 0xFFu;
-    unsigned int m = bits & 0x7FFFFFu;
-    return __uint_as_float((e + (m != 0u ? 1u : 0u)) << 23);
-}
 
 template <typename T>
 __device__ void act_quant_tile(const T* __restrict__ x, unsigned char* __restrict__ y, float* __restrict__ s,
@@ -42,15 +29,11 @@ __device__ void act_quant_tile(const T* __restrict__ x, unsigned char* __restric
     for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
 
     // pass 2: the scale
-    float scale = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
-    if (ue8m0) scale = ceil_pow2(scale);
+    const float scale = tile_scale(amax, ue8m0);
     if (lane == 0) s[tile] = scale;
 
     // pass 3: divide (IEEE) and convert with round-to-nearest-even, saturating
-    for (int k = lane; k < block_size; k += 32) {
-        float q = __fdiv_rn(load_f32(xt + k), scale);
-        yt[k] = (unsigned char)__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
-    }
+    for (int k = lane; k < block_size; k += 32) yt[k] = quantize_e4m3(load_f32(xt + k), scale);
 }
 
 // ---- kernels

@@ -1,19 +1,12 @@
 //! Wrapper of `kernels/act_quant.cu` (reference: `dsv3_reference::fp8::act_quant`).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 use crate::kernels::ACT_QUANT;
-use crate::runtime::Gpu;
+use crate::runtime::{DeviceFloats, Gpu, HostFloats};
 
-/// The activation to quantize, row-major `[M, K]`.
-pub enum Input<'a> {
-    F32(&'a [f32]),
-    /// BF16 bit patterns.
-    Bf16(&'a [u16]),
-}
-
-/// E4M3 codes `[M, K]` and scales `[M, K/B]`.
+/// E4M3 codes and their scales (`[M, K]` and `[M, K/B]` here).
 pub struct Output {
     pub y: Vec<u8>,
     pub s: Vec<f32>,
@@ -24,21 +17,17 @@ const WARPS_PER_BLOCK: u32 = 4;
 /// Quantize `x: [M, K]` with 1×`block_size` tiles (`K % block_size == 0`).
 pub fn act_quant(
     gpu: &Gpu,
-    x: Input<'_>,
+    x: HostFloats<'_>,
     m: usize,
     k: usize,
     block_size: usize,
     ue8m0: bool,
 ) -> Result<Output> {
     const OP: &str = "act_quant";
-    let len = match x {
-        Input::F32(v) => v.len(),
-        Input::Bf16(v) => v.len(),
-    };
-    if len != m * k {
+    if x.len() != m * k {
         return Err(Error::Argument {
             op: OP,
-            msg: format!("x has {len} elements, expected M·K = {m}·{k}"),
+            msg: format!("x has {} elements, expected M·K = {m}·{k}", x.len()),
         });
     }
     if block_size == 0 || k % block_size != 0 || block_size > i32::MAX as usize {
@@ -48,48 +37,52 @@ pub fn act_quant(
         });
     }
     let n_tiles = m * k / block_size;
+    if n_tiles == 0 {
+        return Ok(Output {
+            y: Vec::new(),
+            s: Vec::new(),
+        });
+    }
     let stream = gpu.stream();
+    let d_x = x.upload(stream)?;
     let mut d_y = stream.alloc_zeros::<u8>(m * k)?;
-    let mut d_s = stream.alloc_zeros::<f32>(n_tiles.max(1))?;
+    let mut d_s = stream.alloc_zeros::<f32>(n_tiles)?;
+    act_quant_launch(gpu, &d_x, &mut d_y, &mut d_s, m * k, block_size, ue8m0)?;
+    Ok(Output {
+        y: stream.clone_dtoh(&d_y)?,
+        s: stream.clone_dtoh(&d_s)?,
+    })
+}
+
+/// Launch the kernel on device buffers (`len` elements, a multiple of `block_size`, checked by
+/// the caller); nothing is copied.
+pub fn act_quant_launch(
+    gpu: &Gpu,
+    x: &DeviceFloats,
+    y: &mut CudaSlice<u8>,
+    s: &mut CudaSlice<f32>,
+    len: usize,
+    block_size: usize,
+    ue8m0: bool,
+) -> Result<()> {
+    let n_tiles = len / block_size;
     let cfg = LaunchConfig {
-        grid_dim: ((n_tiles as u32).div_ceil(WARPS_PER_BLOCK).max(1), 1, 1),
+        grid_dim: ((n_tiles as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
         block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
     let (n_tiles_arg, block_arg, ue8m0_arg) = (n_tiles as i64, block_size as i32, i32::from(ue8m0));
-    match x {
-        Input::F32(v) => {
-            let f = gpu.function(&ACT_QUANT, "act_quant_f32")?;
-            let d_x = stream.clone_htod(v)?;
-            let mut launch = stream.launch_builder(&f);
-            launch
-                .arg(&d_x)
-                .arg(&mut d_y)
-                .arg(&mut d_s)
-                .arg(&n_tiles_arg)
-                .arg(&block_arg)
-                .arg(&ue8m0_arg);
-            // SAFETY: argument types and order match `act_quant_f32`; buffers hold M·K inputs,
-            // M·K codes and n_tiles scales, and every thread stays inside its tile.
-            unsafe { launch.launch(cfg) }?;
-        }
-        Input::Bf16(v) => {
-            let f = gpu.function(&ACT_QUANT, "act_quant_bf16")?;
-            let d_x = stream.clone_htod(v)?;
-            let mut launch = stream.launch_builder(&f);
-            launch
-                .arg(&d_x)
-                .arg(&mut d_y)
-                .arg(&mut d_s)
-                .arg(&n_tiles_arg)
-                .arg(&block_arg)
-                .arg(&ue8m0_arg);
-            // SAFETY: as above, with 2-byte bf16 inputs.
-            unsafe { launch.launch(cfg) }?;
-        }
-    }
-    let y = stream.clone_dtoh(&d_y)?;
-    let mut s = stream.clone_dtoh(&d_s)?;
-    s.truncate(n_tiles);
-    Ok(Output { y, s })
+    let f = gpu.function(&ACT_QUANT, &format!("act_quant_{}", x.suffix()))?;
+    let mut launch = gpu.stream().launch_builder(&f);
+    x.push(&mut launch);
+    launch
+        .arg(y)
+        .arg(s)
+        .arg(&n_tiles_arg)
+        .arg(&block_arg)
+        .arg(&ue8m0_arg);
+    // SAFETY: argument types and order match `act_quant_{f32,bf16}`; the buffers hold `len`
+    // inputs, `len` codes and `len / block_size` scales, and every thread stays inside its tile.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
 }

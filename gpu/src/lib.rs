@@ -10,9 +10,15 @@
 //! first).
 
 pub mod act_quant;
+pub mod bench;
 pub mod error;
+pub mod fp8_gemm;
 pub mod kernels;
 pub mod runtime;
+pub mod weight_dequant;
+pub mod weight_quant;
 
 pub use error::{Error, Result};
-pub use runtime::{compile, driver_available, nvrtc_available, Compiled, FunctionStats, Gpu};
+pub use runtime::{
+    compile, driver_available, nvrtc_available, Compiled, FunctionStats, Gpu, HostFloats,
+};

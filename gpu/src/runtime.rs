@@ -12,11 +12,13 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchArgs, PushKernelArg,
+};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, HEADERS};
 
 /// The architecture every kernel is compiled for (wgmma and setmaxnreg need the `a` variant).
 pub const ARCH: &str = "sm_90a";
@@ -31,6 +33,58 @@ pub fn nvrtc_available() -> bool {
 pub fn driver_available() -> bool {
     // SAFETY: only probes the dynamic loader for the library.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// A device buffer of floating values: f32, or bf16 bit patterns.
+pub enum DeviceFloats {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl DeviceFloats {
+    /// The kernel-name suffix of the element type (`act_quant_f32`, `act_quant_bf16`).
+    pub fn suffix(&self) -> &'static str {
+        match self {
+            DeviceFloats::F32(_) => "f32",
+            DeviceFloats::Bf16(_) => "bf16",
+        }
+    }
+
+    /// Push the buffer as the next kernel argument.
+    pub fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
+        match self {
+            DeviceFloats::F32(s) => launch.arg(s),
+            DeviceFloats::Bf16(s) => launch.arg(s),
+        };
+    }
+}
+
+/// A host buffer of floating values to upload: f32, or bf16 bit patterns.
+#[derive(Debug, Clone, Copy)]
+pub enum HostFloats<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl HostFloats<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            HostFloats::F32(v) => v.len(),
+            HostFloats::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copy to the device.
+    pub fn upload(&self, stream: &Arc<CudaStream>) -> Result<DeviceFloats> {
+        Ok(match self {
+            HostFloats::F32(v) => DeviceFloats::F32(stream.clone_htod(*v)?),
+            HostFloats::Bf16(v) => DeviceFloats::Bf16(stream.clone_htod(*v)?),
+        })
+    }
 }
 
 /// Resource use of one compiled `__global__` function, parsed from ptxas' `-v` output.
@@ -109,7 +163,32 @@ pub fn compile(kernel: &Kernel) -> Result<Compiled> {
         log: "source contains a NUL byte".into(),
     })?;
     let name = CString::new(format!("{}.cu", kernel.name)).expect("kernel names have no NUL");
-    let prog = nvrtc::create_program(&src, Some(&name))?;
+    // the embedded headers (`#include "common.cuh"`), kept alive until the program is destroyed
+    let header_names: Vec<CString> = HEADERS
+        .iter()
+        .map(|(n, _)| CString::new(*n).expect("no NUL"))
+        .collect();
+    let header_srcs: Vec<CString> = HEADERS
+        .iter()
+        .map(|(_, s)| CString::new(*s).expect("no NUL"))
+        .collect();
+    let name_ptrs: Vec<*const std::ffi::c_char> = header_names.iter().map(|c| c.as_ptr()).collect();
+    let src_ptrs: Vec<*const std::ffi::c_char> = header_srcs.iter().map(|c| c.as_ptr()).collect();
+    let mut prog = std::mem::MaybeUninit::uninit();
+    // SAFETY: every pointer refers to a NUL-terminated string that outlives the program.
+    unsafe {
+        nvrtc_sys::nvrtcCreateProgram(
+            prog.as_mut_ptr(),
+            src.as_ptr(),
+            name.as_ptr(),
+            HEADERS.len() as i32,
+            src_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+        )
+        .result()?;
+    }
+    // SAFETY: nvrtcCreateProgram succeeded, so `prog` is initialised.
+    let prog = unsafe { prog.assume_init() };
     // SAFETY: `prog` is a live program handle created above and destroyed exactly once below.
     let outcome = unsafe { nvrtc::compile_program(prog, &opts) };
     let log = unsafe { nvrtc::get_program_log(prog) }

@@ -55,3 +55,26 @@ fn every_kernel_compiles_for_sm_90a_without_spills() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn every_cu_file_is_registered_for_compilation() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!(
+            "SKIP every_cu_file_is_registered_for_compilation: no source tree at {}",
+            dir.display()
+        );
+        return;
+    };
+    for e in entries {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "cu") {
+            let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+            assert!(
+                kernels::ALL.iter().any(|k| k.name == stem),
+                "{} is not in kernels::ALL",
+                path.display()
+            );
+        }
+    }
+}

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -50,8 +50,11 @@ pub static ACT_QUANT: OpEntry = OpEntry {
     config: &[BLOCK_SIZE, SCALE_FMT],
     reference: act_quant_ref,
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant",
-    gpu: Some(act_quant_gpu),
-    kernel: Some("gpu/kernels/act_quant.cu"),
+    gpu: &[GpuImpl {
+        backend: "cuda",
+        run: act_quant_gpu,
+        kernel: "gpu/kernels/act_quant.cu",
+    }],
     policy: act_quant_policy,
     policy_doc: QUANT_POLICY_DOC,
     generate: act_quant_gen,
@@ -88,17 +91,17 @@ fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
 }
 
 fn act_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    use dsv3_gpu::act_quant::{act_quant, Input};
+    use dsv3_gpu::{act_quant::act_quant, HostFloats};
     let x = get(inputs, "x");
     let k = *x.shape.last().expect("rank ≥ 1");
     let m = x.numel() / k.max(1);
     let block = cfg.usize("block_size");
     let ue8m0 = scale_fmt(cfg) == fp8::ScaleFmt::Ue8m0;
     let out = match x.dtype {
-        DType::BF16 => act_quant(gpu, Input::Bf16(&x.to_u16_bits()), m, k, block, ue8m0)?,
+        DType::BF16 => act_quant(gpu, HostFloats::Bf16(&x.to_u16_bits()), m, k, block, ue8m0)?,
         _ => act_quant(
             gpu,
-            Input::F32(&x.to_f32().expect("F32")),
+            HostFloats::F32(&x.to_f32().expect("F32")),
             m,
             k,
             block,
@@ -144,8 +147,7 @@ pub static ACT_QUANT_128X1: OpEntry = OpEntry {
     config: &[BLOCK_SIZE, SCALE_FMT],
     reference: act_quant_128x1_ref,
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant_128x1",
-    gpu: None,
-    kernel: None,
+    gpu: &[],
     policy: act_quant_128x1_policy,
     policy_doc: QUANT_POLICY_DOC,
     generate: act_quant_128x1_gen,

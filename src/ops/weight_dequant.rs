@@ -9,7 +9,7 @@ use crate::config::{Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -39,8 +39,7 @@ pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
     ],
     reference: weight_dequant_ref,
     reference_fn: "reference/src/fp8/weight_dequant.rs::weight_dequant",
-    gpu: None,
-    kernel: None,
+    gpu: &[GpuImpl { backend: "cuda", run: weight_dequant_gpu, kernel: "gpu/kernels/weight_dequant.cu" }],
     policy: weight_dequant_policy,
     policy_doc: "exact: one IEEE f32 multiply (then one RNE to bf16); there is no approximate step to allow for",
     generate: weight_dequant_gen,
@@ -63,6 +62,30 @@ fn weight_dequant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
         ),
     };
     Ok(outputs([("w", out)]))
+}
+
+fn weight_dequant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    use dsv3_gpu::weight_dequant::{weight_dequant, Dequantized};
+    let y = get(inputs, "y");
+    let s = get(inputs, "s");
+    let (n, k) = (y.shape[0], y.shape[1]);
+    let bf16_out = cfg.choice("out_dtype") != Some("f32");
+    let w = match weight_dequant(
+        gpu,
+        &y.data,
+        &s.to_f32().expect("F32"),
+        n,
+        k,
+        cfg.usize("block_size"),
+        bf16_out,
+    )? {
+        Dequantized::F32(v) => Tensor::from_f32(vec![n, k], &v),
+        Dequantized::Bf16(v) => Tensor::from_bf16(
+            vec![n, k],
+            &v.into_iter().map(half::bf16::from_bits).collect::<Vec<_>>(),
+        ),
+    };
+    Ok(outputs([("w", w)]))
 }
 
 fn weight_dequant_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {

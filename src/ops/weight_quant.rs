@@ -12,9 +12,10 @@ use crate::config::Config;
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
+use dsv3_gpu::HostFloats;
 
 pub static WEIGHT_QUANT: OpEntry = OpEntry {
     name: "weight_quant",
@@ -34,8 +35,7 @@ pub static WEIGHT_QUANT: OpEntry = OpEntry {
     config: &[BLOCK_SIZE, SCALE_FMT],
     reference: weight_quant_ref,
     reference_fn: "reference/src/fp8/weight_quant.rs::weight_quant",
-    gpu: None,
-    kernel: None,
+    gpu: &[GpuImpl { backend: "cuda", run: weight_quant_gpu, kernel: "gpu/kernels/weight_quant.cu" }],
     policy: weight_quant_policy,
     policy_doc: "as act_quant (same division hazard), over B×B blocks",
     generate: weight_quant_gen,
@@ -56,6 +56,41 @@ fn weight_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
             codes_tensor(DType::F8E4M3, w.shape.clone(), q.y.view()),
         ),
         ("s", f32_tensor(q.s.shape().to_vec(), q.s.view())),
+    ]))
+}
+
+fn weight_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let w = get(inputs, "w");
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let block = cfg.usize("block_size");
+    let ue8m0 = scale_fmt(cfg) == fp8::ScaleFmt::Ue8m0;
+    let out = match w.dtype {
+        DType::BF16 => dsv3_gpu::weight_quant::weight_quant(
+            gpu,
+            HostFloats::Bf16(&w.to_u16_bits()),
+            n,
+            k,
+            block,
+            ue8m0,
+        )?,
+        _ => dsv3_gpu::weight_quant::weight_quant(
+            gpu,
+            HostFloats::F32(&w.to_f32().expect("F32")),
+            n,
+            k,
+            block,
+            ue8m0,
+        )?,
+    };
+    Ok(outputs([
+        (
+            "y",
+            Tensor::from_codes(DType::F8E4M3, w.shape.clone(), out.y),
+        ),
+        (
+            "s",
+            Tensor::from_f32(vec![n.div_ceil(block), k.div_ceil(block)], &out.s),
+        ),
     ]))
 }
 
