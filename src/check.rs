@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::compare::{compare, Policy, TensorReport};
+use crate::compare::{compare, TensorReport};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::io::{SafeFile, TensorMap};
@@ -80,8 +80,9 @@ pub fn judge(
                 reference,
                 config,
             };
+            // --exact keeps the contract's undefined elements out of the comparison
             let policy = match mode {
-                Mode::Exact => Policy::Exact,
+                Mode::Exact => (op.policy)(&ctx).into_exact(),
                 Mode::Policy => (op.policy)(&ctx),
             };
             compare(
@@ -154,7 +155,12 @@ pub fn render(report: &CheckReport) -> String {
             r.name.clone(),
             r.dtype.clone(),
             format!("{:?}", r.shape),
-            format!("{}/{} ({:.6}%)", r.exact, r.numel, 100.0 * r.exact_fraction),
+            format!(
+                "{}/{} ({:.6}%)",
+                r.exact,
+                r.numel - r.ignored,
+                100.0 * r.exact_fraction
+            ),
             fmt_num(r.max_abs),
             fmt_num(r.max_rel),
             if r.max_ulp == u64::MAX {
@@ -189,6 +195,12 @@ pub fn render(report: &CheckReport) -> String {
         );
         for (reason, n) in &r.allowed_by {
             out += &format!("  {}: {n} allowed as {reason}\n", r.name);
+        }
+        if r.ignored > 0 {
+            out += &format!(
+                "  {}: {} elements not judged (undefined by the contract)\n",
+                r.name, r.ignored
+            );
         }
         if r.nan_mismatch > 0 {
             out += &format!(

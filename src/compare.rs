@@ -35,9 +35,16 @@ pub enum Policy<'a> {
         why: &'static str,
         judge: Box<dyn Fn(usize) -> Option<&'static str> + 'a>,
     },
+    /// `inner` on the elements `judged(flat index)` accepts; the others are undefined by the
+    /// op's contract (DeepGEMM's padding rows) and are neither judged nor measured.
+    Partial {
+        why: &'static str,
+        judged: Box<dyn Fn(usize) -> bool + 'a>,
+        inner: Box<Policy<'a>>,
+    },
 }
 
-impl Policy<'_> {
+impl<'a> Policy<'a> {
     /// One line for reports.
     pub fn describe(&self) -> String {
         match self {
@@ -46,6 +53,29 @@ impl Policy<'_> {
             Policy::Close { atol, rtol, why } => format!("|Δ| ≤ {atol:e} + {rtol:e}·|ref| ({why})"),
             Policy::ExactUnless { why, .. } => format!("exact, except {why}"),
             Policy::Judged { why, .. } => why.to_string(),
+            Policy::Partial { why, inner, .. } => {
+                format!("{}; not judged: {why}", inner.describe())
+            }
+        }
+    }
+
+    /// Whether element `i` is judged at all (false only for [`Policy::Partial`]'s exclusions).
+    pub fn judges(&self, i: usize) -> bool {
+        match self {
+            Policy::Partial { judged, .. } => judged(i),
+            _ => true,
+        }
+    }
+
+    /// The same exclusions with bitwise equality everywhere else (`check --exact`).
+    pub fn into_exact(self) -> Policy<'a> {
+        match self {
+            Policy::Partial { why, judged, .. } => Policy::Partial {
+                why,
+                judged,
+                inner: Box::new(Policy::Exact),
+            },
+            _ => Policy::Exact,
         }
     }
 }
@@ -75,6 +105,8 @@ pub struct TensorReport {
     pub allowed: usize,
     /// The allowed elements by the reason a [`Policy::Judged`] gave (empty for other policies).
     pub allowed_by: BTreeMap<String, usize>,
+    /// Elements the policy does not judge (undefined by the contract); not in any metric.
+    pub ignored: usize,
     /// Elements outside the policy.
     pub violations: usize,
     /// Elements where exactly one side is NaN.
@@ -116,6 +148,7 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
         exact_fraction: 1.0,
         allowed: 0,
         allowed_by: BTreeMap::new(),
+        ignored: 0,
         violations: 0,
         nan_mismatch: 0,
         max_abs: 0.0,
@@ -130,7 +163,15 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
     let (mut sxy, mut sxx_yy) = (0f64, 0f64);
     // (is violation, ulp, abs, flat index) of the current worst element
     let mut worst: Option<(bool, u64, f64, usize)> = None;
+    let (policy, judged) = match policy {
+        Policy::Partial { judged, inner, .. } => (inner.as_ref(), Some(judged)),
+        other => (other, None),
+    };
     for i in 0..n {
+        if judged.is_some_and(|j| !j(i)) {
+            r.ignored += 1;
+            continue;
+        }
         let (g, w) = (got.value(i), want.value(i));
         let bit_equal = got.bits(i) == want.bits(i);
         let (g_nan, w_nan) = (got.is_nan(i), want.is_nan(i));
@@ -193,6 +234,7 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
                     }
                 }
                 Policy::ExactUnless { allow, .. } => allow(i),
+                Policy::Partial { .. } => unreachable!("nested Partial policies"),
             }
         };
         if ok {
@@ -211,10 +253,11 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
             worst = Some((!ok, ulp, abs, i));
         }
     }
-    r.exact_fraction = if n == 0 {
+    let judged_count = n - r.ignored;
+    r.exact_fraction = if judged_count == 0 {
         1.0
     } else {
-        r.exact as f64 / n as f64
+        r.exact as f64 / judged_count as f64
     };
     r.similarity_diff = if sxx_yy > 0.0 {
         1.0 - 2.0 * sxy / sxx_yy
@@ -332,6 +375,26 @@ mod tests {
             },
         );
         assert!(r.pass);
+    }
+
+    #[test]
+    fn partial_policy_ignores_undefined_elements() {
+        let judged = |i: usize| i != 1;
+        let p = Policy::Partial {
+            why: "padding",
+            judged: Box::new(judged),
+            inner: Box::new(Policy::Exact),
+        };
+        let r = compare(
+            "c",
+            &f32s(&[1.0, f32::NAN, 3.0]),
+            &f32s(&[1.0, 0.0, 3.0]),
+            &p,
+        );
+        assert!(r.pass && r.ignored == 1 && r.exact == 2 && r.exact_fraction == 1.0);
+        assert_eq!(r.max_abs, 0.0);
+        let r = compare("c", &f32s(&[1.0, 5.0, 3.5]), &f32s(&[1.0, 0.0, 3.0]), &p);
+        assert!(!r.pass && r.violations == 1 && r.worst.unwrap().index == vec![2]);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub enum FieldKind {
     PositiveInt,
     /// A finite number > 0.
     PositiveFloat,
+    /// An integer ≥ 0.
+    NonNegativeInt,
     /// `true` / `false`.
     Bool,
     /// One of the listed strings; `null` allowed when `nullable`.
@@ -39,6 +41,7 @@ impl ConfigField {
         let domain = match self.kind {
             FieldKind::PositiveInt => "int ≥ 1".to_string(),
             FieldKind::PositiveFloat => "number > 0".to_string(),
+            FieldKind::NonNegativeInt => "int ≥ 0".to_string(),
             FieldKind::Bool => "bool".to_string(),
             FieldKind::Choice { values, nullable } => {
                 let mut v: Vec<String> = values.iter().map(|s| format!("\"{s}\"")).collect();
@@ -64,6 +67,10 @@ impl ConfigField {
             FieldKind::PositiveFloat => match v.as_f64() {
                 Some(x) if x > 0.0 && x.is_finite() => Ok(()),
                 _ => Err(bad("expected a finite number > 0".into())),
+            },
+            FieldKind::NonNegativeInt => match v.as_u64() {
+                Some(_) => Ok(()),
+                None => Err(bad("expected an integer ≥ 0".into())),
             },
             FieldKind::Bool => v
                 .as_bool()
@@ -135,7 +142,7 @@ impl Config {
     }
 
     pub fn usize(&self, name: &str) -> usize {
-        self.get(name).as_u64().expect("validated positive int") as usize
+        self.get(name).as_u64().expect("validated integer") as usize
     }
 
     pub fn f64(&self, name: &str) -> f64 {

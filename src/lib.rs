@@ -4,6 +4,7 @@
 //! every operation once ([`registry::OpEntry`]: tensor contract, config, reference, GPU
 //! implementation, tolerance policy, input generator) and judges outputs against it.
 
+pub mod accum_study;
 pub mod check;
 pub mod checkpoint;
 pub mod compare;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod contract;
 pub mod error;
 pub mod forward;
+pub mod fast;
 pub mod gpu;
 pub mod io;
 pub mod ops;

@@ -105,6 +105,57 @@ enum Command {
         #[arg(long, value_enum, default_value = "naive")]
         attn: AttnArg,
     },
+    /// V3 §3.3.2's experiment: error of the FP8 Tensor Core accumulation model vs K, without
+    /// promotion and with promotion every N_C elements; tables and SVG plots.
+    AccumStudy {
+        /// Output rows per K.
+        #[arg(long, default_value_t = 64)]
+        m: usize,
+        /// Output columns per K.
+        #[arg(long, default_value_t = 64)]
+        n: usize,
+        /// Reduction lengths.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "512,1024,2048,4096,8192,16384"
+        )]
+        k: Vec<usize>,
+        /// Promotion intervals N_C (no promotion is always included).
+        #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+        intervals: Vec<usize>,
+        /// Input distributions.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "gauss,uniform"
+        )]
+        dist: Vec<dsv3::accum_study::Dist>,
+        /// Error metrics: one table and plot each.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "max,p99")]
+        metric: Vec<dsv3::accum_study::Metric>,
+        /// Model: fraction bits kept when aligning (Hopper: 13).
+        #[arg(long, default_value_t = 13)]
+        frac_bits: u32,
+        /// Model: products aligned together (Hopper wgmma k32: 32).
+        #[arg(long, default_value_t = 32)]
+        group: usize,
+        /// Model: how aligned terms are cut.
+        #[arg(long, value_enum, default_value = "toward-zero")]
+        term_cut: TermCutArg,
+        /// Model: fraction bits of the accumulator register (Hopper: 13).
+        #[arg(long, default_value_t = 13)]
+        out_frac_bits: u32,
+        /// Model: rounding of the register write-back.
+        #[arg(long, value_enum, default_value = "toward-zero")]
+        out_round: OutRoundArg,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Directory for accum_study_<dist>.svg ("-" for no plot).
+        #[arg(long, default_value = ".")]
+        plot_dir: String,
+    },
     /// Time the GPU kernels at DeepSeek-V3 shapes (fp8_gemm TFLOPS, act_quant GB/s beside the
     /// device-to-device copy bandwidth). Prints SKIP without a device.
     GpuBench {
@@ -138,6 +189,18 @@ enum PrecisionArg {
 enum AttnArg {
     Naive,
     Absorbed,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TermCutArg {
+    TowardZero,
+    Floor,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutRoundArg {
+    TowardZero,
+    NearestEven,
 }
 
 fn parse_size(s: &str) -> std::result::Result<(String, usize), String> {
@@ -332,6 +395,48 @@ fn run(cli: Cli) -> Result<bool> {
             forward::run(&args, &mut std::io::stderr())?;
             Ok(true)
         }
+        Command::AccumStudy {
+            m,
+            n,
+            k,
+            intervals,
+            dist,
+            metric,
+            frac_bits,
+            group,
+            term_cut,
+            out_frac_bits,
+            out_round,
+            seed,
+            plot_dir,
+        } => {
+            use dsv3_reference::fp8::{TensorCoreModel, TermCut, WriteBack};
+            let study = dsv3::accum_study::Study {
+                m,
+                n,
+                ks: k,
+                intervals,
+                dists: dist,
+                metrics: metric,
+                model: TensorCoreModel {
+                    frac_bits,
+                    group,
+                    term_cut: match term_cut {
+                        TermCutArg::TowardZero => TermCut::TowardZero,
+                        TermCutArg::Floor => TermCut::Floor,
+                    },
+                    out_frac_bits,
+                    out_round: match out_round {
+                        OutRoundArg::TowardZero => WriteBack::TowardZero,
+                        OutRoundArg::NearestEven => WriteBack::NearestEven,
+                    },
+                },
+                seed,
+                plot_dir: (plot_dir != "-").then(|| PathBuf::from(plot_dir)),
+            };
+            dsv3::accum_study::run(&study, &mut std::io::stdout())?;
+            Ok(true)
+        }
         Command::GpuBench { require, quick } => gpu_bench(require, quick),
         Command::Run {
             op,
@@ -436,6 +541,15 @@ fn op_sizes(op: &registry::OpEntry) -> Vec<&'static str> {
         .any(|s| s.shape == [dsv3::contract::Dim::Batch])
     {
         v.push("N");
+    }
+    // leading dims `...` are drawn as M rows (the generators read the size `M`)
+    if op
+        .inputs
+        .iter()
+        .any(|s| s.shape.first() == Some(&dsv3::contract::Dim::Batch) && s.shape.len() > 1)
+        && !v.contains(&"M")
+    {
+        v.push("M");
     }
     v
 }

@@ -49,7 +49,9 @@ fn tr(v: f64, scale: Scale) -> Option<f64> {
 
 fn ticks(lo: f64, hi: f64, scale: Scale) -> Vec<(f64, String)> {
     match scale {
+        // only the decades inside the plotted range
         Scale::Log10 => (lo.floor() as i32..=hi.ceil() as i32)
+            .filter(|&e| f64::from(e) >= lo - 1e-9 && f64::from(e) <= hi + 1e-9)
             .map(|e| (f64::from(e), format!("1e{e}")))
             .collect(),
         Scale::Linear => {

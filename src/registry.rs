@@ -127,6 +127,12 @@ pub static REGISTRY: &[&OpEntry] = &[
     &crate::ops::moe_gate::MOE_GATE,
     &crate::ops::mla::MLA,
     &crate::ops::mla::MLA_DECODE,
+    &crate::ops::fp8_gemm::FP8_GEMM,
+    &crate::ops::fp8_gemm::M_GROUPED_CONTIGUOUS,
+    &crate::ops::fp8_gemm::M_GROUPED_MASKED,
+    &crate::ops::fp8_gemm::LINEAR_FP8_FPROP,
+    &crate::ops::fp8_gemm::LINEAR_FP8_DGRAD,
+    &crate::ops::fp8_gemm::LINEAR_FP8_WGRAD,
 ];
 
 /// The op called `name`.

@@ -5,6 +5,7 @@ pub mod act_quant;
 pub mod fp8_cast;
 pub mod mla;
 pub mod moe_gate;
+pub mod fp8_gemm;
 mod quant_policy;
 pub mod rmsnorm;
 pub mod rope;
