@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 pub enum FieldKind {
     /// An integer ≥ 1.
     PositiveInt,
+    /// A finite number > 0.
+    PositiveFloat,
     /// `true` / `false`.
     Bool,
     /// One of the listed strings; `null` allowed when `nullable`.
@@ -36,6 +38,7 @@ impl ConfigField {
     pub fn describe(&self) -> String {
         let domain = match self.kind {
             FieldKind::PositiveInt => "int ≥ 1".to_string(),
+            FieldKind::PositiveFloat => "number > 0".to_string(),
             FieldKind::Bool => "bool".to_string(),
             FieldKind::Choice { values, nullable } => {
                 let mut v: Vec<String> = values.iter().map(|s| format!("\"{s}\"")).collect();
@@ -57,6 +60,10 @@ impl ConfigField {
             FieldKind::PositiveInt => match v.as_u64() {
                 Some(n) if n >= 1 => Ok(()),
                 _ => Err(bad("expected an integer ≥ 1".into())),
+            },
+            FieldKind::PositiveFloat => match v.as_f64() {
+                Some(x) if x > 0.0 && x.is_finite() => Ok(()),
+                _ => Err(bad("expected a finite number > 0".into())),
             },
             FieldKind::Bool => v
                 .as_bool()
@@ -129,6 +136,10 @@ impl Config {
 
     pub fn usize(&self, name: &str) -> usize {
         self.get(name).as_u64().expect("validated positive int") as usize
+    }
+
+    pub fn f64(&self, name: &str) -> f64 {
+        self.get(name).as_f64().expect("validated number")
     }
 
     pub fn bool(&self, name: &str) -> bool {

@@ -24,6 +24,8 @@ pub enum Dim {
     CeilDiv(&'static str, &'static str),
     /// A literal size.
     Fixed(usize),
+    /// The size a config field gives (`top_k`).
+    Field(&'static str),
 }
 
 /// Name, dtypes and shape rule of one tensor.
@@ -67,6 +69,7 @@ pub fn shape_rule(shape: &[Dim]) -> String {
             Dim::Div(v, f) => format!("{v}/{f}"),
             Dim::CeilDiv(v, f) => format!("ceil({v}/{f})"),
             Dim::Fixed(n) => n.to_string(),
+            Dim::Field(f) => f.to_string(),
         })
         .collect();
     format!("[{}]", dims.join(", "))
@@ -207,6 +210,7 @@ impl Contract<'_> {
                 Dim::Div(v, f) => shape.push(b.get(v) / config.usize(f)),
                 Dim::CeilDiv(v, f) => shape.push(b.get(v).div_ceil(config.usize(f))),
                 Dim::Fixed(n) => shape.push(n),
+                Dim::Field(f) => shape.push(config.usize(f)),
             }
         }
         shape
@@ -274,6 +278,7 @@ impl Contract<'_> {
                     (b.get(v).div_ceil(config.usize(f)), format!("ceil({v}/{f})"))
                 }
                 Dim::Fixed(w) => (w, w.to_string()),
+                Dim::Field(f) => (config.usize(f), f.to_string()),
             };
             if want.0 != n {
                 return Err(err(b, format!("{} must be {}, got {n}", want.1, want.0)));

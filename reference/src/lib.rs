@@ -16,10 +16,17 @@
 //!
 //! # Modules
 //! - [`fp8`]: FP8 formats (E4M3, E5M2, UE8M0, E5M6), 1×128 / 128×1 / 128×128 tile quantization.
+//! - [`moe`]: expert selection (group- and node-limited), the aux-loss-free bias update, the
+//!   sequence-wise balance loss, redundant-expert placement (EPLB).
 //! - [`numeric`]: BF16 rounding and ULP helpers shared by every module.
+//! - [`rng`]: the seeded SplitMix64 generator (simulations, FIM).
+//! - [`train`]: optimizer, schedules, MTP loss, GRPO, FIM/packing, pipeline schedules.
 
 pub mod error;
 pub mod fp8;
+pub mod moe;
 pub mod numeric;
+pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};
