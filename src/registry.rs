@@ -121,6 +121,14 @@ pub static REGISTRY: &[&OpEntry] = &[
     &crate::ops::act_quant::ACT_QUANT_128X1,
     &crate::ops::weight_quant::WEIGHT_QUANT,
     &crate::ops::weight_dequant::WEIGHT_DEQUANT,
+    &crate::ops::routing::NODE_LIMITED_ROUTING,
+    &crate::ops::routing::BIAS_UPDATE,
+    &crate::ops::balance_loss::BALANCE_LOSS,
+    &crate::ops::eplb::EPLB,
+    &crate::ops::optim::ADAMW_STEP,
+    &crate::ops::optim::PARAM_EMA,
+    &crate::ops::optim::CLIP_GRAD_NORM,
+    &crate::ops::grpo::GRPO_LOSS,
 ];
 
 /// The op called `name`.

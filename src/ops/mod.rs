@@ -2,8 +2,14 @@
 //! states the tolerance policy and generates random inputs.
 
 pub mod act_quant;
+pub mod balance_loss;
+pub mod eplb;
 pub mod fp8_cast;
+pub mod grpo;
+pub mod optim;
 mod quant_policy;
+pub mod routing;
+mod values;
 pub mod weight_dequant;
 pub mod weight_quant;
 

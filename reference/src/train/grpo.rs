@@ -82,6 +82,11 @@ pub fn group_advantages(rewards: &[f64], std: RewardStd) -> Result<Vec<f64>> {
             why: "rewards must be finite",
         });
     }
+    // all rewards equal (exactly): no preference, zero advantage. Tested on the rewards, not on
+    // the computed std, which rounding can leave slightly above 0 (e.g. three rewards of 0.1).
+    if rewards.iter().all(|&r| r == rewards[0]) {
+        return Ok(vec![0.0; g]);
+    }
     // mean and (sample or population) standard deviation of the group
     let mean = rewards.iter().sum::<f64>() / g as f64;
     let ss: f64 = rewards.iter().map(|r| (r - mean) * (r - mean)).sum();
@@ -90,10 +95,6 @@ pub fn group_advantages(rewards: &[f64], std: RewardStd) -> Result<Vec<f64>> {
         RewardStd::Population => g as f64,
     };
     let sd = (ss / dof).sqrt();
-    // all rewards equal: no preference, zero advantage
-    if sd == 0.0 {
-        return Ok(vec![0.0; g]);
-    }
     Ok(rewards.iter().map(|r| (r - mean) / sd).collect())
 }
 
