@@ -15,6 +15,7 @@ pub mod ops;
 pub mod plot;
 pub mod registry;
 pub mod rng;
+pub mod sim;
 pub mod table;
 pub mod tensor;
 pub mod verify;

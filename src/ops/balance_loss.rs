@@ -122,10 +122,10 @@ fn balance_loss_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
         for (t, row) in s.outer_iter().enumerate() {
             let s_t: f64 = row.sum();
             let a_t: f64 = row.iter().zip(&f).map(|(x, f)| x * f).sum();
-            for j in 0..e {
+            for (j, f_j) in f.iter().enumerate() {
                 // the two terms of (α/T)(f_j/S_t − A_t/S_t²), each with ≤ 2E+T+… roundings per side
                 let g = reference.value((q * t_len + t) * e + j).abs();
-                let terms = alpha / t_len as f64 * (f[j] / s_t + a_t / (s_t * s_t));
+                let terms = alpha / t_len as f64 * (f_j / s_t + a_t / (s_t * s_t));
                 bound.push(8.0 * (e + t_len + 4) as f64 * u * terms + 4.0 * u * g);
             }
         }

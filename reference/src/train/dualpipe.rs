@@ -414,12 +414,14 @@ pub fn dualpipe(pp: usize, micro: usize) -> Result<Schedule> {
             }
             // step 6: nB1B0, the second half of these backwards split
             let mut split = false;
+            // dualpipe.py's `step_6 // 2` with step_6 = h + 1
+            let half_step6 = h.div_ceil(2);
             for i in 0..=h {
-                if i == (h + 1) / 2 && h % 2 == 1 {
+                if i == half_step6 && h % 2 == 1 {
                     split = true;
                 }
                 d.b(dir(1), split);
-                if i == (h + 1) / 2 && h % 2 == 0 {
+                if i == half_step6 && h % 2 == 0 {
                     split = true;
                 }
                 d.b(dir(0), split);
@@ -811,7 +813,7 @@ pub fn check_timeline(s: &Schedule, sim: &Simulation) -> Result<()> {
             Op::W(c) => vec![g_end[key(c, st(c))]],
             Op::Fb { f, b } => [needs_forward(f), needs_backward(b)].concat(),
         };
-        if let Some(d) = deps.iter().find(|&&d| !(d <= sp.start)) {
+        if let Some(d) = deps.iter().find(|&&d| d.is_nan() || d > sp.start) {
             return Err(bad(format!(
                 "device {}: {:?} starts at {} before its input is ready at {d}",
                 sp.device, sp.op, sp.start
