@@ -6,7 +6,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 
 use super::routing::{affinities, n_experts, random_bias, MAX_NODES, N_NODES, TOP_K};
 use super::values::{bound_policy, f64_tensor, unit_roundoff};
-use super::{get, outputs};
+use super::{float_input, get, outputs};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
@@ -21,8 +21,8 @@ pub static BALANCE_LOSS: OpEntry = OpEntry {
     source: "V3 eqs. (17)-(20), α = 0.0001 (§4.2)",
     summary: "per sequence: f_i = E/(K·T)·#{t: i selected}, s' = s/Σ_j s_j, P_i = mean_t s'_{i,t}, L = α Σ f_i P_i; grad = ∂L/∂s with the selection fixed",
     inputs: &[
-        TensorSpec { name: "scores", dtypes: &[DType::F32], shape: &[Dim::Var("S"), Dim::Var("T"), Dim::Var("E")], doc: "affinities s_{i,t} of S sequences of T tokens" },
-        TensorSpec { name: "bias", dtypes: &[DType::F32], shape: &[Dim::Var("E")], doc: "b_i, used only by selection = \"routed\"" },
+        TensorSpec { name: "scores", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("S"), Dim::Var("T"), Dim::Var("E")], doc: "affinities s_{i,t} of S sequences of T tokens" },
+        TensorSpec { name: "bias", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("E")], doc: "b_i, used only by selection = \"routed\"" },
     ],
     outputs: &[
         TensorSpec { name: "loss", dtypes: &[DType::F64], shape: &[Dim::Var("S")], doc: "L_Bal of each sequence" },
@@ -54,7 +54,7 @@ pub static BALANCE_LOSS: OpEntry = OpEntry {
 /// Sequence `q` of `scores` as `[T, E]`.
 fn sequence(scores: &Tensor, q: usize) -> Array2<f32> {
     let (t, e) = (scores.shape[1], scores.shape[2]);
-    let all = scores.to_f32().expect("F32");
+    let all = scores.to_f32().expect("F32 or BF16");
     Array2::from_shape_vec((t, e), all[q * t * e..(q + 1) * t * e].to_vec()).expect("[T, E]")
 }
 
@@ -75,7 +75,7 @@ fn selection(s: ArrayView2<f32>, bias: &Array1<f32>, cfg: &Config) -> Result<Arr
 
 fn balance_loss_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let scores = get(inputs, "scores");
-    let bias = Array1::from(get(inputs, "bias").to_f32().expect("F32"));
+    let bias = Array1::from(get(inputs, "bias").to_f32().expect("F32 or BF16"));
     let alpha = cfg.f64("alpha");
     let mut loss = Vec::new();
     let mut grad = Vec::new();
@@ -100,7 +100,7 @@ fn balance_loss_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let scores = get(ctx.inputs, "scores");
     let (n_seq, t_len, e) = (scores.shape[0], scores.shape[1], scores.shape[2]);
     let alpha = ctx.config.f64("alpha");
-    let bias = Array1::from(get(ctx.inputs, "bias").to_f32().expect("F32"));
+    let bias = Array1::from(get(ctx.inputs, "bias").to_f32().expect("F32 or BF16"));
     let reference = get(ctx.reference, ctx.output);
     let mut bound = Vec::new();
     for q in 0..n_seq {
@@ -143,7 +143,7 @@ fn balance_loss_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
     let e = n_experts(rng, cfg, sizes);
     let s = affinities(rng, n_seq * t * e);
     outputs([
-        ("scores", Tensor::from_f32(vec![n_seq, t, e], &s)),
+        ("scores", float_input(rng, vec![n_seq, t, e], &s)),
         ("bias", Tensor::from_f32(vec![e], &random_bias(rng, e))),
     ])
 }

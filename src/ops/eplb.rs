@@ -19,7 +19,7 @@ pub static EPLB: OpEntry = OpEntry {
     summary: "per layer: pack groups onto nodes (balanced), replicate the heaviest load/replica within each node, pack replicas onto GPUs; global policy (1 group, 1 node) when nodes ∤ groups",
     inputs: &[TensorSpec {
         name: "weight",
-        dtypes: &[DType::F32, DType::F64, DType::I64],
+        dtypes: &[DType::F32, DType::F64, DType::I32, DType::I64],
         shape: &[Dim::Var("L"), Dim::Var("E")],
         doc: "estimated load of each logical expert, per MoE layer",
     }],

@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
 
 const LOGP: &[DType] = &[DType::F32, DType::F64];
 const QGL: &[Dim] = &[Dim::Var("Q"), Dim::Var("G"), Dim::Var("L")];
@@ -28,7 +28,12 @@ pub static GRPO_LOSS: OpEntry = OpEntry {
         TensorSpec { name: "logp", dtypes: LOGP, shape: QGL, doc: "log π_θ of each sampled token" },
         TensorSpec { name: "logp_old", dtypes: LOGP, shape: QGL, doc: "log π_old (the sampling policy)" },
         TensorSpec { name: "logp_ref", dtypes: LOGP, shape: QGL, doc: "log π_ref" },
-        TensorSpec { name: "mask", dtypes: &[DType::Bool], shape: QGL, doc: "true at the |o_i| real tokens of output i (≥ 1 each)" },
+        TensorSpec {
+            name: "mask",
+            dtypes: &[DType::Bool, DType::U8, DType::I32, DType::I64, DType::F32, DType::F64],
+            shape: QGL,
+            doc: "non-zero at the |o_i| real tokens of output i (≥ 1 each)",
+        },
         TensorSpec { name: "rewards", dtypes: LOGP, shape: &[Dim::Var("Q"), Dim::Var("G")], doc: "r_i of each output" },
     ],
     outputs: &[
@@ -242,11 +247,27 @@ fn grpo_loss_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> TensorMap {
         })
         .collect();
     let dt = *rng.pick(&[DType::F32, DType::F64]);
+    let mask_dt = *rng.pick(&[DType::Bool, DType::Bool, DType::U8, DType::F32]);
+    let mask = match mask_dt {
+        DType::Bool => bool_tensor(vec![q_len, g, l], &mask),
+        DType::U8 => Tensor::from_codes(
+            DType::U8,
+            vec![q_len, g, l],
+            mask.iter().map(|&b| u8::from(b)).collect(),
+        ),
+        _ => Tensor::from_f32(
+            vec![q_len, g, l],
+            &mask
+                .iter()
+                .map(|&b| f32::from(u8::from(b)))
+                .collect::<Vec<_>>(),
+        ),
+    };
     outputs([
         ("logp", float_tensor(dt, vec![q_len, g, l], &lp)),
         ("logp_old", float_tensor(dt, vec![q_len, g, l], &lo)),
         ("logp_ref", float_tensor(dt, vec![q_len, g, l], &lr)),
-        ("mask", bool_tensor(vec![q_len, g, l], &mask)),
+        ("mask", mask),
         ("rewards", float_tensor(dt, vec![q_len, g], &r)),
     ])
 }

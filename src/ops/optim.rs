@@ -17,6 +17,7 @@ use crate::tensor::{DType, Tensor};
 
 const FLOATS: &[DType] = &[DType::F32, DType::F64];
 const MOMENTS: &[DType] = &[DType::F32, DType::BF16, DType::F64];
+const EMA_FLOATS: &[DType] = &[DType::F32, DType::BF16, DType::F64];
 
 pub static ADAMW_STEP: OpEntry = OpEntry {
     name: "adamw_step",
@@ -246,10 +247,10 @@ pub static PARAM_EMA: OpEntry = OpEntry {
     source: "V3 §3.2.3 (EMA of the parameters, kept on CPU)",
     summary: "ema ← ema + (1 − decay)·(θ − ema), evaluated in f64, rounded once to the dtype",
     inputs: &[
-        TensorSpec { name: "ema", dtypes: FLOATS, shape: &[Dim::Batch], doc: "EMA weights" },
-        TensorSpec { name: "param", dtypes: FLOATS, shape: &[Dim::Batch], doc: "current weights (same dtype)" },
+        TensorSpec { name: "ema", dtypes: EMA_FLOATS, shape: &[Dim::Batch], doc: "EMA weights" },
+        TensorSpec { name: "param", dtypes: EMA_FLOATS, shape: &[Dim::Batch], doc: "current weights (same dtype)" },
     ],
-    outputs: &[TensorSpec { name: "ema_out", dtypes: FLOATS, shape: &[Dim::Batch], doc: "updated EMA" }],
+    outputs: &[TensorSpec { name: "ema_out", dtypes: EMA_FLOATS, shape: &[Dim::Batch], doc: "updated EMA" }],
     constraints: &[],
     config: &[ConfigField { name: "decay", kind: FieldKind::PositiveFloat, default: "0.999", doc: "decay < 1 (not stated in V3)" }],
     reference: param_ema_ref,

@@ -5,7 +5,7 @@ use dsv3_reference::moe::{self, node_routing::topk_desc};
 use ndarray::{Array1, Array2};
 
 use super::values::{i64_tensor, values};
-use super::{get, outputs};
+use super::{float_input, get, outputs};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
@@ -36,13 +36,13 @@ pub(crate) const MAX_NODES: ConfigField = ConfigField {
 
 const SCORES: TensorSpec = TensorSpec {
     name: "scores",
-    dtypes: &[DType::F32],
+    dtypes: &[DType::F32, DType::BF16],
     shape: &[Dim::Var("T"), Dim::Var("E")],
     doc: "affinities s_{i,t} = σ(u_tᵀ e_i), eq. (15)",
 };
 const BIAS: TensorSpec = TensorSpec {
     name: "bias",
-    dtypes: &[DType::F32],
+    dtypes: &[DType::F32, DType::BF16],
     shape: &[Dim::Var("E")],
     doc: "b_i of eq. (16) (e_score_correction_bias, fp32); zeros for no bias",
 };
@@ -50,9 +50,9 @@ const BIAS: TensorSpec = TensorSpec {
 /// `scores` as `[T, E]` and `bias` as `[E]`.
 pub(crate) fn scores_bias(inputs: &TensorMap) -> (Array2<f32>, Array1<f32>) {
     let s = get(inputs, "scores");
-    let scores = Array2::from_shape_vec((s.shape[0], s.shape[1]), s.to_f32().expect("F32"))
+    let scores = Array2::from_shape_vec((s.shape[0], s.shape[1]), s.to_f32().expect("F32 or BF16"))
         .expect("validated [T, E]");
-    let bias = Array1::from(get(inputs, "bias").to_f32().expect("F32"));
+    let bias = Array1::from(get(inputs, "bias").to_f32().expect("F32 or BF16"));
     (scores, bias)
 }
 
@@ -166,7 +166,7 @@ fn routing_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
     let e = n_experts(rng, cfg, sizes);
     let s = affinities(rng, t * e);
     outputs([
-        ("scores", Tensor::from_f32(vec![t, e], &s)),
+        ("scores", float_input(rng, vec![t, e], &s)),
         ("bias", Tensor::from_f32(vec![e], &random_bias(rng, e))),
     ])
 }

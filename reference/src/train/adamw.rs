@@ -113,18 +113,27 @@ impl StepCoefficients {
     }
 }
 
-fn check_lengths(op: &'static str, n: usize, others: &[(&'static str, usize)]) -> Result<()> {
-    for &(name, len) in others {
+/// The lengths of `grad`, `exp_avg`, `exp_avg_sq` against `param` (`n`), then the step's
+/// coefficients.
+fn prepare(
+    n: usize,
+    grad: usize,
+    m: usize,
+    v: usize,
+    step: u64,
+    cfg: &AdamWConfig,
+) -> Result<StepCoefficients> {
+    for (name, len) in [("grad", grad), ("exp_avg", m), ("exp_avg_sq", v)] {
         if len != n {
             return Err(Error::Shape {
-                op,
+                op: "adamw_step",
                 tensor: name,
                 got: vec![len],
                 expected: format!("[N] with N = {n} (the length of param)"),
             });
         }
     }
-    Ok(())
+    StepCoefficients::new(cfg, step)
 }
 
 fn check_finite32(op: &'static str, name: &'static str, x: &[f32]) -> Result<()> {
@@ -162,16 +171,7 @@ pub fn adamw_step_f64(
     step: u64,
     cfg: &AdamWConfig,
 ) -> Result<()> {
-    check_lengths(
-        "adamw_step",
-        param.len(),
-        &[
-            ("grad", grad.len()),
-            ("exp_avg", m.len()),
-            ("exp_avg_sq", v.len()),
-        ],
-    )?;
-    let c = StepCoefficients::new(cfg, step)?;
+    let c = prepare(param.len(), grad.len(), m.len(), v.len(), step, cfg)?;
     for i in 0..param.len() {
         let g = grad[i];
         // same five lines as adamw_element_f32, in f64
@@ -195,15 +195,6 @@ pub fn adamw_step_f32(
     cfg: &AdamWConfig,
 ) -> Result<()> {
     const OP: &str = "adamw_step";
-    check_lengths(
-        OP,
-        param.len(),
-        &[
-            ("grad", grad.len()),
-            ("exp_avg", m.len()),
-            ("exp_avg_sq", v.len()),
-        ],
-    )?;
     for (name, x) in [
         ("param", &*param),
         ("grad", grad),
@@ -212,7 +203,7 @@ pub fn adamw_step_f32(
     ] {
         check_finite32(OP, name, x)?;
     }
-    let c = StepCoefficients::new(cfg, step)?;
+    let c = prepare(param.len(), grad.len(), m.len(), v.len(), step, cfg)?;
     for i in 0..param.len() {
         (param[i], m[i], v[i]) = adamw_element_f32(param[i], grad[i], m[i], v[i], &c);
     }
@@ -230,18 +221,9 @@ pub fn adamw_step_bf16(
     cfg: &AdamWConfig,
 ) -> Result<()> {
     const OP: &str = "adamw_step";
-    check_lengths(
-        OP,
-        param.len(),
-        &[
-            ("grad", grad.len()),
-            ("exp_avg", m.len()),
-            ("exp_avg_sq", v.len()),
-        ],
-    )?;
     check_finite32(OP, "param", param)?;
     check_finite32(OP, "grad", grad)?;
-    let c = StepCoefficients::new(cfg, step)?;
+    let c = prepare(param.len(), grad.len(), m.len(), v.len(), step, cfg)?;
     for i in 0..param.len() {
         // upcast the stored moments (exact), update in f32, store rounded to BF16
         let (p, m32, v32) = adamw_element_f32(param[i], grad[i], m[i].to_f32(), v[i].to_f32(), &c);
