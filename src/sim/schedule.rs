@@ -198,7 +198,7 @@ pub fn timeline(s: &Schedule, sim: &Simulation, c: &Costs) -> Timeline {
     }
     let dirs = if s.directions() == 2 {
         format!(
-            ", micro-batches 0–{} enter at device 0, {}–{} at device {}",
+            " (0–{} from device 0, {}–{} from device {})",
             per_dir - 1,
             per_dir,
             2 * per_dir - 1,
@@ -209,7 +209,7 @@ pub fn timeline(s: &Schedule, sim: &Simulation, c: &Costs) -> Timeline {
     };
     Timeline {
         title: format!(
-            "{}: PP = {}, {} micro-batches{dirs}; F={} B={} W={} F&B={}; orange F, green B, light green B-input, blue W; bubble {}",
+            "{} PP={} m={}{dirs} F={} B={} W={} F&B={} bubble {} | F orange, B green, B-input light, W blue",
             s.method.name(),
             s.pp,
             s.micro,
