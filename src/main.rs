@@ -166,6 +166,16 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Route synthetic skewed tokens for N steps with and without the aux-loss-free bias
+    /// update (V3 §2.1.2); print max/mean expert load per step, optionally an SVG plot.
+    BalanceSim(dsv3::sim::balance_sim::BalanceSimArgs),
+    /// Redundant-expert placement (EPLB) on skewed loads: GPU/node imbalance before and after.
+    Eplb(dsv3::sim::eplb::EplbArgs),
+    /// Simulate a pipeline schedule (1f1b, zb1p, dualpipe) against V3 Table 2 and draw its
+    /// timeline (SVG); `table` prints the bubble/memory table for PP ∈ {4, 8, 16}.
+    Schedule(dsv3::sim::schedule::ScheduleArgs),
+    /// AdamW with FP32 master weights and BF16 moments against f64: drift over many steps.
+    AdamwDrift(dsv3::sim::adamw_drift::AdamwDriftArgs),
     /// Run OP's reference on your inputs and write its outputs.
     Run {
         op: String,
@@ -438,6 +448,10 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Command::GpuBench { require, quick } => gpu_bench(require, quick),
+        Command::BalanceSim(a) => dsv3::sim::balance_sim::main(a),
+        Command::Eplb(a) => dsv3::sim::eplb::main(a),
+        Command::Schedule(a) => dsv3::sim::schedule::main(a),
+        Command::AdamwDrift(a) => dsv3::sim::adamw_drift::main(a),
         Command::Run {
             op,
             inputs,

@@ -133,6 +133,14 @@ pub static REGISTRY: &[&OpEntry] = &[
     &crate::ops::fp8_gemm::LINEAR_FP8_FPROP,
     &crate::ops::fp8_gemm::LINEAR_FP8_DGRAD,
     &crate::ops::fp8_gemm::LINEAR_FP8_WGRAD,
+    &crate::ops::routing::NODE_LIMITED_ROUTING,
+    &crate::ops::routing::BIAS_UPDATE,
+    &crate::ops::balance_loss::BALANCE_LOSS,
+    &crate::ops::eplb::EPLB,
+    &crate::ops::optim::ADAMW_STEP,
+    &crate::ops::optim::PARAM_EMA,
+    &crate::ops::optim::CLIP_GRAD_NORM,
+    &crate::ops::grpo::GRPO_LOSS,
 ];
 
 /// The op called `name`.

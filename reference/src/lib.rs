@@ -20,12 +20,16 @@
 //!
 //! # Modules
 //! - [`fp8`]: FP8 formats (E4M3, E5M2, UE8M0, E5M6), 1×128 / 128×1 / 128×128 tile quantization.
+//! - [`moe`]: expert selection (group- and node-limited), the aux-loss-free bias update, the
+//!   sequence-wise balance loss, redundant-expert placement (EPLB).
 //! - [`numeric`]: BF16 rounding and ULP helpers shared by every module.
 //! - [`norm`]: RMSNorm. [`rope`]: RoPE on interleaved pairs and YaRN.
 //! - [`linear`]: Linear layers over stored (F32/BF16/FP8) weights, and [`linear::Precision`].
 //! - [`mlp`]: SwiGLU. [`mla`]: Multi-head Latent Attention (naive and absorbed).
-//! - [`moe`]: the router ([`moe::gate`]) and the expert mixture.
+//! - [`moe`]: the router ([`moe::gate`]), the expert mixture, load balancing and expert placement.
 //! - [`model`]: decoder blocks, the model, the latent caches, the MTP module's weights.
+//! - [`rng`]: the seeded SplitMix64 generator (simulations, FIM).
+//! - [`train`]: optimizer, schedules, MTP loss, GRPO, FIM/packing, pipeline schedules.
 
 pub mod error;
 pub mod fp8;
@@ -36,6 +40,8 @@ pub mod model;
 pub mod moe;
 pub mod norm;
 pub mod numeric;
+pub mod rng;
 pub mod rope;
+pub mod train;
 
 pub use error::{Error, Result};

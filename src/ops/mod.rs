@@ -2,14 +2,20 @@
 //! states the tolerance policy and generates random inputs.
 
 pub mod act_quant;
+pub mod balance_loss;
+pub mod eplb;
 pub mod fp8_cast;
+pub mod fp8_gemm;
+pub mod grpo;
 pub mod mla;
 pub mod moe_gate;
-pub mod fp8_gemm;
+pub mod optim;
 mod quant_policy;
 pub mod rmsnorm;
 pub mod rope;
+pub mod routing;
 pub mod swiglu;
+mod values;
 pub mod weight_dequant;
 pub mod weight_quant;
 

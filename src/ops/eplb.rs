@@ -1,0 +1,120 @@
+//! `eplb`: redundant-expert replication and placement (deepseek-ai/EPLB `rebalance_experts`).
+
+use dsv3_reference::moe::eplb;
+
+use super::values::{i64_tensor, values};
+use super::{get, outputs};
+use crate::compare::Policy;
+use crate::config::{Config, ConfigField, FieldKind};
+use crate::contract::{Dim, TensorSpec};
+use crate::error::Result;
+use crate::io::TensorMap;
+use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+
+pub static EPLB: OpEntry = OpEntry {
+    name: "eplb",
+    source: "V3 §3.4.1 redundant experts; deepseek-ai/EPLB eplb.py rebalance_experts (d52c72d)",
+    summary: "per layer: pack groups onto nodes (balanced), replicate the heaviest load/replica within each node, pack replicas onto GPUs; global policy (1 group, 1 node) when nodes ∤ groups",
+    inputs: &[TensorSpec {
+        name: "weight",
+        dtypes: &[DType::F32, DType::F64, DType::I32, DType::I64],
+        shape: &[Dim::Var("L"), Dim::Var("E")],
+        doc: "estimated load of each logical expert, per MoE layer",
+    }],
+    outputs: &[
+        TensorSpec { name: "phy2log", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Field("num_replicas")], doc: "logical expert of each physical slot (slot s on GPU s / (P/num_gpus))" },
+        TensorSpec { name: "phyrank", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Field("num_replicas")], doc: "replica index of each slot" },
+        TensorSpec { name: "logcnt", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Var("E")], doc: "replicas per logical expert" },
+    ],
+    constraints: &[],
+    config: &[
+        ConfigField { name: "num_replicas", kind: FieldKind::PositiveInt, default: "288", doc: "physical experts P (V3 prefill: 256 + 32 redundant)" },
+        ConfigField { name: "num_groups", kind: FieldKind::PositiveInt, default: "8", doc: "expert groups" },
+        ConfigField { name: "num_nodes", kind: FieldKind::PositiveInt, default: "4", doc: "server nodes (V3 prefill unit: 4)" },
+        ConfigField { name: "num_gpus", kind: FieldKind::PositiveInt, default: "32", doc: "GPUs, a multiple of num_nodes (V3 prefill unit: 32)" },
+    ],
+    reference: eplb_ref,
+    reference_fn: "reference/src/moe/eplb.rs::rebalance_experts",
+    gpu: &[],
+    policy: eplb_policy,
+    policy_doc: "exact: a deterministic greedy algorithm with fixed tie rules (stable heaviest-first order, lowest pack / expert index on ties)",
+    generate: eplb_gen,
+    test_configs: &[
+        r#"{"num_replicas":16,"num_groups":4,"num_nodes":2,"num_gpus":8}"#,
+        r#"{"num_replicas":16,"num_groups":3,"num_nodes":2,"num_gpus":4}"#,
+    ],
+    v3_sizes: &[&[("L", 4), ("E", 256)]],
+};
+
+fn eplb_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let w = get(inputs, "weight");
+    let (layers, e) = (w.shape[0], w.shape[1]);
+    let all = values(w);
+    let p = cfg.usize("num_replicas");
+    let (mut phy2log, mut phyrank, mut logcnt) = (Vec::new(), Vec::new(), Vec::new());
+    for l in 0..layers {
+        let placement = eplb::rebalance_experts(
+            &all[l * e..(l + 1) * e],
+            p,
+            cfg.usize("num_groups"),
+            cfg.usize("num_nodes"),
+            cfg.usize("num_gpus"),
+        )?;
+        phy2log.extend(placement.phy2log.iter().map(|&i| i as i64));
+        phyrank.extend(placement.phyrank.iter().map(|&i| i as i64));
+        logcnt.extend(placement.logcnt.iter().map(|&i| i as i64));
+    }
+    Ok(outputs([
+        ("phy2log", i64_tensor(vec![layers, p], &phy2log)),
+        ("phyrank", i64_tensor(vec![layers, p], &phyrank)),
+        ("logcnt", i64_tensor(vec![layers, e], &logcnt)),
+    ]))
+}
+
+fn eplb_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
+    Policy::Exact
+}
+
+/// Loads for a config: `E` a multiple of `num_groups` (and of `num_nodes`), at most
+/// `num_replicas`; log-normal loads, sometimes integer token counts.
+fn eplb_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let (p, groups, nodes) = (
+        cfg.usize("num_replicas"),
+        cfg.usize("num_groups"),
+        cfg.usize("num_nodes"),
+    );
+    // the global policy ignores groups and nodes: any E multiple of num_groups works
+    let unit = if groups % nodes == 0 {
+        groups
+    } else {
+        groups * nodes / gcd(groups, nodes)
+    };
+    let layers = sizes.get("L").copied().unwrap_or_else(|| rng.range(1, 3));
+    let e = sizes
+        .get("E")
+        .copied()
+        .unwrap_or_else(|| unit * rng.range(1, (p / unit).max(1)));
+    let loads: Vec<f64> = (0..layers * e)
+        .map(|_| (rng.normal() * 1.2).exp() * 100.0)
+        .collect();
+    let t = if rng.chance(0.5) {
+        let ints: Vec<i64> = loads.iter().map(|&x| x.round() as i64).collect();
+        i64_tensor(vec![layers, e], &ints)
+    } else {
+        Tensor::from_f32(
+            vec![layers, e],
+            &loads.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        )
+    };
+    outputs([("weight", t)])
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}

@@ -1,0 +1,259 @@
+//! `node_limited_routing` (which experts each token goes to) and `bias_update` (the
+//! auxiliary-loss-free bias step that follows a step's routing).
+
+use dsv3_reference::moe::{self, node_routing::topk_desc};
+use ndarray::{Array1, Array2};
+
+use super::values::{i64_tensor, values};
+use super::{float_input, get, outputs};
+use crate::compare::Policy;
+use crate::config::{Config, ConfigField, FieldKind};
+use crate::contract::{Dim, TensorSpec};
+use crate::error::Result;
+use crate::io::TensorMap;
+use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+
+pub(crate) const TOP_K: ConfigField = ConfigField {
+    name: "top_k",
+    kind: FieldKind::PositiveInt,
+    default: "8",
+    doc: "K_r, experts per token (8 in V3)",
+};
+pub(crate) const N_NODES: ConfigField = ConfigField {
+    name: "n_nodes",
+    kind: FieldKind::PositiveInt,
+    default: "8",
+    doc: "nodes the experts are spread over, E/n_nodes each (= n_group; 8 in V3)",
+};
+pub(crate) const MAX_NODES: ConfigField = ConfigField {
+    name: "max_nodes",
+    kind: FieldKind::PositiveInt,
+    default: "4",
+    doc: "M, nodes per token (= topk_group; 4 in V3); must divide top_k",
+};
+
+const SCORES: TensorSpec = TensorSpec {
+    name: "scores",
+    dtypes: &[DType::F32, DType::BF16],
+    shape: &[Dim::Var("T"), Dim::Var("E")],
+    doc: "affinities s_{i,t} = σ(u_tᵀ e_i), eq. (15)",
+};
+const BIAS: TensorSpec = TensorSpec {
+    name: "bias",
+    dtypes: &[DType::F32, DType::BF16],
+    shape: &[Dim::Var("E")],
+    doc: "b_i of eq. (16) (e_score_correction_bias, fp32); zeros for no bias",
+};
+
+/// `scores` as `[T, E]` and `bias` as `[E]`.
+pub(crate) fn scores_bias(inputs: &TensorMap) -> (Array2<f32>, Array1<f32>) {
+    let s = get(inputs, "scores");
+    let scores = Array2::from_shape_vec((s.shape[0], s.shape[1]), s.to_f32().expect("F32 or BF16"))
+        .expect("validated [T, E]");
+    let bias = Array1::from(get(inputs, "bias").to_f32().expect("F32 or BF16"));
+    (scores, bias)
+}
+
+/// The routed selection of every token (descending score order).
+pub(crate) fn route(inputs: &TensorMap, cfg: &Config) -> Result<Array2<usize>> {
+    let (scores, bias) = scores_bias(inputs);
+    Ok(moe::node_limited_topk(
+        scores.view(),
+        Some(bias.view()),
+        cfg.usize("top_k"),
+        cfg.usize("n_nodes"),
+        cfg.usize("max_nodes"),
+    )?)
+}
+
+pub static NODE_LIMITED_ROUTING: OpEntry = OpEntry {
+    name: "node_limited_routing",
+    source: "V3 §2.1.2 node-limited routing, eq. (16); = OFF Gate.forward group-limited selection (n_group = nodes, topk_group = M, top-2 group score = K_r/M)",
+    summary: "per token: affinity s+b; node score = sum of its top K_r/M affinities; keep the M best nodes; the top_k best experts on them (ids ascending)",
+    inputs: &[SCORES, BIAS],
+    outputs: &[TensorSpec {
+        name: "topk_idx",
+        dtypes: &[DType::I64],
+        shape: &[Dim::Var("T"), Dim::Field("top_k")],
+        doc: "selected expert ids, ascending (a set per token)",
+    }],
+    constraints: &[],
+    config: &[TOP_K, N_NODES, MAX_NODES],
+    reference: node_limited_routing_ref,
+    reference_fn: "reference/src/moe/node_routing.rs::node_limited_topk",
+    gpu: &[],
+    policy: node_limited_routing_policy,
+    policy_doc: "exact; a token whose selection is not unique (an exact tie of s+b at the K-th expert, or of node scores at the M-th node) may pick any of the tied candidates",
+    generate: routing_gen,
+    test_configs: &[
+        r#"{"top_k":6,"n_nodes":6,"max_nodes":3}"#,
+        r#"{"top_k":4,"n_nodes":4,"max_nodes":1}"#,
+        r#"{"top_k":2,"n_nodes":1,"max_nodes":1}"#,
+    ],
+    v3_sizes: &[&[("T", 64), ("E", 256)]],
+};
+
+fn node_limited_routing_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let sel = route(inputs, cfg)?;
+    let (t, k) = sel.dim();
+    let mut ids = Vec::with_capacity(t * k);
+    for row in sel.outer_iter() {
+        let mut r: Vec<i64> = row.iter().map(|&i| i as i64).collect();
+        r.sort_unstable();
+        ids.extend(r);
+    }
+    Ok(outputs([("topk_idx", i64_tensor(vec![t, k], &ids))]))
+}
+
+fn node_limited_routing_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
+    let (scores, bias) = scores_bias(ctx.inputs);
+    let cfg = ctx.config;
+    let (k, nodes, m) = (
+        cfg.usize("top_k"),
+        cfg.usize("n_nodes"),
+        cfg.usize("max_nodes"),
+    );
+    let e = scores.ncols();
+    let per_node = e / nodes;
+    let want = values(get(ctx.reference, "topk_idx"));
+    let got = get(ctx.candidate, "topk_idx");
+    // per token: which expert ids an alternative tie resolution could select (None: unique)
+    let alternatives: Vec<Option<Vec<bool>>> = scores
+        .outer_iter()
+        .enumerate()
+        .map(|(t, s_t)| {
+            let sel: Vec<f32> = (0..e).map(|i| s_t[i] + bias[i]).collect();
+            let node_aff: Vec<f32> = (0..nodes)
+                .map(|n| {
+                    let members = &sel[n * per_node..(n + 1) * per_node];
+                    topk_desc(members, k / m)
+                        .iter()
+                        .fold(0.0f32, |a, &j| a + members[j])
+                })
+                .collect();
+            let m_th = node_aff[*topk_desc(&node_aff, m).last()?];
+            let eligible = |i: usize| node_aff[i / per_node] >= m_th;
+            let node_tie = node_aff.iter().filter(|&&a| a >= m_th).count() > m;
+            let v_k = (0..k)
+                .map(|slot| sel[want[t * k + slot] as usize])
+                .fold(f32::INFINITY, f32::min);
+            let expert_tie = (0..e).filter(|&i| eligible(i) && sel[i] >= v_k).count() > k;
+            (node_tie || expert_tie).then(|| {
+                (0..e)
+                    .map(|i| eligible(i) && (node_tie || sel[i] >= v_k))
+                    .collect()
+            })
+        })
+        .collect();
+    Policy::ExactUnless {
+        why: "a tied candidate, in tokens whose selection is not unique",
+        allow: Box::new(move |i| {
+            let j = got.value(i);
+            match &alternatives[i / k] {
+                Some(ok) => j >= 0.0 && (j as usize) < ok.len() && ok[j as usize],
+                None => false,
+            }
+        }),
+    }
+}
+
+/// Random affinities; `E = n_nodes · per_node` with room for the config; sometimes a coarse grid
+/// (exact ties) and sometimes no bias.
+fn routing_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+    let t = sizes.get("T").copied().unwrap_or_else(|| rng.range(1, 12));
+    let e = n_experts(rng, cfg, sizes);
+    let s = affinities(rng, t * e);
+    outputs([
+        ("scores", float_input(rng, vec![t, e], &s)),
+        ("bias", Tensor::from_f32(vec![e], &random_bias(rng, e))),
+    ])
+}
+
+/// A number of experts the routing config accepts: `n_nodes · (K/M + 0..3)` (or `sizes["E"]`).
+pub(crate) fn n_experts(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> usize {
+    let (k, nodes, m) = (
+        cfg.usize("top_k"),
+        cfg.usize("n_nodes"),
+        cfg.usize("max_nodes"),
+    );
+    sizes
+        .get("E")
+        .copied()
+        .unwrap_or_else(|| nodes * (k.div_ceil(m) + rng.range(0, 3)))
+}
+
+/// `n` sigmoid affinities σ(1.5·z); one time in five rounded to multiples of 1/8 in [1/8, 1]
+/// (exact ties, never all zero).
+pub(crate) fn affinities(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let coarse = rng.chance(0.2);
+    (0..n)
+        .map(|_| {
+            let v = 1.0 / (1.0 + (-1.5 * rng.normal()).exp());
+            (if coarse {
+                (v * 8.0).round().max(1.0) / 8.0
+            } else {
+                v
+            }) as f32
+        })
+        .collect()
+}
+
+/// A small bias (σ = 0.05), or zeros three times in ten.
+pub(crate) fn random_bias(rng: &mut Rng, e: usize) -> Vec<f32> {
+    let with_bias = rng.chance(0.7);
+    (0..e)
+        .map(|_| {
+            if with_bias {
+                (rng.normal() * 0.05) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+pub static BIAS_UPDATE: OpEntry = OpEntry {
+    name: "bias_update",
+    source: "V3 §2.1.2 auxiliary-loss-free balancing (text after eq. (16)); LF Alg. 1",
+    summary: "route the step's tokens (node_limited_routing), c_i = tokens per expert, b_i ← b_i + γ·sign(c̄ − c_i) (f32; sign(0) = 0, sign taken on integers)",
+    inputs: &[SCORES, BIAS],
+    outputs: &[
+        TensorSpec { name: "load", dtypes: &[DType::I64], shape: &[Dim::Var("E")], doc: "c_i, tokens routed to expert i" },
+        TensorSpec { name: "bias_out", dtypes: &[DType::F32], shape: &[Dim::Var("E")], doc: "updated b_i" },
+    ],
+    constraints: &[],
+    config: &[
+        TOP_K,
+        N_NODES,
+        MAX_NODES,
+        ConfigField { name: "gamma", kind: FieldKind::PositiveFloat, default: "0.001", doc: "γ, the bias update speed (0.001 until 14.3T tokens)" },
+    ],
+    reference: bias_update_ref,
+    reference_fn: "reference/src/moe/bias_update.rs::bias_update",
+    gpu: &[],
+    policy: exact,
+    policy_doc: "exact: integer counts and one f32 add of ±γ (inputs with exact selection ties are ambiguous: check their routing with node_limited_routing)",
+    generate: routing_gen,
+    test_configs: &[r#"{"top_k":2,"n_nodes":1,"max_nodes":1}"#, r#"{"gamma":0.25,"top_k":4,"n_nodes":4,"max_nodes":2}"#],
+    v3_sizes: &[&[("T", 64), ("E", 256)]],
+};
+
+fn bias_update_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let sel = route(inputs, cfg)?;
+    let (_, bias) = scores_bias(inputs);
+    let e = bias.len();
+    let load = moe::expert_load(sel.view(), e)?;
+    let mut b = bias.to_vec();
+    moe::bias_update(&mut b, &load, cfg.f64("gamma"))?;
+    let load: Vec<i64> = load.iter().map(|&c| c as i64).collect();
+    Ok(outputs([
+        ("load", i64_tensor(vec![e], &load)),
+        ("bias_out", Tensor::from_f32(vec![e], &b)),
+    ]))
+}
+
+fn exact<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
+    Policy::Exact
+}

@@ -1,0 +1,302 @@
+//! `dsv3 schedule`: pipeline schedules (1F1B, ZB1P, DualPipe) simulated on a cost model, their
+//! bubble and activation memory next to V3 Table 2, and a Figure-5-style timeline image.
+
+use std::path::PathBuf;
+
+use dsv3_reference::train::dualpipe::{
+    activation_formula, bubble_formula, build, check_timeline, formula_regime, simulate, Costs,
+    Method, Op, Schedule, Simulation,
+};
+
+use crate::error::{Error, Result};
+use crate::plot::{Span, Timeline};
+use crate::table::Table;
+
+/// What to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduleKind {
+    #[value(name = "1f1b")]
+    OneFOneB,
+    Zb1p,
+    Dualpipe,
+    /// Bubble and memory of all three for PP ∈ {4, 8, 16} next to Table 2.
+    Table,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScheduleArgs {
+    pub kind: ScheduleKind,
+    /// Pipeline ranks PP.
+    #[arg(long, default_value_t = 8)]
+    pub pp: usize,
+    /// Micro-batches (DualPipe: both directions together).
+    #[arg(long, default_value_t = 20)]
+    pub micro: usize,
+    /// Forward chunk time F.
+    #[arg(long, default_value_t = 1.0)]
+    pub f: f64,
+    /// Full backward chunk time B (input + weights).
+    #[arg(long, default_value_t = 2.0)]
+    pub b: f64,
+    /// Backward-for-weights time W (part of B).
+    #[arg(long, default_value_t = 1.0)]
+    pub w: f64,
+    /// Overlapped forward+backward pair time F&B.
+    #[arg(long, default_value_t = 3.0)]
+    pub fb: f64,
+    /// Timeline image path (default: <kind>_pp<PP>_micro<M>.svg in the current directory).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+impl ScheduleArgs {
+    fn costs(&self) -> Costs {
+        Costs {
+            f: self.f,
+            b: self.b,
+            w: self.w,
+            fb: self.fb,
+        }
+    }
+}
+
+fn method(kind: ScheduleKind) -> Option<Method> {
+    match kind {
+        ScheduleKind::OneFOneB => Some(Method::OneFOneB),
+        ScheduleKind::Zb1p => Some(Method::Zb1p),
+        ScheduleKind::Dualpipe => Some(Method::DualPipe),
+        ScheduleKind::Table => None,
+    }
+}
+
+/// Table 2's bubble formula in words.
+pub fn formula_text(m: Method) -> &'static str {
+    match m {
+        Method::OneFOneB => "(PP−1)(F+B)",
+        Method::Zb1p => "(PP−1)(F+B−2W)",
+        Method::DualPipe => "(PP/2−1)(F&B+B−3W)",
+    }
+}
+
+/// Build, simulate and re-check one schedule.
+pub fn run(m: Method, pp: usize, micro: usize, c: &Costs) -> Result<(Schedule, Simulation)> {
+    let s = build(m, pp, micro)?;
+    let sim = simulate(&s, c)?;
+    check_timeline(&s, &sim)?;
+    Ok((s, sim))
+}
+
+/// One row of the bubble table.
+#[derive(Debug, Clone)]
+pub struct BubbleRow {
+    pub pp: usize,
+    pub method: Method,
+    pub micro: usize,
+    pub simulated: f64,
+    pub formula: f64,
+    pub activations: usize,
+    pub activation_formula: usize,
+    pub params: usize,
+    pub regime: Option<&'static str>,
+}
+
+/// Table 2 for PP ∈ `pps`, micro-batches `max(20, 2·PP)` for every method.
+pub fn bubble_table(pps: &[usize], c: &Costs) -> Result<Vec<BubbleRow>> {
+    let mut rows = Vec::new();
+    for &pp in pps {
+        let micro = (2 * pp).max(20);
+        for m in [Method::OneFOneB, Method::Zb1p, Method::DualPipe] {
+            let (s, sim) = run(m, pp, micro, c)?;
+            rows.push(BubbleRow {
+                pp,
+                method: m,
+                micro,
+                simulated: sim.bubble(),
+                formula: bubble_formula(m, pp, c),
+                activations: sim.activations(),
+                activation_formula: activation_formula(m, pp),
+                params: s.stages_per_device(),
+                regime: formula_regime(m, c),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+pub fn render_bubble_table(rows: &[BubbleRow]) -> String {
+    let mut t = Table::new(&[
+        "PP",
+        "method",
+        "micro",
+        "bubble (simulated)",
+        "Table 2 bubble",
+        "= value",
+        "activations (simulated)",
+        "Table 2 activations",
+        "params/device",
+        "formula regime",
+    ]);
+    for r in rows {
+        t.row(vec![
+            r.pp.to_string(),
+            r.method.name().into(),
+            r.micro.to_string(),
+            format!("{}", r.simulated),
+            formula_text(r.method).into(),
+            format!("{}", r.formula),
+            r.activations.to_string(),
+            format!(
+                "{} = {}",
+                if r.method == Method::DualPipe {
+                    "PP+1"
+                } else {
+                    "PP"
+                },
+                r.activation_formula
+            ),
+            format!("{}×", r.params),
+            r.regime.unwrap_or("yes").into(),
+        ]);
+    }
+    t.render()
+}
+
+const F_COLOR: &str = "#f5a623";
+const B_COLOR: &str = "#7ed321";
+const BI_COLOR: &str = "#c3ef8f";
+const W_COLOR: &str = "#7fb8f0";
+
+/// Figure 5 as an SVG: one lane per device; forward orange, backward green, backward-for-input
+/// light green, weights blue, an overlapped pair as its forward and backward halves side by
+/// side. Labels: micro-batch ids, the reverse direction numbered after the forward one.
+pub fn timeline(s: &Schedule, sim: &Simulation, c: &Costs) -> Timeline {
+    let per_dir = s.per_direction();
+    let id = |dir: usize, mb: usize| (dir * per_dir + mb).to_string();
+    let mut spans = Vec::new();
+    for sp in &sim.spans {
+        let mut push = |start: f64, end: f64, label: String, color: &str| {
+            spans.push(Span {
+                lane: sp.device,
+                start,
+                end,
+                label,
+                color: color.into(),
+            });
+        };
+        match sp.op {
+            Op::F(ch) => push(sp.start, sp.end, id(ch.dir, ch.mb), F_COLOR),
+            Op::B(ch) => push(sp.start, sp.end, id(ch.dir, ch.mb), B_COLOR),
+            Op::Bi(ch) => push(sp.start, sp.end, id(ch.dir, ch.mb), BI_COLOR),
+            Op::W(ch) => push(sp.start, sp.end, id(ch.dir, ch.mb), W_COLOR),
+            Op::Fb { f, b } => {
+                // split the pair's box in the ratio F : B
+                let mid = sp.start + (sp.end - sp.start) * c.f / (c.f + c.b);
+                push(sp.start, mid, id(f.dir, f.mb), F_COLOR);
+                push(mid, sp.end, id(b.dir, b.mb), B_COLOR);
+            }
+        }
+    }
+    let dirs = if s.directions() == 2 {
+        format!(
+            " (0–{} from device 0, {}–{} from device {})",
+            per_dir - 1,
+            per_dir,
+            2 * per_dir - 1,
+            s.pp - 1
+        )
+    } else {
+        String::new()
+    };
+    Timeline {
+        title: format!(
+            "{} PP={} m={}{dirs} F={} B={} W={} F&B={} bubble {} | F orange, B green, B-input light, W blue",
+            s.method.name(),
+            s.pp,
+            s.micro,
+            c.f,
+            c.b,
+            c.w,
+            c.fb,
+            sim.bubble()
+        ),
+        lane_labels: (0..s.pp).map(|d| format!("device {d}")).collect(),
+        spans,
+        px_per_unit: 22.0,
+    }
+}
+
+/// `dsv3 schedule`.
+pub fn main(a: ScheduleArgs) -> Result<bool> {
+    let c = a.costs();
+    c.validate()?;
+    let Some(m) = method(a.kind) else {
+        println!(
+            "Table 2 (V3 §3.2.1) against simulated schedules; F = {}, B = {}, W = {}, F&B = {}",
+            c.f, c.b, c.w, c.fb
+        );
+        let rows = bubble_table(&[4, 8, 16], &c)?;
+        print!("{}", render_bubble_table(&rows));
+        let agree = rows.iter().all(|r| {
+            r.regime.is_some() || (r.simulated - r.formula).abs() <= 1e-9 * r.formula.abs().max(1.0)
+        });
+        let mem = rows.iter().all(|r| r.activations == r.activation_formula);
+        println!(
+            "bubble = max over devices of (makespan − busy time); activations = peak stage activations on a device. \
+             Simulation {} Table 2 wherever the formula's regime holds; activation memory {}.",
+            if agree { "equals" } else { "DIFFERS FROM" },
+            if mem { "equals PP / PP+1" } else { "DIFFERS" }
+        );
+        return Ok(agree && mem);
+    };
+    let (s, sim) = run(m, a.pp, a.micro, &c)?;
+    println!(
+        "{}: PP = {}, {} micro-batches, F = {}, B = {}, W = {}, F&B = {}; makespan {}",
+        m.name(),
+        a.pp,
+        a.micro,
+        c.f,
+        c.b,
+        c.w,
+        c.fb,
+        sim.makespan
+    );
+    let mut t = Table::new(&["device", "ops", "busy", "idle", "peak activations"]);
+    for d in 0..a.pp {
+        t.row(vec![
+            d.to_string(),
+            s.devices[d].len().to_string(),
+            format!("{}", sim.busy[d]),
+            format!("{}", sim.idle[d]),
+            sim.peak_activations[d].to_string(),
+        ]);
+    }
+    print!("{}", t.render());
+    let formula = bubble_formula(m, a.pp, &c);
+    println!(
+        "bubble: simulated {} (max idle) | Table 2 {} = {} | {}",
+        sim.bubble(),
+        formula_text(m),
+        formula,
+        match formula_regime(m, &c) {
+            None => "formula regime: yes".to_string(),
+            Some(why) => format!("formula regime: no, {why}"),
+        }
+    );
+    println!(
+        "activation memory: simulated {} | Table 2 {}; parameter memory {}× (stages per device)",
+        sim.activations(),
+        activation_formula(m, a.pp),
+        s.stages_per_device()
+    );
+    let path = a.svg.clone().unwrap_or_else(|| {
+        let stem = match m {
+            Method::OneFOneB => "1f1b",
+            Method::Zb1p => "zb1p",
+            Method::DualPipe => "dualpipe",
+        };
+        PathBuf::from(format!("{stem}_pp{}_micro{}.svg", a.pp, a.micro))
+    });
+    std::fs::write(&path, timeline(&s, &sim, &c).to_svg()).map_err(|e| Error::io(&path, e))?;
+    println!("wrote {}", path.display());
+    Ok(true)
+}
