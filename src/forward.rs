@@ -291,7 +291,7 @@ pub fn run(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
             );
             dm.push(r);
         }
-        let changed = report_selection_changes(&model, &args.tokens, precision, log)?;
+        let changed = report_selection_changes(&model, &args.tokens, precision, mtp, log)?;
         (Some(d), dm, Some(changed))
     };
     let losses = if args.mtp {
@@ -356,16 +356,17 @@ pub fn precision_name(p: Precision) -> String {
 }
 
 /// Print which (token, MoE layer) expert selections `precision` changes against f32 (naive
-/// prefill of the main model): a changed selection is a discontinuity that no rounding-error
-/// bound on the logits covers.
+/// prefill; the MTP blocks too with `mtp`): a changed selection is a discontinuity that no
+/// rounding-error bound on the logits covers.
 fn report_selection_changes(
     model: &Model,
     tokens: &[usize],
     precision: Precision,
+    mtp: Option<MainHidden>,
     log: &mut dyn Write,
 ) -> Result<usize> {
-    let low = model.expert_selection(tokens, precision)?;
-    let reference = model.expert_selection(tokens, Precision::F32)?;
+    let low = model.expert_selection(tokens, precision, mtp)?;
+    let reference = model.expert_selection(tokens, Precision::F32, mtp)?;
     let (mut changed, mut total, mut where_) = (0, 0, Vec::new());
     for ((layer, a), (_, b)) in low.iter().zip(&reference) {
         for (t, (ra, rb)) in a.rows().into_iter().zip(b.rows()).enumerate() {

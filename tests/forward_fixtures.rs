@@ -192,8 +192,10 @@ fn fp8_precision_stays_within_16_times_the_bf16_distance_while_routing_is_unchan
         };
         let (l32, l16, l8) = (run(Precision::F32), run(Precision::Bf16), run(fp8(&ck)));
         let (d16, d8) = (max_rel_diff(&l16, &l32), max_rel_diff(&l8, &l32));
-        let reference = model.expert_selection(&f.tokens, Precision::F32).unwrap();
-        let low = model.expert_selection(&f.tokens, fp8(&ck)).unwrap();
+        let reference = model
+            .expert_selection(&f.tokens, Precision::F32, None)
+            .unwrap();
+        let low = model.expert_selection(&f.tokens, fp8(&ck), None).unwrap();
         let changed: usize = reference
             .iter()
             .zip(&low)
@@ -410,9 +412,14 @@ fn cli_forward_writes_logits_that_match_the_oracle_in_prefill_and_decode() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The number after `<label> vs f32: max|Δ|/max|ref| = ` in a `dsv3 forward` log.
+/// The number after `<label> vs f32: max|Δ|/max|ref| = ` (or `<label> max|Δ|/max|ref| = `
+/// when the label ends in a colon) in a `dsv3 forward` log.
 fn printed_distance(log: &str, label: &str) -> f64 {
-    let key = format!("{label} vs f32: max|Δ|/max|ref| = ");
+    let key = if label.ends_with(':') {
+        format!("{label} max|Δ|/max|ref| = ")
+    } else {
+        format!("{label} vs f32: max|Δ|/max|ref| = ")
+    };
     let line = log
         .lines()
         .find(|l| l.starts_with(&key))
@@ -461,11 +468,24 @@ fn cli_forward_fp8_reports_its_distance_to_f32_within_the_bound() {
         dir.join("bf16.safetensors"),
         dir.join("fp8.safetensors"),
     );
-    run("f32", &[], &p32);
-    let d16 = printed_distance(&run("bf16", &[], &p16), "bf16");
-    let log = run("fp8", &[], &p8);
-    let d8 = printed_distance(&log, "fp8");
-    println!("dsv3 forward --precision fp8 on fp8_sharded: {d8:.3e} (bf16: {d16:.3e})");
+    // with its MTP module: the same bound holds for the MTP logits (the FP8 MTP block's
+    // routing is in the selection count)
+    run("f32", &["--mtp"], &p32);
+    let log16 = run("bf16", &["--mtp"], &p16);
+    let log = run("fp8", &["--mtp"], &p8);
+    let (d16, d8) = (
+        printed_distance(&log16, "bf16"),
+        printed_distance(&log, "fp8"),
+    );
+    let (m16, m8) = (
+        printed_distance(&log16, "bf16 vs f32, MTP module 1:"),
+        printed_distance(&log, "fp8 vs f32, MTP module 1:"),
+    );
+    println!("dsv3 forward --precision fp8 --mtp on fp8_sharded: {d8:.3e}, MTP {m8:.3e} (bf16: {d16:.3e}, MTP {m16:.3e})");
+    assert!(
+        m8 > m16 && m8 <= FP8_OVER_BF16 * m16,
+        "{m8:e} vs bf16 {m16:e}"
+    );
     // the printed number is the distance of the written logits to the f32 run's
     let recomputed = max_rel_diff(&read_logits(&p8, "logits"), &read_logits(&p32, "logits"));
     assert!(

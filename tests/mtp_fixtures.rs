@@ -98,6 +98,19 @@ fn mtp_logits_match_the_oracle_in_prefill_and_decode() {
                 f.name
             );
         }
+        // in FP8 too, decode and the absorbed prefill agree bit for bit (main and MTP logits)
+        let fp8 = Precision::Fp8 {
+            scale_fmt: ck.fp8_scale_fmt(),
+        };
+        let h0 = MainHidden::default();
+        assert_eq!(
+            model
+                .forward_mtp(&f.tokens, Some(AttnImpl::Absorbed), fp8, h0)
+                .unwrap(),
+            model.forward_mtp(&f.tokens, None, fp8, h0).unwrap(),
+            "{} fp8",
+            f.name
+        );
     }
 }
 

@@ -316,17 +316,18 @@ impl Model<'_> {
     }
 
     /// The experts every loaded MoE block's router picks for each token of a naive prefill:
-    /// `(layer, ids [S, top_k])`, each row's ids ascending (the selection as a set). Used to
-    /// tell whether a lower precision moved a token across a routing decision.
+    /// `(layer, ids [S, top_k])`, each row's ids ascending (the selection as a set); with `mtp`,
+    /// the MTP modules' blocks too (their `T − k` rows, `h^0` as given). Used to tell whether a
+    /// lower precision moved a token across a routing decision.
     pub fn expert_selection(
         &self,
         tokens: &[usize],
         precision: Precision,
+        mtp: Option<MainHidden>,
     ) -> Result<Vec<(usize, Array2<usize>)>> {
-        let mut h = self.embed_tokens(tokens, precision)?;
+        let c = &self.config;
         let mut out = Vec::new();
-        for block in &self.blocks {
-            let (next, routing) = block.forward_routed(h.view(), None, &self.config, precision)?;
+        let mut keep = |block: &Block, routing: Option<Routing>| {
             if let Some(r) = routing {
                 let mut ids = r.ids;
                 for mut row in ids.rows_mut() {
@@ -334,7 +335,33 @@ impl Model<'_> {
                 }
                 out.push((block.layer, ids));
             }
+        };
+        let mut h = self.embed_tokens(tokens, precision)?;
+        for block in &self.blocks {
+            let (next, routing) = block.forward_routed(h.view(), None, c, precision)?;
+            keep(block, routing);
             h = next;
+        }
+        if let Some(h0) = mtp {
+            if h0 == MainHidden::AfterFinalNorm {
+                h = rms_norm(h.view(), &self.norm, c.rms_norm_eps)?;
+            }
+            for (j, module) in self.mtp.iter().enumerate() {
+                let k = j + 1;
+                if tokens.len() <= k {
+                    break;
+                }
+                let x = module.project(
+                    h.slice(s![..tokens.len() - k, ..]),
+                    &tokens[k..],
+                    &self.embed,
+                    c,
+                    precision,
+                )?;
+                let (next, routing) = module.block.forward_routed(x.view(), None, c, precision)?;
+                keep(&module.block, routing);
+                h = next;
+            }
         }
         Ok(out)
     }

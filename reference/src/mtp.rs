@@ -75,26 +75,7 @@ impl Mtp<'_> {
         run: Option<AttnImpl>,
         precision: Precision,
     ) -> Result<Array2<f32>> {
-        let s_len = h_prev.nrows();
-        if next_tokens.len() != s_len {
-            return Err(Error::Shape {
-                op: "mtp",
-                tensor: "next_tokens",
-                got: vec![next_tokens.len()],
-                expected: format!("[{s_len}] (one token per row of h_prev)"),
-            });
-        }
-        // eq. (21): both halves normalized, the embedding half first
-        let e = embed(
-            self.embed.as_ref().unwrap_or(embed_main),
-            next_tokens,
-            precision,
-        )?;
-        let e = rms_norm(e.view(), &self.enorm, cfg.rms_norm_eps)?;
-        let h = rms_norm(h_prev, &self.hnorm, cfg.rms_norm_eps)?;
-        let eh = concatenate(Axis(1), &[e.view(), h.view()]).expect("both [S, D]");
-        // M_k stays out of FP8: the release stores eh_proj in BF16, like the router and head
-        let x = linear(eh.view(), &self.eh_proj, precision.outside_fp8())?;
+        let x = self.project(h_prev, next_tokens, embed_main, cfg, precision)?;
         // eq. (22): the module's transformer block, causal over its S rows
         match run {
             Some(AttnImpl::Naive) => self.block.forward(x.view(), None, cfg, precision),
@@ -106,7 +87,7 @@ impl Mtp<'_> {
             None => {
                 let mut cache = LatentCache::default();
                 let mut out = Array2::<f32>::zeros(x.dim());
-                for i in 0..s_len {
+                for i in 0..x.nrows() {
                     let row = self.block.forward(
                         x.slice(s![i..i + 1, ..]),
                         Some(&mut cache),
@@ -118,6 +99,38 @@ impl Mtp<'_> {
                 Ok(out)
             }
         }
+    }
+
+    /// Eq. (21): `h'^k_i = eh_proj(cat[enorm(Emb(t_{i+k})), hnorm(h^{k−1}_i)])`, the block's
+    /// input. Shapes: `h_prev: [S, D]`, `next_tokens: [S]` → `[S, D]`.
+    pub fn project(
+        &self,
+        h_prev: ArrayView2<f32>,
+        next_tokens: &[usize],
+        embed_main: &Weight,
+        cfg: &ModelConfig,
+        precision: Precision,
+    ) -> Result<Array2<f32>> {
+        let s_len = h_prev.nrows();
+        if next_tokens.len() != s_len {
+            return Err(Error::Shape {
+                op: "mtp",
+                tensor: "next_tokens",
+                got: vec![next_tokens.len()],
+                expected: format!("[{s_len}] (one token per row of h_prev)"),
+            });
+        }
+        // both halves normalized, the embedding half first
+        let e = embed(
+            self.embed.as_ref().unwrap_or(embed_main),
+            next_tokens,
+            precision,
+        )?;
+        let e = rms_norm(e.view(), &self.enorm, cfg.rms_norm_eps)?;
+        let h = rms_norm(h_prev, &self.hnorm, cfg.rms_norm_eps)?;
+        let eh = concatenate(Axis(1), &[e.view(), h.view()]).expect("both [S, D]");
+        // M_k stays out of FP8: the release stores eh_proj in BF16, like the router and head
+        linear(eh.view(), &self.eh_proj, precision.outside_fp8())
     }
 
     /// Eq. (23) before the softmax: `shared_head.head(shared_head.norm(h^k))` `[S, V]`; the
