@@ -63,9 +63,9 @@ impl Mtp<'_> {
     /// Eqs. (21)–(22): `h^k = TRM_k(eh_proj(cat[enorm(Emb(t_{i+k})), hnorm(h^{k−1}_i)]))`.
     ///
     /// `h_prev: [S, D]` (`h^{k−1}_i`, `i = 1..S`), `next_tokens: [S]` (`t_{i+k}`), positions
-    /// `0..S`. `embed`: the main model's embedding, used when the module stores no copy. `run`:
-    /// the block's MLA form on the whole sequence, or `None` to feed the rows one at a time
-    /// through the absorbed MLA and a latent cache. Shapes: → `h^k: [S, D]`.
+    /// `0..S`. `embed_main`: the main model's embedding, used when the module stores no copy.
+    /// `run`: the block's MLA form on the whole sequence, or `None` to feed the rows one at a
+    /// time through the absorbed MLA and a latent cache. Shapes: → `h^k: [S, D]`.
     pub fn forward(
         &self,
         h_prev: ArrayView2<f32>,
