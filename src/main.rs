@@ -113,7 +113,7 @@ enum Command {
         #[arg(long)]
         mtp: bool,
         /// The main-model hidden state MTP module 1 reads: before the final norm (default) or
-        /// after it (what vLLM and SGLang pass).
+        /// after it (what vLLM passes).
         #[arg(long, value_enum, default_value = "before-final-norm")]
         mtp_hidden: MtpHiddenArg,
     },

@@ -34,8 +34,8 @@ pub enum MainHidden {
     /// receives the pre-head residual streams).
     #[default]
     BeforeFinalNorm,
-    /// `model.norm` of it: what vLLM (`DeepseekV2Model.forward` returns the normed states) and
-    /// SGLang (the logits processor captures the head's input) pass to their MTP drafters.
+    /// `model.norm` of it: what vLLM passes to its MTP drafter (`DeepseekV2Model.forward`
+    /// returns the normed states).
     AfterFinalNorm,
 }
 
