@@ -150,7 +150,7 @@ impl<'a> Weight<'a> {
     }
 
     /// Rows `r0..r1` as f32 values `[r1 − r0, K]`, rounded to bf16 when `to_bf16`. FP8 weights
-    /// go through [`fp8::weight_dequant`] one block row at a time: `w = f32(q)·s`.
+    /// go through [`fp8::weight_dequant()`] one block row at a time: `w = f32(q)·s`.
     pub fn rows_f32(&self, r0: usize, r1: usize, to_bf16: bool) -> Result<Array2<f32>> {
         let k = self.cols;
         let mut out = Array2::<f32>::zeros((r1 - r0, k));
@@ -275,7 +275,7 @@ pub fn linear(x: ArrayView2<f32>, l: &Linear, precision: Precision) -> Result<Ar
 ///
 /// 1. the weight as E4M3 codes + block scales: an FP8 checkpoint weight ([`Stored::Fp8`]) as
 ///    stored (codes and `weight_scale_inv`, its `B×B` blocks); any other weight through
-///    [`weight_quant`] (`B = 128`, `scale_fmt`);
+///    [`weight_quant()`] (`B = 128`, `scale_fmt`);
 /// 2. `x` rounded to bf16 (OFF's activations are bf16 tensors), then `act_quant`: one scale per
 ///    token and `B` channels (`scale_fmt`; a partial last tile when `K % B ≠ 0`, see
 ///    [`act_quant_any_k`]);
