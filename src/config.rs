@@ -14,6 +14,8 @@ pub enum FieldKind {
     PositiveInt,
     /// A finite number > 0.
     PositiveFloat,
+    /// A finite number ≥ 0 (rates and coefficients where 0 switches a term off).
+    NonNegativeFloat,
     /// An integer ≥ 0.
     NonNegativeInt,
     /// `true` / `false`.
@@ -41,6 +43,7 @@ impl ConfigField {
         let domain = match self.kind {
             FieldKind::PositiveInt => "int ≥ 1".to_string(),
             FieldKind::PositiveFloat => "number > 0".to_string(),
+            FieldKind::NonNegativeFloat => "number ≥ 0".to_string(),
             FieldKind::NonNegativeInt => "int ≥ 0".to_string(),
             FieldKind::Bool => "bool".to_string(),
             FieldKind::Choice { values, nullable } => {
@@ -67,6 +70,10 @@ impl ConfigField {
             FieldKind::PositiveFloat => match v.as_f64() {
                 Some(x) if x > 0.0 && x.is_finite() => Ok(()),
                 _ => Err(bad("expected a finite number > 0".into())),
+            },
+            FieldKind::NonNegativeFloat => match v.as_f64() {
+                Some(x) if x >= 0.0 && x.is_finite() => Ok(()),
+                _ => Err(bad("expected a finite number ≥ 0".into())),
             },
             FieldKind::NonNegativeInt => match v.as_u64() {
                 Some(_) => Ok(()),

@@ -31,7 +31,7 @@ pub static BALANCE_LOSS: OpEntry = OpEntry {
     constraints: &[],
     config: &[
         TOP_K,
-        ConfigField { name: "alpha", kind: FieldKind::PositiveFloat, default: "0.0001", doc: "α (V3: 0.0001)" },
+        ConfigField { name: "alpha", kind: FieldKind::NonNegativeFloat, default: "0.0001", doc: "α (V3: 0.0001)" },
         ConfigField {
             name: "selection",
             kind: FieldKind::Choice { values: &["topk", "routed"], nullable: false },
@@ -47,7 +47,7 @@ pub static BALANCE_LOSS: OpEntry = OpEntry {
     policy: balance_loss_policy,
     policy_doc: "f64 rounding bounds: loss within 2(2E+T+4)·u·L; grad within 8(E+T+4)·u·(α/T)(f_j/S_t + A_t/S_t²) + 4u·|g| (u = 2^-53; SPEC.md derives both)",
     generate: balance_loss_gen,
-    test_configs: &[r#"{"selection":"routed"}"#, r#"{"top_k":1,"n_nodes":1,"max_nodes":1}"#],
+    test_configs: &[r#"{"selection":"routed"}"#, r#"{"top_k":1,"n_nodes":1,"max_nodes":1}"#, r#"{"alpha":0.0}"#],
     v3_sizes: &[&[("S", 1), ("T", 512), ("E", 256)]],
 };
 

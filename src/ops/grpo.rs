@@ -44,7 +44,7 @@ pub static GRPO_LOSS: OpEntry = OpEntry {
     constraints: &[],
     config: &[
         ConfigField { name: "clip_eps", kind: FieldKind::PositiveFloat, default: "0.2", doc: "ε of the clipped ratio (not stated in V3)" },
-        ConfigField { name: "kl_beta", kind: FieldKind::PositiveFloat, default: "0.04", doc: "β (DeepSeekMath: 0.04; not stated in V3)" },
+        ConfigField { name: "kl_beta", kind: FieldKind::NonNegativeFloat, default: "0.04", doc: "β (DeepSeekMath: 0.04; not stated in V3)" },
         ConfigField {
             name: "std",
             kind: FieldKind::Choice { values: &["sample", "population"], nullable: false },
@@ -58,7 +58,7 @@ pub static GRPO_LOSS: OpEntry = OpEntry {
     policy: grpo_loss_policy,
     policy_doc: "per element, twice the first-order f64 rounding bound of exp/sub/mul/sums in the formula (SPEC.md \"grpo_loss tolerance\"); at a clip boundary (ρ within rounding of 1±ε) either branch of the min",
     generate: grpo_loss_gen,
-    test_configs: &[r#"{"std":"population"}"#, r#"{"clip_eps":0.05,"kl_beta":1.0}"#],
+    test_configs: &[r#"{"std":"population"}"#, r#"{"clip_eps":0.05,"kl_beta":1.0}"#, r#"{"kl_beta":0.0}"#],
     v3_sizes: &[&[("Q", 2), ("G", 64), ("L", 1024)]],
 };
 

@@ -37,10 +37,10 @@ pub static ADAMW_STEP: OpEntry = OpEntry {
     constraints: &[],
     config: &[
         ConfigField { name: "lr", kind: FieldKind::PositiveFloat, default: "0.00022", doc: "learning rate of this step (peak 2.2e-4)" },
-        ConfigField { name: "beta1", kind: FieldKind::PositiveFloat, default: "0.9", doc: "β1 < 1" },
+        ConfigField { name: "beta1", kind: FieldKind::NonNegativeFloat, default: "0.9", doc: "β1 < 1" },
         ConfigField { name: "beta2", kind: FieldKind::PositiveFloat, default: "0.95", doc: "β2 < 1" },
         ConfigField { name: "eps", kind: FieldKind::PositiveFloat, default: "1e-8", doc: "ε (not stated in V3; torch default)" },
-        ConfigField { name: "weight_decay", kind: FieldKind::PositiveFloat, default: "0.1", doc: "decoupled weight decay" },
+        ConfigField { name: "weight_decay", kind: FieldKind::NonNegativeFloat, default: "0.1", doc: "decoupled weight decay" },
         ConfigField { name: "step", kind: FieldKind::PositiveInt, default: "1", doc: "t ≥ 1 of this update (bias correction)" },
     ],
     reference: adamw_step_ref,
@@ -49,7 +49,7 @@ pub static ADAMW_STEP: OpEntry = OpEntry {
     policy: adamw_step_policy,
     policy_doc: "per element, twice the first-order rounding bound of the update formula in the working precision (SPEC.md \"adamw_step tolerance\"); BF16 moments: the BF16 rounding of any value within that bound of our f32 moment",
     generate: adamw_step_gen,
-    test_configs: &[r#"{"step":10}"#, r#"{"step":1000,"lr":0.001,"weight_decay":0.01}"#],
+    test_configs: &[r#"{"step":10}"#, r#"{"step":1000,"lr":0.001,"weight_decay":0.01}"#, r#"{"step":3,"beta1":0.0,"weight_decay":0.0}"#],
     v3_sizes: &[&[("N", 7168)]],
 };
 
@@ -252,14 +252,14 @@ pub static PARAM_EMA: OpEntry = OpEntry {
     ],
     outputs: &[TensorSpec { name: "ema_out", dtypes: EMA_FLOATS, shape: &[Dim::Batch], doc: "updated EMA" }],
     constraints: &[],
-    config: &[ConfigField { name: "decay", kind: FieldKind::PositiveFloat, default: "0.999", doc: "decay < 1 (not stated in V3)" }],
+    config: &[ConfigField { name: "decay", kind: FieldKind::NonNegativeFloat, default: "0.999", doc: "decay < 1 (not stated in V3)" }],
     reference: param_ema_ref,
     reference_fn: "reference/src/train/ema.rs::ema_update",
     gpu: &[],
     policy: param_ema_policy,
     policy_doc: "|Δ| ≤ u·(2|ema'| + 3w|θ − ema|), w = 1 − decay, u of the dtype: a lerp in the dtype (sub, coefficient, mul, add) against ours (one rounding)",
     generate: param_ema_gen,
-    test_configs: &[r#"{"decay":0.5}"#],
+    test_configs: &[r#"{"decay":0.5}"#, r#"{"decay":0.0}"#],
     v3_sizes: &[&[("N", 7168)]],
 };
 

@@ -228,7 +228,7 @@ pub static BIAS_UPDATE: OpEntry = OpEntry {
         TOP_K,
         N_NODES,
         MAX_NODES,
-        ConfigField { name: "gamma", kind: FieldKind::PositiveFloat, default: "0.001", doc: "γ, the bias update speed (0.001 until 14.3T tokens)" },
+        ConfigField { name: "gamma", kind: FieldKind::NonNegativeFloat, default: "0.001", doc: "γ, the bias update speed (0.001 until 14.3T tokens)" },
     ],
     reference: bias_update_ref,
     reference_fn: "reference/src/moe/bias_update.rs::bias_update",
@@ -236,7 +236,7 @@ pub static BIAS_UPDATE: OpEntry = OpEntry {
     policy: exact,
     policy_doc: "exact: integer counts and one f32 add of ±γ (inputs with exact selection ties are ambiguous: check their routing with node_limited_routing)",
     generate: routing_gen,
-    test_configs: &[r#"{"top_k":2,"n_nodes":1,"max_nodes":1}"#, r#"{"gamma":0.25,"top_k":4,"n_nodes":4,"max_nodes":2}"#],
+    test_configs: &[r#"{"top_k":2,"n_nodes":1,"max_nodes":1}"#, r#"{"gamma":0.25,"top_k":4,"n_nodes":4,"max_nodes":2}"#, r#"{"gamma":0.0}"#],
     v3_sizes: &[&[("T", 64), ("E", 256)]],
 };
 
