@@ -37,19 +37,20 @@ use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
-/// The two backends of a block-scaled GEMM op, each judged only under the configs it implements.
+/// The two backends of a block-scaled GEMM op, each judged only under the configs it implements;
+/// `$run(gpu, backend, inputs, config)` runs the op on one backend.
 macro_rules! gemm_backends {
-    ($simt:ident, $wgmma:ident) => {
+    ($run:path) => {
         &[
             GpuImpl {
                 backend: "simt",
-                run: $simt,
+                run: |gpu, inputs, cfg| $run(gpu, Backend::Simt, inputs, cfg),
                 kernel: SIMT_KERNEL,
                 supports: simt_supports,
             },
             GpuImpl {
                 backend: "wgmma",
-                run: $wgmma,
+                run: |gpu, inputs, cfg| $run(gpu, Backend::Wgmma, inputs, cfg),
                 kernel: WGMMA_KERNEL,
                 supports: wgmma_supports,
             },
@@ -340,7 +341,7 @@ pub static FP8_GEMM: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: fp8_gemm_ref,
     reference_fn: "reference/src/fp8/fp8_gemm.rs::fp8_gemm",
-    gpu: gemm_backends!(fp8_gemm_simt, fp8_gemm_wgmma),
+    gpu: gemm_backends!(fp8_gemm_gpu),
     policy: fp8_gemm_policy,
     policy_doc: POLICY_DOC,
     generate: fp8_gemm_gen,
@@ -356,29 +357,49 @@ pub static FP8_GEMM: OpEntry = OpEntry {
     ],
 };
 
-fn fp8_gemm_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
-    let (a, a_s) = (matrix_u8(get(inputs, "a")), matrix_f32(get(inputs, "a_s")));
+/// A GEMM's operands `(a, a_s, b, b_s)` as matrices.
+type Operands = (Array2<u8>, Array2<f32>, Array2<u8>, Array2<f32>);
+/// A grouped GEMM's operands `(a, a_s, b, b_s, m_indices or masked_m)`, `A`/`S` 2-D
+/// (contiguous) or 3-D (masked).
+type GroupedOperands<A, S> = (A, S, Array3<u8>, Array3<f32>, Vec<i64>);
+
+/// fp8_gemm's operands (a's leading dims flattened as OFF: `M = numel / K`, also when K = 0),
+/// checked by the reference's rules.
+fn fp8_gemm_operands(inputs: &TensorMap, cfg: &Config) -> Result<Operands> {
+    let a_t = get(inputs, "a");
+    let (lead, k) = a_t.shape.split_at(a_t.shape.len() - 1);
+    let (m, k, block) = (
+        lead.iter().product::<usize>(),
+        k[0],
+        cfg.usize("block_size"),
+    );
+    let a = Array2::from_shape_vec((m, k), a_t.data.clone()).expect("validated shape");
+    let a_s = get(inputs, "a_s").to_f32().expect("F32 or F8_E8M0 scales");
+    let a_s = Array2::from_shape_vec((m, k.div_ceil(block)), a_s).expect("validated shape");
     let (b, b_s) = (matrix_u8(get(inputs, "b")), matrix_f32(get(inputs, "b_s")));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
-    let names = reference::OFF_NAMES;
     reference::check_gemm(
         "fp8_gemm",
-        &names,
+        &reference::OFF_NAMES,
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         ScaleLayout::Block,
         block,
-        &acc,
+        &accumulation(cfg),
     )?;
+    Ok((a, a_s, b, b_s))
+}
+
+fn fp8_gemm_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+    let (a, a_s, b, b_s) = fp8_gemm_operands(inputs, cfg)?;
     Ok(fast::gemm(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
-        (ScaleLayout::Block, block),
-        &acc,
+        (ScaleLayout::Block, cfg.usize("block_size")),
+        &accumulation(cfg),
         with_magnitude,
     ))
 }
@@ -539,7 +560,7 @@ pub static M_GROUPED_CONTIGUOUS: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: contiguous_ref,
     reference_fn: "reference/src/fp8/grouped_gemm.rs::m_grouped_fp8_gemm_contiguous",
-    gpu: gemm_backends!(contiguous_simt, contiguous_wgmma),
+    gpu: gemm_backends!(contiguous_gpu),
     policy: contiguous_policy,
     policy_doc: "fp8_gemm's policy on rows with an expert; padding rows (m_indices = −1) are undefined and not judged",
     generate: contiguous_gen,
@@ -547,28 +568,36 @@ pub static M_GROUPED_CONTIGUOUS: OpEntry = OpEntry {
     v3_sizes: &[&[("G", 2), ("M", 256), ("N", 7168), ("K", 2048)]],
 };
 
-fn contiguous_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+/// The contiguous layout's operands and `m_indices`, checked by the reference's rules.
+fn contiguous_operands(
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<GroupedOperands<Array2<u8>, Array2<f32>>> {
     let (a, a_s) = (matrix_u8(get(inputs, "a")), matrix_f32(get(inputs, "a_s")));
     let (b, b_s) = (codes3(get(inputs, "b")), scales3(get(inputs, "b_s")));
     let m_indices = indices(get(inputs, "m_indices"));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
     grouped_gemm::check_m_grouped_contiguous(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         &m_indices,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
     )?;
+    Ok((a, a_s, b, b_s, m_indices))
+}
+
+fn contiguous_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+    let (a, a_s, b, b_s, m_indices) = contiguous_operands(inputs, cfg)?;
     Ok(fast::m_grouped_contiguous(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         &m_indices,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
         with_magnitude,
     ))
 }
@@ -666,7 +695,7 @@ pub static M_GROUPED_MASKED: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: masked_ref,
     reference_fn: "reference/src/fp8/grouped_gemm.rs::m_grouped_fp8_gemm_masked",
-    gpu: gemm_backends!(masked_simt, masked_wgmma),
+    gpu: gemm_backends!(masked_gpu),
     policy: masked_policy,
     policy_doc: "fp8_gemm's policy on the first masked_m[g] rows of each group; the rest is undefined and not judged",
     generate: masked_gen,
@@ -674,28 +703,36 @@ pub static M_GROUPED_MASKED: OpEntry = OpEntry {
     v3_sizes: &[&[("G", 2), ("M", 64), ("N", 4096), ("K", 7168)]],
 };
 
-fn masked_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+/// The masked layout's operands and `masked_m`, checked by the reference's rules.
+fn masked_operands(
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<GroupedOperands<Array3<u8>, Array3<f32>>> {
     let (a, a_s) = (codes3(get(inputs, "a")), scales3(get(inputs, "a_s")));
     let (b, b_s) = (codes3(get(inputs, "b")), scales3(get(inputs, "b_s")));
     let masked_m = indices(get(inputs, "masked_m"));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
     grouped_gemm::check_m_grouped_masked(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         &masked_m,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
     )?;
+    Ok((a, a_s, b, b_s, masked_m))
+}
+
+fn masked_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+    let (a, a_s, b, b_s, masked_m) = masked_operands(inputs, cfg)?;
     Ok(fast::m_grouped_masked(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         &masked_m,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
         with_magnitude,
     ))
 }
@@ -814,11 +851,8 @@ const WGRAD: Training = Training {
 };
 
 /// The operands of a training GEMM as `fp8_gemm` sees them: `(a, a_s, b, b_s)`, transposed
-/// where the op reads them transposed.
-fn training_operands(
-    t: &Training,
-    inputs: &TensorMap,
-) -> (Array2<u8>, Array2<f32>, Array2<u8>, Array2<f32>) {
+/// where the op reads them transposed, checked by the reference's rules.
+fn training_operands(t: &Training, inputs: &TensorMap, cfg: &Config) -> Result<Operands> {
     let scales = |i: usize| {
         let (name, transposed) = t.tensors[i];
         let m = matrix_f32(get(inputs, name));
@@ -837,17 +871,7 @@ fn training_operands(
             m
         }
     };
-    (codes(0), scales(1), codes(2), scales(3))
-}
-
-fn training_compute(
-    t: &Training,
-    inputs: &TensorMap,
-    cfg: &Config,
-    with_magnitude: bool,
-) -> Result<GemmOut> {
-    let (a, a_s, b, b_s) = training_operands(t, inputs);
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
+    let (a, a_s, b, b_s) = (codes(0), scales(1), codes(2), scales(3));
     reference::check_gemm(
         t.op,
         &t.names,
@@ -856,16 +880,26 @@ fn training_compute(
         b.view(),
         b_s.view(),
         t.b_layout,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
     )?;
+    Ok((a, a_s, b, b_s))
+}
+
+fn training_compute(
+    t: &Training,
+    inputs: &TensorMap,
+    cfg: &Config,
+    with_magnitude: bool,
+) -> Result<GemmOut> {
+    let (a, a_s, b, b_s) = training_operands(t, inputs, cfg)?;
     Ok(fast::gemm(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
-        (t.b_layout, block),
-        &acc,
+        (t.b_layout, cfg.usize("block_size")),
+        &accumulation(cfg),
         with_magnitude,
     ))
 }
@@ -967,7 +1001,7 @@ pub static LINEAR_FP8_FPROP: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: fprop_ref,
     reference_fn: "reference/src/fp8/linear_fp8.rs::fprop",
-    gpu: gemm_backends!(fprop_simt, fprop_wgmma),
+    gpu: gemm_backends!(fprop_gpu),
     policy: fprop_policy,
     policy_doc: POLICY_DOC,
     generate: fprop_gen,
@@ -1046,7 +1080,7 @@ pub static LINEAR_FP8_DGRAD: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: dgrad_ref,
     reference_fn: "reference/src/fp8/linear_fp8.rs::dgrad",
-    gpu: gemm_backends!(dgrad_simt, dgrad_wgmma),
+    gpu: gemm_backends!(dgrad_gpu),
     policy: dgrad_policy,
     policy_doc: POLICY_DOC,
     generate: dgrad_gen,
@@ -1222,50 +1256,17 @@ fn fp8_gemm_gpu(
     inputs: &TensorMap,
     cfg: &Config,
 ) -> Result<TensorMap> {
-    let a_t = get(inputs, "a");
-    let (b, b_s) = (matrix_u8(get(inputs, "b")), matrix_f32(get(inputs, "b_s")));
-    // leading dims of a flattened as OFF (M = numel / K, also when K = 0)
-    let lead = &a_t.shape[..a_t.shape.len() - 1];
-    let (m, k) = (
-        lead.iter().product::<usize>(),
-        a_t.shape[a_t.shape.len() - 1],
-    );
-    let a = Array2::from_shape_vec((m, k), a_t.data.clone()).expect("validated shape");
-    let a_s = Array2::from_shape_vec(
-        (m, k.div_ceil(cfg.usize("block_size"))),
-        get(inputs, "a_s").to_f32().expect("F32 or F8_E8M0 scales"),
-    )
-    .expect("validated shape");
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
-    let names = reference::OFF_NAMES;
-    reference::check_gemm(
-        "fp8_gemm",
-        &names,
-        a.view(),
-        a_s.view(),
-        b.view(),
-        b_s.view(),
-        ScaleLayout::Block,
-        block,
-        &acc,
-    )?;
+    let (a, a_s, b, b_s) = fp8_gemm_operands(inputs, cfg)?;
     let out = gemm_on_gpu(
         gpu,
         backend,
         (a.view(), a_s.view(), b.view(), b_s.view()),
         cfg,
     )?;
-    let mut shape = lead.to_vec();
+    let a_shape = &get(inputs, "a").shape;
+    let mut shape = a_shape[..a_shape.len() - 1].to_vec();
     shape.push(b.nrows());
     Ok(outputs([("c", floats_tensor(shape, out))]))
-}
-
-fn fp8_gemm_simt(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    fp8_gemm_gpu(gpu, Backend::Simt, inputs, cfg)
-}
-
-fn fp8_gemm_wgmma(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    fp8_gemm_gpu(gpu, Backend::Wgmma, inputs, cfg)
 }
 
 /// Grouped GEMMs on the GPU, one launch per group: the group's defined rows are gathered, run
@@ -1333,19 +1334,7 @@ fn contiguous_gpu(
     inputs: &TensorMap,
     cfg: &Config,
 ) -> Result<TensorMap> {
-    let (a, a_s) = (matrix_u8(get(inputs, "a")), matrix_f32(get(inputs, "a_s")));
-    let (b, b_s) = (codes3(get(inputs, "b")), scales3(get(inputs, "b_s")));
-    let m_indices = indices(get(inputs, "m_indices"));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
-    grouped_gemm::check_m_grouped_contiguous(
-        a.view(),
-        a_s.view(),
-        b.view(),
-        b_s.view(),
-        &m_indices,
-        block,
-        &acc,
-    )?;
+    let (a, a_s, b, b_s, m_indices) = contiguous_operands(inputs, cfg)?;
     let mut rows = vec![Vec::new(); b.shape()[0]];
     for (i, &g) in m_indices.iter().enumerate() {
         if g >= 0 {
@@ -1361,33 +1350,13 @@ fn contiguous_gpu(
     )]))
 }
 
-fn contiguous_simt(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    contiguous_gpu(gpu, Backend::Simt, inputs, cfg)
-}
-
-fn contiguous_wgmma(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    contiguous_gpu(gpu, Backend::Wgmma, inputs, cfg)
-}
-
 fn masked_gpu(
     gpu: &dsv3_gpu::Gpu,
     backend: Backend,
     inputs: &TensorMap,
     cfg: &Config,
 ) -> Result<TensorMap> {
-    let (a, a_s) = (codes3(get(inputs, "a")), scales3(get(inputs, "a_s")));
-    let (b, b_s) = (codes3(get(inputs, "b")), scales3(get(inputs, "b_s")));
-    let masked_m = indices(get(inputs, "masked_m"));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
-    grouped_gemm::check_m_grouped_masked(
-        a.view(),
-        a_s.view(),
-        b.view(),
-        b_s.view(),
-        &masked_m,
-        block,
-        &acc,
-    )?;
+    let (a, a_s, b, b_s, masked_m) = masked_operands(inputs, cfg)?;
     let rows: Vec<Vec<(usize, usize)>> = masked_m
         .iter()
         .enumerate()
@@ -1401,14 +1370,6 @@ fn masked_gpu(
     )]))
 }
 
-fn masked_simt(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    masked_gpu(gpu, Backend::Simt, inputs, cfg)
-}
-
-fn masked_wgmma(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    masked_gpu(gpu, Backend::Wgmma, inputs, cfg)
-}
-
 /// Fprop and Dgrad on the GPU: the operands as fp8_gemm sees them (Dgrad's `wᵀ`, `w_sᵀ`
 /// transposed on the host), block-scaled B.
 fn training_gpu(
@@ -1419,19 +1380,7 @@ fn training_gpu(
     inputs: &TensorMap,
     cfg: &Config,
 ) -> Result<TensorMap> {
-    let (a, a_s, b, b_s) = training_operands(t, inputs);
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
-    reference::check_gemm(
-        t.op,
-        &t.names,
-        a.view(),
-        a_s.view(),
-        b.view(),
-        b_s.view(),
-        t.b_layout,
-        block,
-        &acc,
-    )?;
+    let (a, a_s, b, b_s) = training_operands(t, inputs, cfg)?;
     let c = gemm_on_gpu(
         gpu,
         backend,
@@ -1444,20 +1393,22 @@ fn training_gpu(
     )]))
 }
 
-fn fprop_simt(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    training_gpu(&FPROP, "y", gpu, Backend::Simt, inputs, cfg)
+fn fprop_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<TensorMap> {
+    training_gpu(&FPROP, "y", gpu, backend, inputs, cfg)
 }
 
-fn fprop_wgmma(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    training_gpu(&FPROP, "y", gpu, Backend::Wgmma, inputs, cfg)
-}
-
-fn dgrad_simt(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    training_gpu(&DGRAD, "dx", gpu, Backend::Simt, inputs, cfg)
-}
-
-fn dgrad_wgmma(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    training_gpu(&DGRAD, "dx", gpu, Backend::Wgmma, inputs, cfg)
+fn dgrad_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<TensorMap> {
+    training_gpu(&DGRAD, "dx", gpu, backend, inputs, cfg)
 }
 
 #[cfg(test)]

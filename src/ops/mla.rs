@@ -500,7 +500,7 @@ fn mla_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{check, Mode};
+    use crate::ops::policy_report;
 
     /// Attention of one batch entry in f32 as a kernel computes it: scores by sequential fmaf
     /// dots times f32(scale); `online`: a running max that rescales both sums at every new max
@@ -589,15 +589,7 @@ mod tests {
                     ])
                 };
                 for online in [false, true] {
-                    let rep = check(
-                        op,
-                        &inputs,
-                        &candidate(online, false),
-                        &cfg,
-                        Mode::Policy,
-                        ("", ""),
-                    );
-                    let rep = rep.unwrap();
+                    let rep = policy_report(op, &inputs, &candidate(online, false), &cfg);
                     assert!(
                         rep.pass,
                         "seed {seed} {} online {online}: {:?}",
@@ -610,15 +602,8 @@ mod tests {
                 }
                 if batch.k.iter().any(|k| k.dim().0 > 1) {
                     cases += 1;
-                    let rep = check(
-                        op,
-                        &inputs,
-                        &candidate(false, true),
-                        &cfg,
-                        Mode::Policy,
-                        ("", ""),
-                    );
-                    caught += usize::from(!rep.unwrap().pass);
+                    let rep = policy_report(op, &inputs, &candidate(false, true), &cfg);
+                    caught += usize::from(!rep.pass);
                 }
             }
         }

@@ -206,6 +206,18 @@ pub(crate) fn half_bf16_ulp(x: f64) -> f64 {
     2f64.powi(a.log2().floor() as i32 - 8)
 }
 
+/// `check` of a candidate under the op's policy (tests of what a policy admits and rejects).
+#[cfg(test)]
+pub(crate) fn policy_report(
+    op: &crate::registry::OpEntry,
+    inputs: &TensorMap,
+    candidate: &TensorMap,
+    cfg: &crate::config::Config,
+) -> crate::check::CheckReport {
+    let mode = crate::check::Mode::Policy;
+    crate::check::check(op, inputs, candidate, cfg, mode, ("", "")).expect("contract-valid tensors")
+}
+
 /// f32 unit roundoff 2^-24.
 pub(crate) const U32: f64 = 1.0 / 16_777_216.0;
 

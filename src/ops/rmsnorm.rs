@@ -122,7 +122,7 @@ fn rmsnorm_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{check, Mode};
+    use crate::ops::policy_report;
     use crate::tensor::Tensor;
 
     /// The worst f32 kernel the policy admits, emulated on the CPU: squares summed in `order`,
@@ -171,7 +171,7 @@ mod tests {
                     }
                 }
                 let cand = outputs([("y", Tensor::from_f32(vec![m, d], &y))]);
-                let rep = check(op, &inputs, &cand, &cfg, Mode::Policy, ("", "")).unwrap();
+                let rep = policy_report(op, &inputs, &cand, &cfg);
                 assert!(
                     rep.pass,
                     "seed {seed} reverse {reverse} ulps {ulps}: {rep:?}"
@@ -186,7 +186,7 @@ mod tests {
                 ]);
                 let y = f32_kernel(&tiny, &w, 0.0, false, 0);
                 let cand = outputs([("y", Tensor::from_f32(vec![m, d], &y))]);
-                let rep = check(op, &inputs, &cand, &cfg, Mode::Policy, ("", "")).unwrap();
+                let rep = policy_report(op, &inputs, &cand, &cfg);
                 assert!(!rep.pass, "eps = 0 went unnoticed");
             }
         }
