@@ -1,19 +1,43 @@
-//! `dsv3 forward`: logits of one token sequence from a model directory.
+//! `dsv3 forward`: logits of one token sequence from a model directory, and with `--mtp` the
+//! multi-token-prediction modules' logits (V3 eqs. (21)–(23)) and their loss (eqs. (24)–(25)).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ndarray::Array2;
+use ndarray::{s, Array2};
 
 use dsv3_reference::linear::Precision;
-use dsv3_reference::model::{AttnImpl, Ffn, Model};
+use dsv3_reference::model::{AttnImpl, Ffn, Logits, MainHidden, Model};
+use dsv3_reference::train::mtp_loss::{mtp_lambda, mtp_loss, mtp_module_loss};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::io::{self, TensorMap};
 use crate::tensor::Tensor;
+
+/// `--precision` as asked: [`Precision`] without the FP8 path's activation scale format, which
+/// comes from the checkpoint ([`Checkpoint::fp8_scale_fmt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrecisionChoice {
+    F32,
+    Bf16,
+    Fp8,
+}
+
+impl PrecisionChoice {
+    /// The arithmetic for `ck`: `Fp8` scales activations as `quantization_config.scale_fmt`.
+    pub fn resolve(self, ck: &Checkpoint) -> Precision {
+        match self {
+            PrecisionChoice::F32 => Precision::F32,
+            PrecisionChoice::Bf16 => Precision::Bf16,
+            PrecisionChoice::Fp8 => Precision::Fp8 {
+                scale_fmt: ck.fp8_scale_fmt(),
+            },
+        }
+    }
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -23,11 +47,15 @@ pub struct ForwardArgs {
     pub out: Option<PathBuf>,
     /// Feed the tokens one at a time through the absorbed MLA and its latent cache.
     pub decode: bool,
-    pub precision: Precision,
+    pub precision: PrecisionChoice,
     /// Main (and MTP) layers to load; `None` = all.
     pub layers: Option<Vec<usize>>,
     /// The MLA form of a prefill (ignored with `decode`).
     pub attn: AttnImpl,
+    /// Also run the MTP modules (`mtp_logits`).
+    pub mtp: bool,
+    /// `h^0` of MTP module 1.
+    pub mtp_hidden: MainHidden,
 }
 
 /// What happened.
@@ -35,9 +63,28 @@ pub struct ForwardArgs {
 pub struct ForwardReport {
     /// `[T, vocab]`.
     pub logits: Array2<f32>,
+    /// With `--mtp`: module k's logits `[T − k, vocab]` (row i predicts token i + k + 1).
+    pub mtp_logits: Vec<Array2<f32>>,
     pub seconds: f64,
     /// `max|Δ| / max|ref|` of the logits against an f32 run, for other precisions.
     pub vs_f32: Option<f64>,
+    /// The same for each MTP module's logits.
+    pub mtp_vs_f32: Vec<f64>,
+    /// (token, MoE layer) expert selections that differ from f32 (naive prefill), for other
+    /// precisions.
+    pub selection_changes: Option<usize>,
+    /// `L^k_MTP` (eq. (24)) of each module, the input being all tokens but the last
+    /// (`T = n − 1`, `t_{T+1}` = the last token); `None` when there are too few tokens.
+    pub mtp_module_losses: Option<Vec<f64>>,
+}
+
+/// Name of module k's logits in the output file: `mtp_logits` (k = 1), `mtp_logits_2`, ….
+pub fn mtp_tensor_name(k: usize) -> String {
+    if k == 1 {
+        "mtp_logits".to_string()
+    } else {
+        format!("mtp_logits_{k}")
+    }
 }
 
 /// `"1,2,3"` → token ids.
@@ -96,19 +143,51 @@ pub fn max_rel_diff(a: &Array2<f32>, b: &Array2<f32>) -> f64 {
     }
 }
 
-/// Logits of `tokens` under `precision`.
+/// Logits of `tokens` under `precision` (the main model's and, with `mtp`, the MTP modules').
 pub fn logits(
     model: &Model,
     tokens: &[usize],
     decode: bool,
     attn: AttnImpl,
     precision: Precision,
-) -> Result<Array2<f32>> {
-    Ok(if decode {
-        model.decode(tokens, precision)?
-    } else {
-        model.forward(tokens, attn, precision)?
+    mtp: Option<MainHidden>,
+) -> Result<Logits> {
+    let run = if decode { None } else { Some(attn) };
+    Ok(match mtp {
+        Some(h0) => model.forward_mtp(tokens, run, precision, h0)?,
+        None => Logits {
+            main: match run {
+                None => model.decode(tokens, precision)?,
+                Some(attn) => model.forward(tokens, attn, precision)?,
+            },
+            mtp: Vec::new(),
+        },
     })
+}
+
+/// Eq. (24) for every module from the logits of `tokens` (n tokens): the first `n − 1` are the
+/// input `t_1..t_T` and the last is `t_{T+1}`. By causality, rows `0..T−k` of module k's logits
+/// on all n tokens are its logits on the first `T`. `None` when some module has no row left.
+pub fn mtp_module_losses(mtp_logits: &[Array2<f32>], tokens: &[usize]) -> Result<Option<Vec<f64>>> {
+    let t_len = tokens.len().saturating_sub(1);
+    if mtp_logits.len() >= t_len {
+        return Ok(None);
+    }
+    let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+    let mut losses = Vec::new();
+    for (j, l) in mtp_logits.iter().enumerate() {
+        let k = j + 1;
+        losses.push(mtp_module_loss(l.slice(s![..t_len - k, ..]), &ids, k)?);
+    }
+    Ok(Some(losses))
+}
+
+/// The `n` largest entries of a row, largest first (ties → lower id).
+fn top(row: ndarray::ArrayView1<f32>, n: usize) -> Vec<(usize, f32)> {
+    let mut v: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
 }
 
 /// Load, run, write `logits` F32 `[T, vocab]`; progress lines go to `log`.
@@ -121,6 +200,7 @@ pub fn run(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
         let _ = writeln!(log, "warning: {w}");
     }
     let model = ck.load(args.layers.as_deref())?;
+    let precision = args.precision.resolve(&ck);
     let c = &model.config;
     let moe = model
         .blocks
@@ -129,16 +209,26 @@ pub fn run(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
         .count();
     let _ = writeln!(
         log,
-        "dsv3 forward: {}: {} of {} layers loaded ({} dense, {moe} MoE), {} MTP module(s) loaded and not run; hidden {}, vocab {}, {} shard(s) opened",
+        "dsv3 forward: {}: {} of {} layers loaded ({} dense, {moe} MoE), {} MTP module(s) loaded{}; hidden {}, vocab {}, {} shard(s) opened",
         args.model.display(),
         model.blocks.len(),
         c.num_hidden_layers,
         model.blocks.len() - moe,
         model.mtp.len(),
+        if args.mtp { "" } else { " and not run" },
         c.hidden_size,
         c.vocab_size,
         ck.opened_shards().len()
     );
+    if args.mtp && model.mtp.is_empty() {
+        return Err(Error::Usage(format!(
+            "--mtp: {} has no MTP module loaded (num_nextn_predict_layers = {}; its tensors are model.layers.{}.*{})",
+            args.model.display(),
+            c.num_nextn_predict_layers,
+            c.num_hidden_layers,
+            if args.layers.is_some() { ", which --layers must select" } else { "" }
+        )));
+    }
     if args.layers.is_none() {
         let unused = ck.unused();
         if !unused.is_empty() {
@@ -161,38 +251,72 @@ pub fn run(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
             }
         )
     };
+    let mtp = args.mtp.then_some(args.mtp_hidden);
     let start = Instant::now();
-    let out = logits(&model, &args.tokens, args.decode, args.attn, args.precision)?;
+    let out = logits(&model, &args.tokens, args.decode, args.attn, precision, mtp)?;
     let seconds = start.elapsed().as_secs_f64();
     let _ = writeln!(
         log,
-        "{mode}, precision {:?}, {} token(s): {seconds:.3} s",
-        args.precision,
+        "{mode}, precision {}, {} token(s): {seconds:.3} s",
+        precision_name(precision),
         args.tokens.len()
     );
-    let vs_f32 = if args.precision == Precision::F32 {
-        None
+    let (vs_f32, mtp_vs_f32, selection_changes) = if precision == Precision::F32 {
+        (None, Vec::new(), None)
     } else {
-        let f32_logits = logits(&model, &args.tokens, args.decode, args.attn, Precision::F32)?;
-        let d = max_rel_diff(&out, &f32_logits);
+        let f32_out = logits(
+            &model,
+            &args.tokens,
+            args.decode,
+            args.attn,
+            Precision::F32,
+            mtp,
+        )?;
+        let d = max_rel_diff(&out.main, &f32_out.main);
         let _ = writeln!(
             log,
-            "{:?} vs f32: max|Δ|/max|ref| = {d:.3e} over {} logits",
-            args.precision,
-            out.len()
+            "{} vs f32: max|Δ|/max|ref| = {d:.3e} over {} logits",
+            precision_name(precision),
+            out.main.len()
         );
-        Some(d)
+        let mut dm = Vec::new();
+        for (j, (a, b)) in out.mtp.iter().zip(&f32_out.mtp).enumerate() {
+            let r = max_rel_diff(a, b);
+            let _ = writeln!(
+                log,
+                "{} vs f32, MTP module {}: max|Δ|/max|ref| = {r:.3e} over {} logits",
+                precision_name(precision),
+                j + 1,
+                a.len()
+            );
+            dm.push(r);
+        }
+        let changed = report_selection_changes(&model, &args.tokens, precision, mtp, log)?;
+        (Some(d), dm, Some(changed))
+    };
+    let losses = if args.mtp {
+        report_mtp(&model, &out, &args.tokens, args.mtp_hidden, log)?
+    } else {
+        None
     };
     if let Some(path) = &args.out {
-        let shape = vec![out.nrows(), out.ncols()];
-        let values: Vec<f32> = out.iter().copied().collect();
-        let tensors = TensorMap::from([("logits".to_string(), Tensor::from_f32(shape, &values))]);
+        let mut tensors = TensorMap::new();
+        for (name, l) in std::iter::once(("logits".to_string(), &out.main)).chain(
+            out.mtp
+                .iter()
+                .enumerate()
+                .map(|(j, l)| (mtp_tensor_name(j + 1), l)),
+        ) {
+            let values: Vec<f32> = l.iter().copied().collect();
+            tensors.insert(name, Tensor::from_f32(vec![l.nrows(), l.ncols()], &values));
+        }
         let meta = serde_json::json!({
             "model": args.model.display().to_string(),
             "tokens": args.tokens,
-            "precision": format!("{:?}", args.precision).to_lowercase(),
+            "precision": precision_name(precision),
             "mode": mode,
             "layers": args.layers,
+            "mtp_hidden": args.mtp.then(|| format!("{:?}", args.mtp_hidden)),
         });
         io::save(
             path,
@@ -202,19 +326,140 @@ pub fn run(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
                 meta.to_string(),
             )])),
         )?;
-        let _ = writeln!(
-            log,
-            "logits [{}, {}] written to {}",
-            out.nrows(),
-            out.ncols(),
-            path.display()
-        );
+        let names: Vec<String> = tensors
+            .iter()
+            .map(|(n, t)| format!("{n} {:?}", t.shape))
+            .collect();
+        let _ = writeln!(log, "{} written to {}", names.join(", "), path.display());
     }
     Ok(ForwardReport {
-        logits: out,
+        logits: out.main,
+        mtp_logits: out.mtp,
         seconds,
         vs_f32,
+        mtp_vs_f32,
+        selection_changes,
+        mtp_module_losses: losses,
     })
+}
+
+/// `f32`, `bf16`, `fp8` (`fp8 (ue8m0 scales)` with V3.1's activation scales).
+pub fn precision_name(p: Precision) -> String {
+    match p {
+        Precision::F32 => "f32".into(),
+        Precision::Bf16 => "bf16".into(),
+        Precision::Fp8 { scale_fmt } => match scale_fmt {
+            dsv3_reference::fp8::ScaleFmt::F32 => "fp8".into(),
+            dsv3_reference::fp8::ScaleFmt::Ue8m0 => "fp8 (ue8m0 scales)".into(),
+        },
+    }
+}
+
+/// Print which (token, MoE layer) expert selections `precision` changes against f32 (naive
+/// prefill; the MTP blocks too with `mtp`): a changed selection is a discontinuity that no
+/// rounding-error bound on the logits covers.
+fn report_selection_changes(
+    model: &Model,
+    tokens: &[usize],
+    precision: Precision,
+    mtp: Option<MainHidden>,
+    log: &mut dyn Write,
+) -> Result<usize> {
+    let low = model.expert_selection(tokens, precision, mtp)?;
+    let reference = model.expert_selection(tokens, Precision::F32, mtp)?;
+    let (mut changed, mut total, mut where_) = (0, 0, Vec::new());
+    for ((layer, a), (_, b)) in low.iter().zip(&reference) {
+        for (t, (ra, rb)) in a.rows().into_iter().zip(b.rows()).enumerate() {
+            total += 1;
+            if ra != rb {
+                changed += 1;
+                where_.push(format!("layer {layer} token {t}: {rb} → {ra}"));
+            }
+        }
+    }
+    if total > 0 {
+        let _ = writeln!(
+            log,
+            "expert selection vs f32 (naive prefill): {changed} of {total} (token, MoE layer) selections differ{}{}",
+            if where_.is_empty() { "" } else { ": " },
+            where_.join("; ")
+        );
+    }
+    Ok(changed)
+}
+
+/// Print each MTP module's next-next-token predictions (top 5 per row) and its loss.
+fn report_mtp(
+    model: &Model,
+    out: &Logits,
+    tokens: &[usize],
+    h0: MainHidden,
+    log: &mut dyn Write,
+) -> Result<Option<Vec<f64>>> {
+    for (j, l) in out.mtp.iter().enumerate() {
+        let k = j + 1;
+        let _ = writeln!(
+            log,
+            "MTP module {k} (layer {}, h^0 {}): logits [{}, {}]; row i reads h^{}_i and t[i+{k}], predicts t[i+{}]",
+            model.mtp[j].layer,
+            match h0 {
+                MainHidden::BeforeFinalNorm => "before the final norm",
+                MainHidden::AfterFinalNorm => "after the final norm",
+            },
+            l.nrows(),
+            l.ncols(),
+            k - 1,
+            k + 1
+        );
+        for (i, row) in l.rows().into_iter().enumerate() {
+            let target = tokens
+                .get(i + k + 1)
+                .map_or("(beyond the input)".to_string(), |t| t.to_string());
+            let best: Vec<String> = top(row, 5)
+                .iter()
+                .map(|(id, v)| format!("{id}:{v:.4}"))
+                .collect();
+            let _ = writeln!(
+                log,
+                "  row {i}: t[{}] = {} → t[{}] = {target}; top-5 {}",
+                i + k,
+                tokens[i + k],
+                i + k + 1,
+                best.join(" ")
+            );
+        }
+    }
+    let losses = mtp_module_losses(&out.mtp, tokens)?;
+    match &losses {
+        Some(ls) => {
+            for (j, l) in ls.iter().enumerate() {
+                let _ = writeln!(
+                    log,
+                    "L^{}_MTP = {l:.6} (eq. (24): input t[0..={}], targets t[{}..={}], sum over {} rows / T = {})",
+                    j + 1,
+                    tokens.len() - 2,
+                    j + 2,
+                    tokens.len() - 1,
+                    tokens.len() - 2 - j,
+                    tokens.len() - 1
+                );
+            }
+            let lambda = mtp_lambda(0.0);
+            let _ = writeln!(
+                log,
+                "L_MTP = λ/D·Σ_k L^k_MTP = {:.6} (eq. (25), λ = {lambda}: the first 10T tokens; 0.1 after)",
+                mtp_loss(ls, lambda)?
+            );
+        }
+        None => {
+            let _ = writeln!(
+                log,
+                "L_MTP needs at least {} tokens (the last one is the target t_(T+1))",
+                out.mtp.len() + 2
+            );
+        }
+    }
+    Ok(losses)
 }
 
 #[cfg(test)]

@@ -94,7 +94,10 @@ enum Command {
         /// Feed the tokens one at a time through the absorbed MLA and its latent cache.
         #[arg(long)]
         decode: bool,
-        /// f32, bf16 (weights and GEMM operands in bf16), or fp8 (FP8 GEMMs; needs fp8_gemm).
+        /// f32; bf16 (weights and GEMM operands in bf16); fp8 (the blocks' Linears through
+        /// act_quant + the block-scaled FP8 GEMM, activation scales as the checkpoint's
+        /// quantization_config.scale_fmt; the rest in bf16). Not f32: the distance of the
+        /// logits to an f32 run is printed.
         #[arg(long, value_enum, default_value = "f32")]
         precision: PrecisionArg,
         /// Load only these layers, e.g. --layers 0 or --layers 0,3-5 (embedding, final norm and
@@ -104,6 +107,15 @@ enum Command {
         /// MLA form of a prefill: naive (per-head K/V) or absorbed (latent cache).
         #[arg(long, value_enum, default_value = "naive")]
         attn: AttnArg,
+        /// Also run the multi-token-prediction module(s) (checkpoint layer num_hidden_layers..):
+        /// print their next-next-token predictions and L_MTP, write `mtp_logits` F32
+        /// [T−1, vocab] (row i predicts token i+2) with --out.
+        #[arg(long)]
+        mtp: bool,
+        /// The main-model hidden state MTP module 1 reads: before the final norm (default) or
+        /// after it (what vLLM passes).
+        #[arg(long, value_enum, default_value = "before-final-norm")]
+        mtp_hidden: MtpHiddenArg,
     },
     /// V3 §3.3.2's experiment: error of the FP8 Tensor Core accumulation model vs K, without
     /// promotion and with promotion every N_C elements; tables and SVG plots.
@@ -193,6 +205,12 @@ enum PrecisionArg {
     F32,
     Bf16,
     Fp8,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MtpHiddenArg {
+    BeforeFinalNorm,
+    AfterFinalNorm,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -383,23 +401,30 @@ fn run(cli: Cli) -> Result<bool> {
             precision,
             layers,
             attn,
+            mtp,
+            mtp_hidden,
         } => {
-            use dsv3_reference::linear::Precision;
-            use dsv3_reference::model::AttnImpl;
+            use dsv3_reference::model::{AttnImpl, MainHidden};
+            use forward::PrecisionChoice;
             let args = forward::ForwardArgs {
                 model,
                 tokens: forward::parse_tokens(&tokens)?,
                 out,
                 decode,
                 precision: match precision {
-                    PrecisionArg::F32 => Precision::F32,
-                    PrecisionArg::Bf16 => Precision::Bf16,
-                    PrecisionArg::Fp8 => Precision::Fp8,
+                    PrecisionArg::F32 => PrecisionChoice::F32,
+                    PrecisionArg::Bf16 => PrecisionChoice::Bf16,
+                    PrecisionArg::Fp8 => PrecisionChoice::Fp8,
                 },
                 layers: layers.as_deref().map(forward::parse_layers).transpose()?,
                 attn: match attn {
                     AttnArg::Naive => AttnImpl::Naive,
                     AttnArg::Absorbed => AttnImpl::Absorbed,
+                },
+                mtp,
+                mtp_hidden: match mtp_hidden {
+                    MtpHiddenArg::BeforeFinalNorm => MainHidden::BeforeFinalNorm,
+                    MtpHiddenArg::AfterFinalNorm => MainHidden::AfterFinalNorm,
                 },
             };
             forward::run(&args, &mut std::io::stderr())?;

@@ -41,10 +41,4 @@ pub enum Error {
     /// An error while computing with one named weight or input (the tensor's checkpoint name).
     #[error("{tensor}: {source}")]
     InTensor { tensor: String, source: Box<Error> },
-    /// A computation this build cannot do yet.
-    #[error("{what} is not available yet: {why}")]
-    Unavailable {
-        what: &'static str,
-        why: &'static str,
-    },
 }

@@ -27,7 +27,8 @@
 //! - [`linear`]: Linear layers over stored (F32/BF16/FP8) weights, and [`linear::Precision`].
 //! - [`mlp`]: SwiGLU. [`mla`]: Multi-head Latent Attention (naive and absorbed).
 //! - [`moe`]: the router ([`moe::gate`]), the expert mixture, load balancing and expert placement.
-//! - [`model`]: decoder blocks, the model, the latent caches, the MTP module's weights.
+//! - [`model`]: decoder blocks, the model, the latent caches.
+//! - [`mtp`]: the multi-token-prediction modules (eqs. (21)–(23)) and their logits.
 //! - [`rng`]: the seeded SplitMix64 generator (simulations, FIM).
 //! - [`train`]: optimizer, schedules, MTP loss, GRPO, FIM/packing, pipeline schedules.
 
@@ -38,6 +39,7 @@ pub mod mla;
 pub mod mlp;
 pub mod model;
 pub mod moe;
+pub mod mtp;
 pub mod norm;
 pub mod numeric;
 pub mod rng;

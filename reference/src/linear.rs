@@ -10,11 +10,17 @@ use half::bf16;
 use ndarray::{s, Array2, ArrayView2};
 
 use crate::error::{Error, Result};
-use crate::fp8;
+use crate::fp8::{
+    self, act_quant, act_quant_any_k, fp8_gemm, weight_quant, Accumulation, ScaleFmt,
+};
 use crate::numeric::bf16_round_f32;
 
 /// Rows of a weight materialized at a time (the FP8 block edge of DeepSeek-V3).
 const STRIP: usize = 128;
+
+/// The tile edge of [`fp8_linear`] for weights not stored in FP8 (V3 §3.3.2: 1×128 activation
+/// tiles, 128×128 weight blocks). FP8 checkpoint weights use their own `weight_block_size`.
+pub const FP8_BLOCK: usize = 128;
 
 /// The arithmetic a forward pass runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,9 +33,10 @@ pub enum Precision {
     /// accumulation); norms, RoPE, softmax, routing and residual adds stay f32.
     Bf16,
     /// Every Linear the paper runs in FP8 (V3 §3.3: the Linears inside the blocks) through
-    /// `act_quant` + the block-scaled FP8 GEMM; embedding, head, gating, norms and attention in
-    /// [`Precision::Bf16`]. Not available yet: see [`fp8_linear`].
-    Fp8,
+    /// `act_quant` + the block-scaled FP8 GEMM ([`fp8_linear`]); embedding, head, gating, norms
+    /// and attention in [`Precision::Bf16`]. `scale_fmt` is how activation tiles are scaled
+    /// (the checkpoint's `quantization_config.scale_fmt`: `"ue8m0"` in V3.1).
+    Fp8 { scale_fmt: ScaleFmt },
 }
 
 impl Precision {
@@ -37,14 +44,14 @@ impl Precision {
     /// gating, the attention core): `Fp8` runs them in `Bf16`.
     pub fn outside_fp8(self) -> Precision {
         match self {
-            Precision::Fp8 => Precision::Bf16,
+            Precision::Fp8 { .. } => Precision::Bf16,
             p => p,
         }
     }
 
     /// Whether weights and GEMM operands are rounded to bf16.
     fn rounds_to_bf16(self) -> bool {
-        matches!(self, Precision::Bf16 | Precision::Fp8)
+        matches!(self, Precision::Bf16 | Precision::Fp8 { .. })
     }
 }
 
@@ -143,7 +150,7 @@ impl<'a> Weight<'a> {
     }
 
     /// Rows `r0..r1` as f32 values `[r1 − r0, K]`, rounded to bf16 when `to_bf16`. FP8 weights
-    /// go through [`fp8::weight_dequant`] one block row at a time: `w = f32(q)·s`.
+    /// go through [`fp8::weight_dequant()`] one block row at a time: `w = f32(q)·s`.
     pub fn rows_f32(&self, r0: usize, r1: usize, to_bf16: bool) -> Result<Array2<f32>> {
         let k = self.cols;
         let mut out = Array2::<f32>::zeros((r1 - r0, k));
@@ -219,7 +226,8 @@ impl<'a> Linear<'a> {
 ///
 /// OFF `linear()` / `nn.Linear`. Shapes: `x: [M, K]`, `W: [N, K]` → `y: [M, N]`. Sums in f64,
 /// one rounding to f32. `Bf16` rounds `x`, `W` and `y` to bf16 (a bf16 GEMM with f32
-/// accumulation); `Fp8` takes [`fp8_linear`].
+/// accumulation); `Fp8` takes [`fp8_linear`] (callers pass `precision.outside_fp8()` for the
+/// Linears V3 §3.3 keeps out of FP8).
 pub fn linear(x: ArrayView2<f32>, l: &Linear, precision: Precision) -> Result<Array2<f32>> {
     let w = &l.weight;
     let (m_len, k_len) = x.dim();
@@ -231,8 +239,8 @@ pub fn linear(x: ArrayView2<f32>, l: &Linear, precision: Precision) -> Result<Ar
             expected: format!("[M, {}] (the in-features of `{}`)", w.cols, w.name),
         });
     }
-    if precision == Precision::Fp8 {
-        return fp8_linear(x, l);
+    if let Precision::Fp8 { scale_fmt } = precision {
+        return fp8_linear(x, l, scale_fmt);
     }
     let to_bf16 = precision.rounds_to_bf16();
     let x = if to_bf16 {
@@ -263,21 +271,75 @@ pub fn linear(x: ArrayView2<f32>, l: &Linear, precision: Precision) -> Result<Ar
     Ok(y)
 }
 
-/// The FP8 path of a Linear (V3 §3.3.2, OFF `linear()` with `gemm_impl = "fp8"`):
-/// `x_q, s_x = act_quant(x, 128, scale_fmt)` (1×128 tiles), then
-/// `y = fp8_gemm(x_q, s_x, W_q, W_scale_inv)` (128×128 weight blocks, FP32 promotion every 128
-/// products), then bf16. An FP8 checkpoint weight enters with its codes and `weight_scale_inv`
-/// as stored ([`Stored::Fp8`]); a BF16/F32 weight would first be quantized with
-/// [`fp8::weight_quant`].
+/// The FP8 path of a Linear (V3 §3.3.2, Fig. 7; OFF `linear()` with `gemm_impl = "fp8"`):
 ///
-/// This is the one place the FP8 GEMM plugs in. It needs the block-scaled FP8 GEMM reference
-/// (`fp8_gemm`, issue 3), which this build does not have yet.
-pub fn fp8_linear(_x: ArrayView2<f32>, l: &Linear) -> Result<Array2<f32>> {
-    let _ = &l.weight;
-    Err(Error::Unavailable {
-        what: "--precision fp8",
-        why: "it needs the block-scaled FP8 GEMM reference `fp8_gemm` (issue 3) for `act_quant` + GEMM; use f32 or bf16",
-    })
+/// 1. the weight as E4M3 codes + block scales: an FP8 checkpoint weight ([`Stored::Fp8`]) as
+///    stored (codes and `weight_scale_inv`, its `B×B` blocks); any other weight through
+///    [`weight_quant()`] (`B = 128`, `scale_fmt`);
+/// 2. `x` rounded to bf16 (OFF's activations are bf16 tensors), then `act_quant`: one scale per
+///    token and `B` channels (`scale_fmt`; a partial last tile when `K % B ≠ 0`, see
+///    [`act_quant_any_k`]);
+/// 3. `y = bf16(fp8_gemm(x_q, s_x, W_q, W_s))`: exact block dots, f32 promotion per block (OFF's
+///    Triton kernel), output rounded to bf16 as OFF's `fp8_gemm` stores it;
+/// 4. the bias, if any, as OFF's `y += bias`: one more bf16 rounding.
+///
+/// Shapes: `x: [M, K]`, `W: [N, K]` → `y: [M, N]` (bf16 values held in f32).
+/// Deviation: OFF HEAD forwards `scale_fmt` only from plain `Linear` (wq_a, wkv_a, routed
+/// experts), not from Column/RowParallelLinear; we apply it to every FP8 Linear (SPEC.md).
+pub fn fp8_linear(x: ArrayView2<f32>, l: &Linear, scale_fmt: ScaleFmt) -> Result<Array2<f32>> {
+    let w = &l.weight;
+    // pass 1: the weight's codes and block scales
+    let quantized;
+    let (codes, scales, block) = match &w.stored {
+        Stored::Fp8 {
+            codes,
+            scale_inv,
+            block,
+        } => (
+            ArrayView2::from_shape((w.rows, w.cols), &codes[..]).map_err(|_| {
+                w.error(Error::Shape {
+                    op: "fp8_linear",
+                    tensor: "weight",
+                    got: vec![codes.len()],
+                    expected: format!("{} codes", w.rows * w.cols),
+                })
+            })?,
+            scale_inv.view(),
+            *block,
+        ),
+        _ => {
+            quantized = weight_quant(w.to_f32(false)?.view(), FP8_BLOCK, scale_fmt)
+                .map_err(|e| w.error(e))?;
+            (quantized.y.view(), quantized.s.view(), FP8_BLOCK)
+        }
+    };
+    // pass 2: bf16 activations in 1×B tiles (OFF's act_quant when B divides K)
+    let x = x.mapv(bf16_round_f32);
+    let xq = if x.ncols() % block == 0 {
+        act_quant(x.view(), block, scale_fmt)?
+    } else {
+        act_quant_any_k(x.view(), block, scale_fmt)?
+    };
+    // pass 3: block-scaled GEMM with exact block dots, output in bf16
+    let mut y = fp8_gemm(
+        xq.y.view(),
+        xq.s.view(),
+        codes,
+        scales,
+        block,
+        &Accumulation::Exact,
+    )
+    .map_err(|e| w.error(e))?;
+    y.mapv_inplace(bf16_round_f32);
+    // pass 4: bias added to the bf16 output
+    if let Some(b) = &l.bias {
+        for mut row in y.rows_mut() {
+            for (v, &bn) in row.iter_mut().zip(b) {
+                *v = bf16_round_f32(*v + bn);
+            }
+        }
+    }
+    Ok(y)
 }
 
 #[cfg(test)]
@@ -383,12 +445,116 @@ mod tests {
         assert_ne!(y32, y16);
     }
 
+    /// `[rows, cols]` normal values with spread magnitudes (zero and tiny tiles included).
+    fn normal(rows: usize, cols: usize, seed: u64) -> Array2<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        Array2::from_shape_fn((rows, cols), |(r, _)| {
+            (rng.normal() * 2f64.powi(r as i32 % 5 - 2)) as f32
+        })
+    }
+
+    /// An FP8 checkpoint weight: `weight_quant` of `w` as codes + `weight_scale_inv`.
+    fn fp8_weight(w: &Array2<f32>, block: usize) -> Weight<'static> {
+        let q = weight_quant(w.view(), block, ScaleFmt::F32).unwrap();
+        Weight {
+            name: "model.layers.0.mlp.up_proj.weight".into(),
+            rows: w.nrows(),
+            cols: w.ncols(),
+            stored: Stored::Fp8 {
+                codes: Cow::Owned(q.y.iter().copied().collect()),
+                scale_inv: q.s,
+                block,
+            },
+        }
+    }
+
+    fn fp8(scale_fmt: ScaleFmt) -> Precision {
+        Precision::Fp8 { scale_fmt }
+    }
+
     #[test]
-    fn fp8_precision_says_it_is_not_available_yet() {
-        let l = Linear::new(Weight::from_values("w", array![[1.0f32]]));
-        let e = linear(array![[1.0f32]].view(), &l, Precision::Fp8)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("fp8_gemm") && e.contains("not available"), "{e}");
+    fn fp8_linear_is_fp8_gemm_of_act_quant_and_the_stored_codes() {
+        // K = 256 (two full 1×128 tiles), N = 200 (a partial block row of the weight)
+        let (x, w) = (normal(5, 256, 1), normal(200, 256, 2));
+        let weight = fp8_weight(&w, 128);
+        let (codes, scale_inv) = match &weight.stored {
+            Stored::Fp8 {
+                codes, scale_inv, ..
+            } => (
+                Array2::from_shape_vec((200, 256), codes.to_vec()).unwrap(),
+                scale_inv.clone(),
+            ),
+            _ => unreachable!(),
+        };
+        let bias: Vec<f32> = (0..200).map(|n| n as f32 * 0.37 - 30.0).collect();
+        let l = Linear {
+            weight,
+            bias: Some(bias.clone()),
+        };
+        for scale_fmt in [ScaleFmt::F32, ScaleFmt::Ue8m0] {
+            let y = linear(x.view(), &l, fp8(scale_fmt)).unwrap();
+            // independently: bf16 activations, OFF act_quant, the GEMM, bf16, + bias in bf16
+            let xq = act_quant(x.mapv(bf16_round_f32).view(), 128, scale_fmt).unwrap();
+            let c = fp8_gemm(
+                xq.y.view(),
+                xq.s.view(),
+                codes.view(),
+                scale_inv.view(),
+                128,
+                &Accumulation::Exact,
+            )
+            .unwrap();
+            let want = Array2::from_shape_fn(c.dim(), |(m, n)| {
+                bf16_round_f32(bf16_round_f32(c[[m, n]]) + bias[n])
+            });
+            assert_eq!(y, want, "{scale_fmt:?}");
+        }
+        // the ue8m0 activation scales change the result
+        assert_ne!(
+            linear(x.view(), &l, fp8(ScaleFmt::F32)).unwrap(),
+            linear(x.view(), &l, fp8(ScaleFmt::Ue8m0)).unwrap()
+        );
+    }
+
+    #[test]
+    fn fp8_linear_with_k_not_a_multiple_of_128_is_the_zero_padded_gemm() {
+        // K = 144: the last K-block holds 16 columns. Zero-padding x and the codes to K = 256
+        // (what DeepGEMM does) must give the same bits.
+        let (x, w) = (normal(3, 144, 3), normal(136, 144, 4));
+        let l = Linear::new(fp8_weight(&w, 128));
+        let y = linear(x.view(), &l, fp8(ScaleFmt::F32)).unwrap();
+        let mut xp = Array2::<f32>::zeros((3, 256));
+        xp.slice_mut(s![.., ..144]).assign(&x.mapv(bf16_round_f32));
+        let xq = act_quant(xp.view(), 128, ScaleFmt::F32).unwrap();
+        let (codes, scale_inv) = match &l.weight.stored {
+            Stored::Fp8 {
+                codes, scale_inv, ..
+            } => (codes.to_vec(), scale_inv.clone()),
+            _ => unreachable!(),
+        };
+        let mut wp = Array2::<u8>::zeros((136, 256));
+        wp.slice_mut(s![.., ..144])
+            .assign(&Array2::from_shape_vec((136, 144), codes).unwrap());
+        let c = fp8_gemm(
+            xq.y.view(),
+            xq.s.view(),
+            wp.view(),
+            scale_inv.view(),
+            128,
+            &Accumulation::Exact,
+        )
+        .unwrap();
+        assert_eq!(y, c.mapv(bf16_round_f32));
+    }
+
+    #[test]
+    fn fp8_linear_quantizes_other_weights_with_weight_quant() {
+        let (x, w) = (normal(4, 256, 5), normal(130, 256, 6));
+        let l = Linear::new(Weight::from_values("w", w.clone()));
+        let y = linear(x.view(), &l, fp8(ScaleFmt::F32)).unwrap();
+        // the same bits as the FP8 checkpoint weight weight_quant makes of it
+        let stored = Linear::new(fp8_weight(&w, FP8_BLOCK));
+        assert_eq!(y, linear(x.view(), &stored, fp8(ScaleFmt::F32)).unwrap());
+        assert_ne!(y, linear(x.view(), &l, Precision::Bf16).unwrap());
     }
 }

@@ -253,7 +253,8 @@ impl Mla<'_> {
     /// `c_kv` into per-head `k^C` (`[S, H, dn]`) and `v^C` (`[S, H, dv]`); keys are
     /// `[k^C | k^R]`, queries `[q^C | q^R]` (eqs. (4), (9)); attention (eq. (10)); `o_proj`
     /// (eq. (11)). OFF `attn_impl = "naive"`, HF `DeepseekV3Attention` (eager).
-    /// Shapes: `x: [S, D]` → `[S, D]`.
+    /// Shapes: `x: [S, D]` → `[S, D]`. Deviation: with [`Precision::Fp8`] `kv_b_proj` runs at
+    /// bf16, as in the absorbed form (OFF's naive form sends it through the FP8 GEMM).
     pub fn forward_naive(
         &self,
         x: ArrayView2<f32>,
@@ -264,8 +265,9 @@ impl Mla<'_> {
         let (dn, dr, dv) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim);
         let positions: Vec<usize> = (0..s_len).collect();
         let p = self.project(x, &positions, cfg, precision)?;
-        // eqs. (2), (5): per-head keys and values from the latent
-        let kvb = linear(p.c_kv.view(), &self.wkv_b, precision)?;
+        // eqs. (2), (5): per-head keys and values from the latent; `kv_b_proj` stays out of
+        // FP8 as in the absorbed form, which folds it into the attention (OFF dequantizes it)
+        let kvb = linear(p.c_kv.view(), &self.wkv_b, precision.outside_fp8())?;
         let kvb = kvb
             .into_shape_with_order((s_len, h, dn + dv))
             .map_err(|_| shape_error("kv_b_proj", s_len, h * (dn + dv)))?;

@@ -3,16 +3,17 @@
 //! `DeepseekV3ForCausalLM`).
 //!
 //! The structs hold weights as a checkpoint stores them ([`Weight`]); `dsv3::checkpoint` builds
-//! them from a model directory, tests build them in memory. The multi-token-prediction module
-//! ([`Mtp`], checkpoint layer 61) is loaded when present but not run by [`Model::forward`].
+//! them from a model directory, tests build them in memory. The multi-token-prediction modules
+//! ([`Mtp`], checkpoint layer 61) run in [`Model::forward_mtp`], not in [`Model::forward`].
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{s, Array2, ArrayView2};
 
 use crate::error::{Error, Result};
 use crate::linear::{linear, Linear, Precision, Weight};
 use crate::mla::{LatentCache, Mla, MlaConfig};
 use crate::mlp::Mlp;
-use crate::moe::{GateConfig, Moe};
+use crate::moe::{GateConfig, Moe, Routing};
+pub use crate::mtp::{MainHidden, Mtp};
 use crate::norm::rms_norm;
 use crate::rope::RopeConfig;
 
@@ -172,6 +173,17 @@ impl Block<'_> {
         cfg: &ModelConfig,
         precision: Precision,
     ) -> Result<Array2<f32>> {
+        Ok(self.forward_routed(h, cache, cfg, precision)?.0)
+    }
+
+    /// [`Block::forward`] and, for a MoE block, the router's decision.
+    pub fn forward_routed(
+        &self,
+        h: ArrayView2<f32>,
+        cache: Option<&mut LatentCache>,
+        cfg: &ModelConfig,
+        precision: Precision,
+    ) -> Result<(Array2<f32>, Option<Routing>)> {
         // attention sub-layer
         let x = rms_norm(h, &self.attn_norm, cfg.rms_norm_eps)?;
         let a = match cache {
@@ -183,33 +195,15 @@ impl Block<'_> {
         let h = &h + &a;
         // feed-forward sub-layer
         let x = rms_norm(h.view(), &self.ffn_norm, cfg.rms_norm_eps)?;
-        let f = match &self.ffn {
-            Ffn::Dense(mlp) => mlp.forward(x.view(), precision)?,
-            Ffn::Moe(moe) => moe.forward(x.view(), &cfg.gate, precision)?,
+        let (f, routing) = match &self.ffn {
+            Ffn::Dense(mlp) => (mlp.forward(x.view(), precision)?, None),
+            Ffn::Moe(moe) => {
+                let (f, r) = moe.forward_routed(x.view(), &cfg.gate, precision)?;
+                (f, Some(r))
+            }
         };
-        Ok(h + f)
+        Ok((h + f, routing))
     }
-}
-
-/// The multi-token-prediction module of checkpoint layer `num_hidden_layers + k` (V3 eqs.
-/// (21)–(23)): loaded, not run by [`Model::forward`].
-#[derive(Debug, Clone)]
-pub struct Mtp<'a> {
-    pub layer: usize,
-    /// `enorm` `[D]`: RMSNorm of the next token's embedding.
-    pub enorm: Vec<f32>,
-    /// `hnorm` `[D]`: RMSNorm of the previous depth's hidden state.
-    pub hnorm: Vec<f32>,
-    /// `eh_proj` `[D, 2D]` (M_k).
-    pub eh_proj: Linear<'a>,
-    /// The module's transformer block (`self_attn.*`, `mlp.*`, its two norms).
-    pub block: Block<'a>,
-    /// `shared_head.norm` `[D]`.
-    pub shared_head_norm: Vec<f32>,
-    /// `shared_head.head` `[V, D]` (a copy of `lm_head`), when stored.
-    pub shared_head: Option<Linear<'a>>,
-    /// `embed_tokens` `[V, D]` (a copy of the embedding), when stored.
-    pub embed: Option<Weight<'a>>,
 }
 
 /// A model (or the layers of one that were loaded).
@@ -224,8 +218,37 @@ pub struct Model<'a> {
     pub norm: Vec<f32>,
     /// `lm_head.weight` `[V, D]`.
     pub head: Linear<'a>,
-    /// The MTP modules that were loaded.
+    /// The MTP modules that were loaded, by ascending layer.
     pub mtp: Vec<Mtp<'a>>,
+}
+
+/// Main-model logits and the MTP modules' logits of one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    /// `[T, V]`: row `i` predicts token `i + 1`.
+    pub main: Array2<f32>,
+    /// Module `k` (index `k − 1`): `[T − k, V]`, row `i` predicts token `i + k + 1` (0-based).
+    pub mtp: Vec<Array2<f32>>,
+}
+
+/// Embedding rows of `tokens` from `weight` `[V, D]`: `[S, D]`, rounded to bf16 unless
+/// `precision` is f32. OFF `ParallelEmbedding`.
+pub fn embed(weight: &Weight, tokens: &[usize], precision: Precision) -> Result<Array2<f32>> {
+    let mut h = Array2::<f32>::zeros((tokens.len(), weight.cols));
+    for (s, &t) in tokens.iter().enumerate() {
+        if t >= weight.rows {
+            return Err(Error::Value {
+                op: "embedding",
+                tensor: "tokens",
+                index: vec![s],
+                value: t.to_string(),
+                why: "token id ≥ vocab_size",
+            });
+        }
+        let row = weight.rows_f32(t, t + 1, precision.outside_fp8() != Precision::F32)?;
+        h.row_mut(s).assign(&row.row(0));
+    }
+    Ok(h)
 }
 
 /// The latent caches of every loaded block (absorbed MLA).
@@ -257,24 +280,7 @@ pub enum AttnImpl {
 impl Model<'_> {
     /// Embedding rows of `tokens`: `[S, D]`. OFF `ParallelEmbedding`.
     pub fn embed_tokens(&self, tokens: &[usize], precision: Precision) -> Result<Array2<f32>> {
-        let d = self.config.hidden_size;
-        let mut h = Array2::<f32>::zeros((tokens.len(), d));
-        for (s, &t) in tokens.iter().enumerate() {
-            if t >= self.embed.rows {
-                return Err(Error::Value {
-                    op: "embedding",
-                    tensor: "tokens",
-                    index: vec![s],
-                    value: t.to_string(),
-                    why: "token id ≥ vocab_size",
-                });
-            }
-            let row = self
-                .embed
-                .rows_f32(t, t + 1, precision.outside_fp8() != Precision::F32)?;
-            h.row_mut(s).assign(&row.row(0));
-        }
-        Ok(h)
+        embed(&self.embed, tokens, precision)
     }
 
     /// Final norm and output head: `logits = head(norm(h))`, `[S, V]` (every position, as HF;
@@ -309,6 +315,57 @@ impl Model<'_> {
         Ok(h)
     }
 
+    /// The experts every loaded MoE block's router picks for each token of a naive prefill:
+    /// `(layer, ids [S, top_k])`, each row's ids ascending (the selection as a set); with `mtp`,
+    /// the MTP modules' blocks too (their `T − k` rows, `h^0` as given). Used to tell whether a
+    /// lower precision moved a token across a routing decision.
+    pub fn expert_selection(
+        &self,
+        tokens: &[usize],
+        precision: Precision,
+        mtp: Option<MainHidden>,
+    ) -> Result<Vec<(usize, Array2<usize>)>> {
+        let c = &self.config;
+        let mut out = Vec::new();
+        let mut keep = |block: &Block, routing: Option<Routing>| {
+            if let Some(r) = routing {
+                let mut ids = r.ids;
+                for mut row in ids.rows_mut() {
+                    row.as_slice_mut().expect("a fresh array").sort_unstable();
+                }
+                out.push((block.layer, ids));
+            }
+        };
+        let mut h = self.embed_tokens(tokens, precision)?;
+        for block in &self.blocks {
+            let (next, routing) = block.forward_routed(h.view(), None, c, precision)?;
+            keep(block, routing);
+            h = next;
+        }
+        if let Some(h0) = mtp {
+            if h0 == MainHidden::AfterFinalNorm {
+                h = rms_norm(h.view(), &self.norm, c.rms_norm_eps)?;
+            }
+            for (j, module) in self.mtp.iter().enumerate() {
+                let k = j + 1;
+                if tokens.len() <= k {
+                    break;
+                }
+                let x = module.project(
+                    h.slice(s![..tokens.len() - k, ..]),
+                    &tokens[k..],
+                    &self.embed,
+                    c,
+                    precision,
+                )?;
+                let (next, routing) = module.block.forward_routed(x.view(), None, c, precision)?;
+                keep(&module.block, routing);
+                h = next;
+            }
+        }
+        Ok(out)
+    }
+
     /// Logits `[S, V]` of one sequence at positions `0..S`, all tokens at once.
     pub fn forward(
         &self,
@@ -325,17 +382,91 @@ impl Model<'_> {
         self.logits(h.view(), precision)
     }
 
+    /// Hidden states of `tokens` fed one at a time through the absorbed MLA and its latent
+    /// caches (positions `0..S`), before the final norm: `[S, D]`.
+    pub fn hidden_states_decode(
+        &self,
+        tokens: &[usize],
+        precision: Precision,
+    ) -> Result<Array2<f32>> {
+        let mut cache = Cache::default();
+        let mut h = Array2::<f32>::zeros((tokens.len(), self.config.hidden_size));
+        for (s, &t) in tokens.iter().enumerate() {
+            let row = self.hidden_states(&[t], Some(&mut cache), precision)?;
+            h.row_mut(s).assign(&row.row(0));
+        }
+        Ok(h)
+    }
+
     /// Logits of `tokens` fed one at a time through the absorbed MLA and its latent cache
     /// (positions `0..S`): the same function as [`Model::forward`].
     pub fn decode(&self, tokens: &[usize], precision: Precision) -> Result<Array2<f32>> {
-        let mut cache = Cache::default();
-        let mut logits = Array2::<f32>::zeros((tokens.len(), self.head.out_features()));
-        for (s, &t) in tokens.iter().enumerate() {
-            let h = self.hidden_states(&[t], Some(&mut cache), precision)?;
-            logits
-                .row_mut(s)
-                .assign(&self.logits(h.view(), precision)?.row(0));
+        let h = self.hidden_states_decode(tokens, precision)?;
+        self.logits(h.view(), precision)
+    }
+
+    /// The main model's logits and, chained, every loaded MTP module's (V3 eqs. (21)–(23);
+    /// [`crate::mtp`]). Module `k` takes `h^{k−1}` at rows `0..T−k` (`h^0` chosen by `h0`) and
+    /// the tokens `t[k..T]`. `run`: the MLA form of a prefill, or `None` to feed every token
+    /// (and every MTP row) one at a time through the latent caches.
+    /// Errors: MTP modules that are not layers `num_hidden_layers, +1, …` in order, `T ≤ k`.
+    pub fn forward_mtp(
+        &self,
+        tokens: &[usize],
+        run: Option<AttnImpl>,
+        precision: Precision,
+        h0: MainHidden,
+    ) -> Result<Logits> {
+        let c = &self.config;
+        let t_len = tokens.len();
+        let h = match run {
+            Some(AttnImpl::Naive) => self.hidden_states(tokens, None, precision)?,
+            Some(AttnImpl::Absorbed) => {
+                self.hidden_states(tokens, Some(&mut Cache::default()), precision)?
+            }
+            None => self.hidden_states_decode(tokens, precision)?,
+        };
+        let main = self.logits(h.view(), precision)?;
+        // h^0: the main model's representation of each token
+        let mut prev = match h0 {
+            MainHidden::BeforeFinalNorm => h,
+            MainHidden::AfterFinalNorm => rms_norm(h.view(), &self.norm, c.rms_norm_eps)?,
+        };
+        let mut mtp = Vec::with_capacity(self.mtp.len());
+        for (j, module) in self.mtp.iter().enumerate() {
+            let k = j + 1;
+            if module.layer != c.num_hidden_layers + j {
+                return Err(Error::Argument {
+                    op: "mtp",
+                    name: "layers",
+                    value: module.layer.to_string(),
+                    why: format!(
+                        "MTP module {k} is checkpoint layer {}: modules chain from layer {} on, in order",
+                        c.num_hidden_layers + j,
+                        c.num_hidden_layers
+                    ),
+                });
+            }
+            if t_len <= k {
+                return Err(Error::Shape {
+                    op: "mtp",
+                    tensor: "tokens",
+                    got: vec![t_len],
+                    expected: format!("[T] with T > {k}: MTP module {k} predicts from t_(i+{k})"),
+                });
+            }
+            // eqs. (21)-(23) on rows i = 0..T−k
+            let hk = module.forward(
+                prev.slice(s![..t_len - k, ..]),
+                &tokens[k..],
+                &self.embed,
+                c,
+                run,
+                precision,
+            )?;
+            mtp.push(module.logits(hk.view(), &self.head, c, precision)?);
+            prev = hk;
         }
-        Ok(logits)
+        Ok(Logits { main, mtp })
     }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use dsv3_reference::fp8::ScaleFmt;
 use dsv3_reference::mla::MlaConfig;
 use dsv3_reference::model::ModelConfig;
 use dsv3_reference::moe::{GateConfig, ScoringFunc, TopkMethod};
@@ -22,8 +23,9 @@ use crate::error::{Error, Result};
 pub struct Fp8Storage {
     /// B of the B×B weight blocks (`weight_block_size`, [128, 128]).
     pub block: usize,
-    /// `scale_fmt` (`"ue8m0"` in V3.1): how activations are quantized on the FP8 path.
-    pub scale_fmt: Option<String>,
+    /// `scale_fmt`: how activation tiles are scaled on the FP8 path (`"ue8m0"` in V3.1 →
+    /// [`ScaleFmt::Ue8m0`]; absent or null → [`ScaleFmt::F32`]).
+    pub scale_fmt: ScaleFmt,
 }
 
 /// A parsed `config.json`.
@@ -418,9 +420,15 @@ fn parse_quantization(o: &Obj) -> Result<Option<Fp8Storage>> {
             }
         }
     };
-    let scale_fmt = match q.get("scale_fmt") {
-        None => None,
-        Some(_) => Some(q.str_or("scale_fmt", "")?.to_string()),
+    let scale_fmt = match q.str_or("scale_fmt", "")? {
+        "" => ScaleFmt::F32,
+        "ue8m0" => ScaleFmt::Ue8m0,
+        other => {
+            return Err(q.err(
+                "scale_fmt",
+                format!("\"{other}\" is not supported; expected \"ue8m0\" or null (f32 scales)"),
+            ))
+        }
     };
     Ok(Some(Fp8Storage { block, scale_fmt }))
 }
@@ -479,7 +487,7 @@ mod tests {
             p.fp8,
             Some(Fp8Storage {
                 block: 128,
-                scale_fmt: None
+                scale_fmt: ScaleFmt::F32
             })
         );
         assert_eq!(m.mla.q_lora_rank, Some(1536));
@@ -490,6 +498,19 @@ mod tests {
         assert_eq!((m.gate.n_group, m.gate.topk_group, m.gate.top_k), (8, 4, 8));
         assert!((0..3).all(|l| !m.is_moe_layer(l)) && (3..62).all(|l| m.is_moe_layer(l)));
         assert_eq!(m.total_layers(), 62);
+    }
+
+    #[test]
+    fn v3_1_scale_fmt_ue8m0_is_read_and_unknown_formats_are_refused() {
+        let mut v = v3_config();
+        v["quantization_config"]["scale_fmt"] = json!("ue8m0");
+        let p = parse_v(&v).unwrap();
+        assert_eq!(p.fp8.unwrap().scale_fmt, ScaleFmt::Ue8m0);
+        v["quantization_config"]["scale_fmt"] = json!(null);
+        assert_eq!(parse_v(&v).unwrap().fp8.unwrap().scale_fmt, ScaleFmt::F32);
+        v["quantization_config"]["scale_fmt"] = json!("e8m0");
+        let e = parse_v(&v).unwrap_err().to_string();
+        assert!(e.contains("scale_fmt") && e.contains("e8m0"), "{e}");
     }
 
     #[test]

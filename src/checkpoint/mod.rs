@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use ndarray::Array2;
 use serde_json::Value;
 
+use dsv3_reference::fp8::ScaleFmt;
 use dsv3_reference::linear::{Linear, Stored, Weight};
 use dsv3_reference::mla::{Mla, QProj};
 use dsv3_reference::mlp::Mlp;
@@ -110,6 +111,12 @@ impl Checkpoint {
             location,
             used: RefCell::new(BTreeSet::new()),
         })
+    }
+
+    /// How the FP8 path scales activation tiles: `quantization_config.scale_fmt` (`"ue8m0"` in
+    /// V3.1), f32 scales when absent or when the checkpoint is not FP8.
+    pub fn fp8_scale_fmt(&self) -> ScaleFmt {
+        self.fp8.as_ref().map_or(ScaleFmt::F32, |q| q.scale_fmt)
     }
 
     /// Every tensor name the checkpoint has.

@@ -32,6 +32,24 @@ pub fn act_quant(x: ArrayView2<f32>, block_size: usize, scale_fmt: ScaleFmt) -> 
     Ok(quantize_tiles(x, 1, block_size, scale_fmt))
 }
 
+/// [`act_quant`] for any `K`: the last 1×B tile of a row may be partial (`K mod B` elements).
+/// Its scale comes from its real elements, which is what zero-padding `K` to a multiple of `B`
+/// gives (zeros change neither amax nor the dot products): the activation side of a GEMM whose
+/// last K-block is partial (OFF's Triton `fp8_gemm` masks it, DeepGEMM pads). Equal to
+/// [`act_quant`] when `K % B == 0`.
+///
+/// Shapes: `x: [M, K]` → `y: [M, K]`, `s: [M, ⌈K/B⌉]`.
+pub fn act_quant_any_k(
+    x: ArrayView2<f32>,
+    block_size: usize,
+    scale_fmt: ScaleFmt,
+) -> Result<Quantized> {
+    const OP: &str = "act_quant";
+    check_block_size(OP, block_size)?;
+    check_finite(OP, "x", x)?;
+    Ok(quantize_tiles(x, 1, block_size, scale_fmt))
+}
+
 /// B×1 tiles (one scale per channel per B tokens): the layout Wgrad needs for `x` and `dy`
 /// (V3 App. B.2). Partial tiles at the bottom edge are allowed.
 ///
@@ -114,6 +132,27 @@ mod tests {
         assert!(
             err.to_string().contains("multiple of block_size 128"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn act_quant_any_k_equals_act_quant_of_the_zero_padded_rows() {
+        // K = 5, B = 4: the second tile holds one real element; padded to K = 8 with zeros,
+        // OFF's act_quant gives the same scales and codes.
+        let x = array![[0.5f32, -3.0, 1.25, 2.0, -0.75], [8.0, 0.0, -1.0, 0.1, 6.0]];
+        let q = act_quant_any_k(x.view(), 4, ScaleFmt::F32).unwrap();
+        let mut padded = Array2::<f32>::zeros((2, 8));
+        padded.slice_mut(ndarray::s![.., ..5]).assign(&x);
+        let p = act_quant(padded.view(), 4, ScaleFmt::F32).unwrap();
+        assert_eq!(q.s, p.s);
+        assert_eq!(q.y, p.y.slice(ndarray::s![.., ..5]));
+        // the partial tile's scale is its own amax / 448
+        assert_eq!(q.s[[1, 1]], 6.0f32 / 448.0);
+        // K a multiple of B: the same as act_quant
+        let x = Array2::from_shape_fn((3, 8), |(m, k)| (m as f32 - 1.3) * (k as f32 + 0.7));
+        assert_eq!(
+            act_quant_any_k(x.view(), 4, ScaleFmt::Ue8m0).unwrap(),
+            act_quant(x.view(), 4, ScaleFmt::Ue8m0).unwrap()
         );
     }
 

@@ -60,6 +60,16 @@ impl Moe<'_> {
         cfg: &GateConfig,
         precision: Precision,
     ) -> Result<Array2<f32>> {
+        Ok(self.forward_routed(x, cfg, precision)?.0)
+    }
+
+    /// [`Moe::forward`] and the router's decision it followed.
+    pub fn forward_routed(
+        &self,
+        x: ArrayView2<f32>,
+        cfg: &GateConfig,
+        precision: Precision,
+    ) -> Result<(Array2<f32>, Routing)> {
         let (n_len, d) = x.dim();
         // router: logits u = x·eᵀ, then eqs. (13)-(16)
         let logits = linear(x, &self.gate, precision.outside_fp8())?;
@@ -95,6 +105,6 @@ impl Moe<'_> {
             let z = shared.forward(x, precision)?;
             acc.zip_mut_with(&z, |a, &v| *a += f64::from(v));
         }
-        Ok(acc.mapv(|v| v as f32))
+        Ok((acc.mapv(|v| v as f32), r))
     }
 }

@@ -1,5 +1,6 @@
 //! The multi-token-prediction loss, V3 eqs. (24)–(25), and its weight λ (V3 §4.2). The MTP
-//! module itself (eqs. (21)–(23): projection, transformer block, shared head) is not here.
+//! modules themselves (eqs. (21)–(23): projection, transformer block, shared head) are
+//! [`crate::mtp`]; `Model::forward_mtp` gives the logits this loss reads.
 //!
 //! Indices as in the paper (1-based): the input has tokens `t_1..t_T`, and `t_{T+1}` is the
 //! main model's last target. Module `k` (1 ≤ k ≤ D) produces, for `i = 1..T−k`, the
