@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::check::{judge, Mode};
 use crate::compare::TensorReport;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::TensorMap;
 use crate::registry::{GpuImpl, OpEntry};
 
@@ -39,7 +39,8 @@ pub struct GpuDiff {
 }
 
 /// Run `imp` (one of `op`'s GPU implementations) and the reference on the same
-/// (contract-valid) inputs; compare under the op's policy.
+/// (contract-valid) inputs; compare under the op's policy. A config the backend declines
+/// ([`GpuImpl::declines`]) is an error here: callers skip it first and report the reason.
 pub fn diff(
     op: &OpEntry,
     imp: &GpuImpl,
@@ -47,6 +48,16 @@ pub fn diff(
     inputs: &TensorMap,
     config: &Config,
 ) -> Result<GpuDiff> {
+    if let Some(why) = imp.declines(config) {
+        return Err(Error::Config {
+            op: op.name,
+            msg: format!(
+                "GPU backend `{}` declines {}: {why}",
+                imp.backend,
+                config.as_json()
+            ),
+        });
+    }
     let contract = op.contract();
     let bindings = contract.check_inputs(inputs, config, "")?;
     let reference = (op.reference)(inputs, config)?;

@@ -500,7 +500,9 @@ fn run(cli: Cli) -> Result<bool> {
 }
 
 fn gpu_bench(require: bool, quick: bool) -> Result<bool> {
-    use dsv3_gpu::bench::{bench_act_quant, bench_copy, bench_fp8_gemm, BenchRow};
+    use dsv3_gpu::bench::{
+        bench_act_quant, bench_copy, bench_fp8_gemm, bench_mla_decode, BenchRow,
+    };
     use dsv3_gpu::fp8_gemm::Backend;
     let gpu = match dsv3::gpu::device() {
         Ok(g) => g,
@@ -547,6 +549,13 @@ fn gpu_bench(require: bool, quick: bool) -> Result<bool> {
             )?);
         }
         rows.push(bench_fp8_gemm(gpu, Backend::Simt, (128, n, k), 2)?);
+    }
+    // FlashMLA's decode benchmark: b = 128, h_q = 128, s_q ∈ {1, 2}, T cached tokens
+    let lens: &[usize] = if quick { &[4096] } else { &[4096, 16384] };
+    for &len in lens {
+        for s_q in [1, 2] {
+            rows.push(bench_mla_decode(gpu, (128, s_q, 128, len), 5)?);
+        }
     }
     let mut t = dsv3::table::Table::new(&["kernel", "shape", "ms", "TFLOP/s", "GB/s"]);
     for r in rows {

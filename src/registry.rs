@@ -17,6 +17,9 @@ use crate::rng::Rng;
 pub type RefFn = fn(&TensorMap, &Config) -> Result<TensorMap>;
 /// GPU implementation (same contract as the reference).
 pub type GpuFn = fn(&dsv3_gpu::Gpu, &TensorMap, &Config) -> Result<TensorMap>;
+/// Whether a GPU backend implements a config: `Ok(())`, or `Err(reason)` when it declines it
+/// (the backend is then skipped for that config, never failed, and reports say why).
+pub type SupportsFn = fn(&Config) -> std::result::Result<(), &'static str>;
 /// The tolerance policy of one output, given everything the comparison can see.
 pub type PolicyFn = for<'a> fn(&PolicyCtx<'a>) -> Policy<'a>;
 /// Random inputs satisfying the contract under `config`; `sizes` pins named sizes (`M`, `K`),
@@ -43,6 +46,20 @@ pub struct GpuImpl {
     pub run: GpuFn,
     /// The `.cu` file of the kernel.
     pub kernel: &'static str,
+    /// The configs this backend implements (SPEC.md "GPU kernels" lists the declined ones).
+    pub supports: SupportsFn,
+}
+
+impl GpuImpl {
+    /// `Some(reason)` when this backend declines `config`.
+    pub fn declines(&self, config: &Config) -> Option<&'static str> {
+        (self.supports)(config).err()
+    }
+}
+
+/// [`SupportsFn`] of a backend that implements every config of its op.
+pub fn every_config(_: &Config) -> std::result::Result<(), &'static str> {
+    Ok(())
 }
 
 /// One registered operation.

@@ -309,9 +309,14 @@ fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResu
     let cells: Vec<String> = op
         .gpu
         .iter()
-        .map(|imp| match device {
-            None => format!("{}: no device", imp.backend),
-            Some(g) => match gpu::diff(op, imp, g, &inputs, &config) {
+        .map(|imp| {
+            if let Some(why) = imp.declines(&config) {
+                return format!("{}: declined ({why})", imp.backend);
+            }
+            let Some(g) = device else {
+                return format!("{}: no device", imp.backend);
+            };
+            match gpu::diff(op, imp, g, &inputs, &config) {
                 Ok(d) => {
                     r.gpu_pass = Some(r.gpu_pass.unwrap_or(true) && d.pass);
                     let exact: usize = d.tensors.iter().map(|t| t.exact).sum();
@@ -329,7 +334,7 @@ fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResu
                     r.gpu_pass = Some(false);
                     format!("{}: FAIL error: {e}", imp.backend)
                 }
-            },
+            }
         })
         .collect();
     if !cells.is_empty() {

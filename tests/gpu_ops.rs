@@ -3,7 +3,9 @@
 //! config, and DeepSeek-V3's real shapes at reduced M.
 //!
 //! Without a usable device every test prints `SKIP <test>: <reason>` and passes, unless
-//! `REQUIRE_GPU=1`, which turns the skip into a failure.
+//! `REQUIRE_GPU=1`, which turns the skip into a failure. A backend runs only on the configs it
+//! implements; the (op, backend, config) triples it declines are listed with their reason by
+//! `every_gpu_backend_implements_a_test_config` (which needs no device).
 
 use dsv3::config::Config;
 use dsv3::gpu::{device, diff, required_by_env};
@@ -32,7 +34,7 @@ fn run_one(
     sizes: &Sizes,
 ) -> Result<(), String> {
     let inputs = (op.generate)(&mut Rng::new(seed), cfg, sizes);
-    for imp in op.gpu {
+    for imp in op.gpu.iter().filter(|imp| imp.declines(cfg).is_none()) {
         let context = format!(
             "{} [{}] {} seed {seed} sizes {sizes:?}",
             op.name,
@@ -91,6 +93,38 @@ fn gpu_matches_reference_on_deepseek_v3_shapes() {
             for sizes in op.v3_sizes() {
                 run_one(gpu, op, &cfg, 1, &sizes).unwrap();
             }
+        }
+    }
+}
+
+#[test]
+fn every_gpu_backend_implements_a_test_config() {
+    // runs without a device: a backend that declined every config would never be tested
+    for op in REGISTRY.iter().filter(|o| !o.gpu.is_empty()) {
+        for imp in op.gpu {
+            let mut supported = 0;
+            // the default config, then the test configs as written
+            let labels = std::iter::once("defaults").chain(op.test_configs.iter().copied());
+            for (cfg, label) in op.configs().iter().zip(labels) {
+                match imp.declines(cfg) {
+                    None => {
+                        supported += 1;
+                        println!("GPU {} [{}] {label}: runs", op.name, imp.backend);
+                    }
+                    Some(why) => {
+                        println!(
+                            "GPU {} [{}] {label}: declined ({why})",
+                            op.name, imp.backend
+                        )
+                    }
+                }
+            }
+            assert!(
+                supported > 0,
+                "{} [{}] declines every test config",
+                op.name,
+                imp.backend
+            );
         }
     }
 }

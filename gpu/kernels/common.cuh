@@ -33,3 +33,19 @@ __device__ __forceinline__ float tile_scale(float amax, int ue8m0) {
 __device__ __forceinline__ unsigned char quantize_e4m3(float x, float s) {
     return (unsigned char)__nv_cvt_float_to_fp8(__fdiv_rn(x, s), __NV_SATFINITE, __NV_E4M3);
 }
+
+// Store an f32 result as the output dtype (bf16: round to nearest even).
+__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f32(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// Sum over the 32 lanes of a warp by a butterfly of IEEE additions (never contracted): every lane
+// ends with the same bits, because IEEE addition is commutative. All 32 lanes must take part.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xFFFFFFFFu, v, offset));
+    return v;
+}
+
+// IEEE specials (NVRTC has no <math.h> macros).
+__device__ __forceinline__ float inf_f32() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ double inf_f64() { return __longlong_as_double(0x7ff0000000000000LL); }
+__device__ __forceinline__ double nan_f64() { return __longlong_as_double(0x7ff8000000000000LL); }

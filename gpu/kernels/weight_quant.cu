@@ -6,7 +6,8 @@
 //   s = max(amax, 1e-4) / 448 (__fdiv_rn), ue8m0: s = smallest power of two >= s,
 //   y = e4m3_satfinite_rn(w / s) (__fdiv_rn).
 // Tolerance class: exact (IEEE division).
-// Launch: one thread block of 256 threads per weight block; grid = (ceil(K/B), ceil(N/B)).
+// Launch: one thread block of 256 threads per weight block; a 1-D grid of ceil(N/B)·ceil(K/B)
+//   blocks, block i quantizing weight block (i / ceil(K/B), i % ceil(K/B)) and writing s[i].
 //   Threads stride over the block's elements; amax is reduced with warp shuffles and shared memory.
 // Napkin math: reads 4 (f32) or 2 (bf16) B and writes 1 B per element: memory-bound.
 
@@ -18,7 +19,8 @@ template <typename T>
 __device__ void weight_quant_block(const T* __restrict__ w, unsigned char* __restrict__ y, float* __restrict__ s,
                                    int n, int k, int block_size, int ue8m0) {
     __shared__ float warp_max[32];
-    const int row0 = blockIdx.y * block_size, col0 = blockIdx.x * block_size;
+    const int grid_cols = (k - 1) / block_size + 1;  // k ≥ 1 (no launch for an empty weight)
+    const int row0 = (int)(blockIdx.x / grid_cols) * block_size, col0 = (int)(blockIdx.x % grid_cols) * block_size;
     const int rows = min(block_size, n - row0), cols = min(block_size, k - col0);
     const long long count = (long long)rows * cols;
 
@@ -40,7 +42,7 @@ __device__ void weight_quant_block(const T* __restrict__ w, unsigned char* __res
 
     // pass 2: the block's scale
     const float scale = tile_scale(warp_max[0], ue8m0);
-    if (threadIdx.x == 0) s[(long long)blockIdx.y * gridDim.x + blockIdx.x] = scale;
+    if (threadIdx.x == 0) s[blockIdx.x] = scale;
 
     // pass 3: divide (IEEE) and convert with round-to-nearest-even, saturating
     for (long long i = threadIdx.x; i < count; i += blockDim.x) {

@@ -4,7 +4,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 use crate::kernels::ACT_QUANT;
-use crate::runtime::{DeviceFloats, Gpu, HostFloats};
+use crate::runtime::{grid_1d, DeviceFloats, Gpu, HostFloats};
 
 /// E4M3 codes and their scales (`[M, K]` and `[M, K/B]` here).
 pub struct Output {
@@ -67,7 +67,7 @@ pub fn act_quant_launch(
 ) -> Result<()> {
     let n_tiles = len / block_size;
     let cfg = LaunchConfig {
-        grid_dim: ((n_tiles as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
+        grid_dim: grid_1d("act_quant", n_tiles.div_ceil(WARPS_PER_BLOCK as usize))?,
         block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };

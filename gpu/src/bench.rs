@@ -7,6 +7,7 @@ use cudarc::driver::sys::CUevent_flags;
 use crate::act_quant::act_quant_launch;
 use crate::error::Result;
 use crate::fp8_gemm::{fp8_gemm_launch, Backend, Operands};
+use crate::mla_decode::{mla_decode_launch, Buffers, Dims, D_QK, D_V, PAGE};
 use crate::runtime::{DeviceFloats, Gpu};
 
 /// One timed kernel.
@@ -115,7 +116,16 @@ pub fn bench_fp8_gemm(
         b_s: &b_s,
     };
     let ms = time_ms(gpu, 1, reps, || {
-        fp8_gemm_launch(gpu, backend, &ops, &mut c_f32, &mut c_bf16, (m, n, k), true)
+        fp8_gemm_launch(
+            gpu,
+            backend,
+            &ops,
+            &mut c_f32,
+            &mut c_bf16,
+            (m, n, k),
+            128,
+            true,
+        )
     })?;
     Ok(BenchRow {
         kernel: format!("fp8_gemm {backend:?}"),
@@ -123,5 +133,62 @@ pub fn bench_fp8_gemm(
         ms,
         tflops: Some(2.0 * m as f64 * n as f64 * k as f64 / ms / 1e9),
         gbps: Some((m * k + n * k + 2 * m * n) as f64 / ms / 1e6),
+    })
+}
+
+/// `mla_decode` with bf16 q, cache and output at FlashMLA's decode benchmark shape: `batch`
+/// sequences of `len` cached tokens each (blocks in a shuffled order), `s_q` queries of `heads`
+/// heads. GB/s by FlashMLA's napkin math (bytes = Q + KV + O in bf16: the cache read once,
+/// however often a kernel re-reads it), TFLOP/s = B·H·S_q·(2·576·T + 2·512·T) / t with T = len.
+pub fn bench_mla_decode(
+    gpu: &Gpu,
+    (batch, s_q, heads, len): (usize, usize, usize, usize),
+    reps: usize,
+) -> Result<BenchRow> {
+    let stream = gpu.stream();
+    let pages = len.div_ceil(PAGE);
+    let n_blocks = batch * pages;
+    // values in [−0.5, 0.5) as bf16 bit patterns (the upper half of an f32)
+    let bf16 = |n: usize, seed: u64| -> Vec<u16> {
+        bytes(n, seed, 0xFF)
+            .iter()
+            .map(|&b| ((f32::from(b) / 256.0 - 0.5).to_bits() >> 16) as u16)
+            .collect()
+    };
+    let q = DeviceFloats::Bf16(stream.clone_htod(&bf16(batch * s_q * heads * D_QK, 5))?);
+    let k_cache = DeviceFloats::Bf16(stream.clone_htod(&bf16(n_blocks * PAGE * D_QK, 6))?);
+    // sequence b's page p lives in block (p·batch + b): the pages of one sequence are scattered
+    let table: Vec<i32> = (0..batch)
+        .flat_map(|b| (0..pages).map(move |p| (p * batch + b) as i32))
+        .collect();
+    let block_table = stream.clone_htod(&table)?;
+    let cache_seqlens = stream.clone_htod(&vec![len as i32; batch])?;
+    let mut out = DeviceFloats::Bf16(stream.alloc_zeros::<u16>(batch * s_q * heads * D_V)?);
+    let mut lse = stream.alloc_zeros::<f32>(batch * heads * s_q)?;
+    let dims = Dims {
+        batch,
+        s_q,
+        heads,
+        n_blocks,
+        max_blocks: pages,
+    };
+    let buffers = Buffers {
+        q: &q,
+        k_cache: &k_cache,
+        block_table: &block_table,
+        cache_seqlens: &cache_seqlens,
+    };
+    let ms = time_ms(gpu, 1, reps, || {
+        mla_decode_launch(gpu, &buffers, &mut out, &mut lse, &dims, 0.135_233_78, true)
+    })?;
+    let rows = (batch * s_q * heads) as f64;
+    let moved = 2.0 * (rows * D_QK as f64 + (batch * len * D_QK) as f64 + rows * D_V as f64);
+    let flops = rows * len as f64 * 2.0 * (D_QK + D_V) as f64;
+    Ok(BenchRow {
+        kernel: "mla_decode bf16".into(),
+        shape: format!("b={batch} s_q={s_q} h={heads} T={len}"),
+        ms,
+        tflops: Some(flops / ms / 1e9),
+        gbps: Some(moved / ms / 1e6),
     })
 }

@@ -5,7 +5,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 use crate::kernels::{FP8_GEMM, FP8_GEMM_WGMMA};
-use crate::runtime::Gpu;
+use crate::runtime::{grid_1d, Floats, Gpu};
 
 /// Which kernel computes the GEMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,14 +16,10 @@ pub enum Backend {
     Wgmma,
 }
 
-/// `c[M, N]` as f32 values or bf16 bit patterns.
-pub enum GemmOut {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-}
-
-/// `c[m,n] = Σ_kb (Σ_{k∈kb} a[m,k]·b[n,k]) · a_s[m,kb] · b_s[n/128,kb]` for E4M3 codes
-/// `a: [M, K]`, `b: [N, K]`, `a_s: [M, ⌈K/128⌉]`, `b_s: [⌈N/128⌉, ⌈K/128⌉]`.
+/// `c[M, N]` (f32 values or bf16 bit patterns) with
+/// `c[m,n] = Σ_kb (Σ_{k∈kb} a[m,k]·b[n,k]) · a_s[m,kb] · b_s[n/B,kb]` for E4M3 codes
+/// `a: [M, K]`, `b: [N, K]`, `a_s: [M, ⌈K/B⌉]`, `b_s: [⌈N/B⌉, ⌈K/B⌉]`, `B = block_size`
+/// (any `B` for [`Backend::Simt`], 128 for [`Backend::Wgmma`]).
 #[allow(clippy::too_many_arguments)]
 pub fn fp8_gemm(
     gpu: &Gpu,
@@ -33,14 +29,21 @@ pub fn fp8_gemm(
     b: &[u8],
     b_s: &[f32],
     (m, n, k): (usize, usize, usize),
+    block_size: usize,
     bf16_out: bool,
-) -> Result<GemmOut> {
+) -> Result<Floats> {
     const OP: &str = "fp8_gemm";
-    let kb = k.div_ceil(128);
+    if block_size == 0 || (backend == Backend::Wgmma && block_size != 128) {
+        return Err(Error::Argument {
+            op: OP,
+            msg: format!("block_size {block_size} is not supported by the {backend:?} kernel"),
+        });
+    }
+    let kb = k.div_ceil(block_size);
     if a.len() != m * k
         || b.len() != n * k
         || a_s.len() != m * kb
-        || b_s.len() != n.div_ceil(128) * kb
+        || b_s.len() != n.div_ceil(block_size) * kb
     {
         return Err(Error::Argument {
             op: OP,
@@ -53,7 +56,10 @@ pub fn fp8_gemm(
             ),
         });
     }
-    if [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
+    if [m, n, k + block_size]
+        .iter()
+        .any(|&d| d > i32::MAX as usize)
+    {
         return Err(Error::Argument {
             op: OP,
             msg: "dimensions must fit in i32".into(),
@@ -62,9 +68,9 @@ pub fn fp8_gemm(
     if m * n == 0 || k == 0 {
         // no K blocks: every output is the empty sum, +0
         return Ok(if bf16_out {
-            GemmOut::Bf16(vec![0; m * n])
+            Floats::Bf16(vec![0; m * n])
         } else {
-            GemmOut::F32(vec![0.0; m * n])
+            Floats::F32(vec![0.0; m * n])
         });
     }
     let stream = gpu.stream();
@@ -87,12 +93,13 @@ pub fn fp8_gemm(
         &mut d_f32,
         &mut d_bf16,
         (m, n, k),
+        block_size,
         bf16_out,
     )?;
     Ok(if bf16_out {
-        GemmOut::Bf16(stream.clone_dtoh(&d_bf16)?)
+        Floats::Bf16(stream.clone_dtoh(&d_bf16)?)
     } else {
-        GemmOut::F32(stream.clone_dtoh(&d_f32)?)
+        Floats::F32(stream.clone_dtoh(&d_f32)?)
     })
 }
 
@@ -104,8 +111,10 @@ pub struct Operands<'a> {
     pub b_s: &'a CudaSlice<f32>,
 }
 
-/// Launch one backend on device buffers (sizes checked by the caller; `c_f32` or `c_bf16` holds
-/// M·N elements, the other at least one); nothing is copied.
+/// Launch one backend on device buffers (sizes checked by the caller, `block_size` 128 for
+/// [`Backend::Wgmma`]; `c_f32` or `c_bf16` holds M·N elements, the other at least one); nothing
+/// is copied.
+#[allow(clippy::too_many_arguments)]
 pub fn fp8_gemm_launch(
     gpu: &Gpu,
     backend: Backend,
@@ -113,14 +122,16 @@ pub fn fp8_gemm_launch(
     c_f32: &mut CudaSlice<f32>,
     c_bf16: &mut CudaSlice<u16>,
     (m, n, k): (usize, usize, usize),
+    block_size: usize,
     bf16_out: bool,
 ) -> Result<()> {
+    const OP: &str = "fp8_gemm";
     let (kernel, function, cfg) = match backend {
         Backend::Simt => (
             &FP8_GEMM,
             "fp8_gemm_simt",
             LaunchConfig {
-                grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1),
+                grid_dim: grid_1d(OP, m.div_ceil(16) * n.div_ceil(16))?,
                 block_dim: (16, 16, 1),
                 shared_mem_bytes: 0,
             },
@@ -129,7 +140,7 @@ pub fn fp8_gemm_launch(
             &FP8_GEMM_WGMMA,
             "fp8_gemm_wgmma",
             LaunchConfig {
-                grid_dim: (n.div_ceil(128) as u32, m.div_ceil(64) as u32, 1),
+                grid_dim: grid_1d(OP, m.div_ceil(64) * n.div_ceil(128))?,
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             },
@@ -137,6 +148,7 @@ pub fn fp8_gemm_launch(
     };
     let f = gpu.function(kernel, function)?;
     let (m_arg, n_arg, k_arg, bf16_arg) = (m as i32, n as i32, k as i32, i32::from(bf16_out));
+    let block_arg = block_size as i32;
     let mut launch = gpu.stream().launch_builder(&f);
     launch
         .arg(x.a)
@@ -147,9 +159,13 @@ pub fn fp8_gemm_launch(
         .arg(c_bf16)
         .arg(&m_arg)
         .arg(&n_arg)
-        .arg(&k_arg)
-        .arg(&bf16_arg);
-    // SAFETY: argument types and order match both kernels' signatures; the grids cover [M, N]
+        .arg(&k_arg);
+    if backend == Backend::Simt {
+        launch.arg(&block_arg);
+    }
+    launch.arg(&bf16_arg);
+    // SAFETY: argument types and order match both kernels' signatures (block_size only for
+    // fp8_gemm_simt); the grids cover [M, N]
     // and every access is bounds-checked against M, N, K inside the kernels; the unused output
     // buffer is never written.
     unsafe { launch.launch(cfg) }?;

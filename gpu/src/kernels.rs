@@ -42,6 +42,46 @@ pub const FP8_GEMM_WGMMA: Kernel = Kernel {
     functions: &["fp8_gemm_wgmma"],
 };
 
+pub const RMSNORM: Kernel = Kernel {
+    name: "rmsnorm",
+    source: include_str!("../kernels/rmsnorm.cu"),
+    functions: &["rmsnorm_f32", "rmsnorm_bf16"],
+};
+
+pub const ROPE: Kernel = Kernel {
+    name: "rope",
+    source: include_str!("../kernels/rope.cu"),
+    functions: &["rope_f32", "rope_bf16"],
+};
+
+pub const SWIGLU: Kernel = Kernel {
+    name: "swiglu",
+    source: include_str!("../kernels/swiglu.cu"),
+    functions: &[
+        "swiglu_f32",
+        "swiglu_bf16",
+        "swiglu_f32_bf16up",
+        "swiglu_bf16_f32up",
+    ],
+};
+
+pub const MOE_GATE: Kernel = Kernel {
+    name: "moe_gate",
+    source: include_str!("../kernels/moe_gate.cu"),
+    functions: &["moe_gate_logits", "moe_gate_route"],
+};
+
+pub const MLA_DECODE: Kernel = Kernel {
+    name: "mla_decode",
+    source: include_str!("../kernels/mla_decode.cu"),
+    functions: &[
+        "mla_decode_f32_f32",
+        "mla_decode_bf16_bf16",
+        "mla_decode_f32_bf16",
+        "mla_decode_bf16_f32",
+    ],
+};
+
 /// Every kernel of the crate: the compile test builds all of them for `sm_90a`.
 pub const ALL: &[Kernel] = &[
     ACT_QUANT,
@@ -49,4 +89,9 @@ pub const ALL: &[Kernel] = &[
     WEIGHT_DEQUANT,
     FP8_GEMM,
     FP8_GEMM_WGMMA,
+    RMSNORM,
+    ROPE,
+    SWIGLU,
+    MOE_GATE,
+    MLA_DECODE,
 ];

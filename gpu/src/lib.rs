@@ -14,11 +14,16 @@ pub mod bench;
 pub mod error;
 pub mod fp8_gemm;
 pub mod kernels;
+pub mod mla_decode;
+pub mod moe_gate;
+pub mod rmsnorm;
+pub mod rope;
 pub mod runtime;
+pub mod swiglu;
 pub mod weight_dequant;
 pub mod weight_quant;
 
 pub use error::{Error, Result};
 pub use runtime::{
-    compile, driver_available, nvrtc_available, Compiled, FunctionStats, Gpu, HostFloats,
+    compile, driver_available, nvrtc_available, Compiled, Floats, FunctionStats, Gpu, HostFloats,
 };

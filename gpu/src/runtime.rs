@@ -50,12 +50,71 @@ impl DeviceFloats {
         }
     }
 
-    /// Push the buffer as the next kernel argument.
+    /// Push the buffer as the next kernel argument (read by the kernel).
     pub fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
         match self {
             DeviceFloats::F32(s) => launch.arg(s),
             DeviceFloats::Bf16(s) => launch.arg(s),
         };
+    }
+
+    /// Push the buffer as the next kernel argument (written by the kernel).
+    pub fn push_mut<'a>(&'a mut self, launch: &mut LaunchArgs<'a>) {
+        match self {
+            DeviceFloats::F32(s) => launch.arg(s),
+            DeviceFloats::Bf16(s) => launch.arg(s),
+        };
+    }
+
+    /// `len` zeros (at least one element, so that empty outputs still have a pointer), bf16 or f32.
+    pub fn zeros(stream: &Arc<CudaStream>, bf16: bool, len: usize) -> Result<DeviceFloats> {
+        Ok(if bf16 {
+            DeviceFloats::Bf16(stream.alloc_zeros::<u16>(len.max(1))?)
+        } else {
+            DeviceFloats::F32(stream.alloc_zeros::<f32>(len.max(1))?)
+        })
+    }
+
+    /// Copy the first `len` values back to the host.
+    pub fn download(&self, stream: &Arc<CudaStream>, len: usize) -> Result<Floats> {
+        Ok(match self {
+            DeviceFloats::F32(s) => {
+                let mut v = stream.clone_dtoh(s)?;
+                v.truncate(len);
+                Floats::F32(v)
+            }
+            DeviceFloats::Bf16(s) => {
+                let mut v = stream.clone_dtoh(s)?;
+                v.truncate(len);
+                Floats::Bf16(v)
+            }
+        })
+    }
+}
+
+/// Floating values copied back from the device: f32, or bf16 bit patterns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Floats {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl Floats {
+    /// The values as a host buffer to upload.
+    pub fn as_host(&self) -> HostFloats<'_> {
+        match self {
+            Floats::F32(v) => HostFloats::F32(v),
+            Floats::Bf16(v) => HostFloats::Bf16(v),
+        }
+    }
+
+    /// `len` zeros of the given dtype.
+    pub fn zeros(bf16: bool, len: usize) -> Floats {
+        if bf16 {
+            Floats::Bf16(vec![0; len])
+        } else {
+            Floats::F32(vec![0.0; len])
+        }
     }
 }
 
@@ -67,6 +126,10 @@ pub enum HostFloats<'a> {
 }
 
 impl HostFloats<'_> {
+    pub fn is_bf16(&self) -> bool {
+        matches!(self, HostFloats::Bf16(_))
+    }
+
     pub fn len(&self) -> usize {
         match self {
             HostFloats::F32(v) => v.len(),
@@ -78,13 +141,31 @@ impl HostFloats<'_> {
         self.len() == 0
     }
 
-    /// Copy to the device.
+    /// Copy to the device (an empty buffer becomes one zero, so that it has a pointer).
     pub fn upload(&self, stream: &Arc<CudaStream>) -> Result<DeviceFloats> {
         Ok(match self {
+            HostFloats::F32([]) => DeviceFloats::F32(stream.clone_htod(&[0f32])?),
+            HostFloats::Bf16([]) => DeviceFloats::Bf16(stream.clone_htod(&[0u16])?),
             HostFloats::F32(v) => DeviceFloats::F32(stream.clone_htod(*v)?),
             HostFloats::Bf16(v) => DeviceFloats::Bf16(stream.clone_htod(*v)?),
         })
     }
+}
+
+/// The largest `gridDim.x` (2^31 − 1); `gridDim.y` and `.z` stop at 65535, so the crate's
+/// kernels use 1-D grids only.
+pub const MAX_GRID_X: usize = (1 << 31) - 1;
+
+/// A 1-D grid of `blocks` thread blocks, or an error naming `op` when the launch would exceed
+/// [`MAX_GRID_X`].
+pub fn grid_1d(op: &'static str, blocks: usize) -> Result<(u32, u32, u32)> {
+    if blocks > MAX_GRID_X {
+        return Err(Error::Argument {
+            op,
+            msg: format!("{blocks} thread blocks exceed the grid limit {MAX_GRID_X}"),
+        });
+    }
+    Ok((blocks.max(1) as u32, 1, 1))
 }
 
 /// Resource use of one compiled `__global__` function, parsed from ptxas' `-v` output.

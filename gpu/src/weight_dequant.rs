@@ -4,14 +4,9 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 use crate::kernels::WEIGHT_DEQUANT;
-use crate::runtime::Gpu;
+use crate::runtime::{Floats, Gpu};
 
-/// The dequantized weight: f32 values, or bf16 bit patterns.
-pub enum Dequantized {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-}
-
+/// The dequantized weight (f32 values or bf16 bit patterns):
 /// `w = f32(y) · s[n/B, k/B]` for `y: [N, K]` codes and `s: [⌈N/B⌉, ⌈K/B⌉]`; bf16 output rounds
 /// the product (RNE).
 pub fn weight_dequant(
@@ -22,7 +17,7 @@ pub fn weight_dequant(
     k: usize,
     block_size: usize,
     bf16_out: bool,
-) -> Result<Dequantized> {
+) -> Result<Floats> {
     const OP: &str = "weight_dequant";
     let (grid_rows, grid_cols) = (n.div_ceil(block_size.max(1)), k.div_ceil(block_size.max(1)));
     if block_size == 0
@@ -64,7 +59,7 @@ pub fn weight_dequant(
         unsafe { launch.launch(cfg) }?;
         let mut w = stream.clone_dtoh(&d_w)?;
         w.truncate(count);
-        Ok(Dequantized::Bf16(w))
+        Ok(Floats::Bf16(w))
     } else {
         let f = gpu.function(&WEIGHT_DEQUANT, "weight_dequant_f32")?;
         let mut d_w = stream.alloc_zeros::<f32>(count.max(1))?;
@@ -81,6 +76,6 @@ pub fn weight_dequant(
         unsafe { launch.launch(cfg) }?;
         let mut w = stream.clone_dtoh(&d_w)?;
         w.truncate(count);
-        Ok(Dequantized::F32(w))
+        Ok(Floats::F32(w))
     }
 }

@@ -5,7 +5,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use crate::act_quant::Output;
 use crate::error::{Error, Result};
 use crate::kernels::WEIGHT_QUANT;
-use crate::runtime::{Gpu, HostFloats};
+use crate::runtime::{grid_1d, Gpu, HostFloats};
 
 /// Quantize `w: [N, K]` with `block_size`×`block_size` blocks (partial edge blocks allowed):
 /// codes `[N, K]`, scales `[⌈N/B⌉, ⌈K/B⌉]`.
@@ -37,7 +37,7 @@ pub fn weight_quant(
     let mut d_s = stream.alloc_zeros::<f32>((grid_rows * grid_cols).max(1))?;
     if n * k > 0 {
         let cfg = LaunchConfig {
-            grid_dim: (grid_cols as u32, grid_rows as u32, 1),
+            grid_dim: grid_1d(OP, grid_rows * grid_cols)?,
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -55,7 +55,8 @@ pub fn weight_quant(
             .arg(&b_arg)
             .arg(&u_arg);
         // SAFETY: argument types and order match `weight_quant_{f32,bf16}`; one thread block per
-        // weight block of the [N, K] input, every access is inside [N, K] and the grid.
+        // weight block of the [N, K] input (1-D grid of grid_rows·grid_cols), every access is
+        // inside [N, K] and s[grid_rows·grid_cols].
         unsafe { launch.launch(cfg) }?;
     }
     let mut y = stream.clone_dtoh(&d_y)?;

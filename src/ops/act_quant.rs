@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
+use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -54,6 +54,7 @@ pub static ACT_QUANT: OpEntry = OpEntry {
         backend: "cuda",
         run: act_quant_gpu,
         kernel: "gpu/kernels/act_quant.cu",
+        supports: every_config,
     }],
     policy: act_quant_policy,
     policy_doc: QUANT_POLICY_DOC,

@@ -16,22 +16,47 @@
 
 use std::cell::OnceCell;
 
+use dsv3_gpu::fp8_gemm::Backend;
+use dsv3_gpu::Floats;
 use dsv3_reference::fp8::fp8_gemm::{self as reference, Accumulation, GemmNames, ScaleLayout};
 use dsv3_reference::fp8::Saturation;
-use dsv3_reference::fp8::{grouped_gemm, TensorCoreModel, TermCut, WriteBack, E4M3};
+use dsv3_reference::fp8::{
+    grouped_gemm, TensorCoreModel, TermCut, WriteBack, E4M3, HOPPER_FP8_WGMMA,
+};
 use dsv3_reference::numeric::round_to_bf16;
-use ndarray::{Array2, Array3};
+use ndarray::{Array2, Array3, ArrayView2, Axis};
 
-use super::{get, matrix_f32, matrix_u8, outputs, BLOCK_SIZE};
+use super::{floats_tensor, gamma, get, matrix_f32, matrix_u8, outputs, BLOCK_SIZE};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::fast::{self, GemmOut};
 use crate::io::TensorMap;
-use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+
+/// The two backends of a block-scaled GEMM op, each judged only under the configs it implements;
+/// `$run(gpu, backend, inputs, config)` runs the op on one backend.
+macro_rules! gemm_backends {
+    ($run:path) => {
+        &[
+            GpuImpl {
+                backend: "simt",
+                run: |gpu, inputs, cfg| $run(gpu, Backend::Simt, inputs, cfg),
+                kernel: SIMT_KERNEL,
+                supports: simt_supports,
+            },
+            GpuImpl {
+                backend: "wgmma",
+                run: |gpu, inputs, cfg| $run(gpu, Backend::Wgmma, inputs, cfg),
+                kernel: WGMMA_KERNEL,
+                supports: wgmma_supports,
+            },
+        ]
+    };
+}
 
 // ---- config
 
@@ -127,12 +152,14 @@ const WGRAD_FIELDS: &[ConfigField] = &[
     ACC_OUT_ROUND,
 ];
 
-/// One config per branch: output dtype, block size, the model with its defaults, without
+/// One config per branch: output dtype, block size, the model with its defaults (the Hopper
+/// `wgmma` model: bf16 and f32 output, the configs the `wgmma` backend is judged under), without
 /// promotion, and with every model parameter moved.
 const TEST_CONFIGS: &[&str] = &[
     r#"{"out_dtype":"f32"}"#,
     r#"{"block_size":32}"#,
     r#"{"accumulation":"tensor_core"}"#,
+    r#"{"accumulation":"tensor_core","out_dtype":"f32"}"#,
     r#"{"accumulation":"tensor_core","promote_interval":0,"out_dtype":"f32"}"#,
     r#"{"accumulation":"tensor_core","promote_interval":64,"acc_frac_bits":14,"acc_group":16,"term_cut":"floor","acc_out_frac_bits":23,"acc_out_round":"nearest_even"}"#,
 ];
@@ -172,15 +199,11 @@ fn partials(cfg: &Config, k: usize) -> usize {
 
 // ---- the tolerance policy
 
-/// Unit roundoff of f32.
-const U: f64 = 1.0 / 16_777_216.0;
-
 /// `E = 2·γ_{W+2}·magnitude + (W+2)·2^-147`: how far two f32 evaluations of the same W scaled
 /// partials may drift apart (module docs; SPEC.md derives it).
 pub fn gemm_bound(magnitude: f64, partials: usize) -> f64 {
     let n = (partials + 2) as f64;
-    let gamma = n * U / (1.0 - n * U);
-    2.0 * gamma * magnitude + n * 2f64.powi(-147)
+    2.0 * gamma(n) * magnitude + n * 2f64.powi(-147)
 }
 
 /// Half the distance from the bf16 value `got` to its neighbour in the direction of `r`:
@@ -318,7 +341,7 @@ pub static FP8_GEMM: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: fp8_gemm_ref,
     reference_fn: "reference/src/fp8/fp8_gemm.rs::fp8_gemm",
-    gpu: &[],
+    gpu: gemm_backends!(fp8_gemm_gpu),
     policy: fp8_gemm_policy,
     policy_doc: POLICY_DOC,
     generate: fp8_gemm_gen,
@@ -334,29 +357,49 @@ pub static FP8_GEMM: OpEntry = OpEntry {
     ],
 };
 
-fn fp8_gemm_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
-    let (a, a_s) = (matrix_u8(get(inputs, "a")), matrix_f32(get(inputs, "a_s")));
+/// A GEMM's operands `(a, a_s, b, b_s)` as matrices.
+type Operands = (Array2<u8>, Array2<f32>, Array2<u8>, Array2<f32>);
+/// A grouped GEMM's operands `(a, a_s, b, b_s, m_indices or masked_m)`, `A`/`S` 2-D
+/// (contiguous) or 3-D (masked).
+type GroupedOperands<A, S> = (A, S, Array3<u8>, Array3<f32>, Vec<i64>);
+
+/// fp8_gemm's operands (a's leading dims flattened as OFF: `M = numel / K`, also when K = 0),
+/// checked by the reference's rules.
+fn fp8_gemm_operands(inputs: &TensorMap, cfg: &Config) -> Result<Operands> {
+    let a_t = get(inputs, "a");
+    let (lead, k) = a_t.shape.split_at(a_t.shape.len() - 1);
+    let (m, k, block) = (
+        lead.iter().product::<usize>(),
+        k[0],
+        cfg.usize("block_size"),
+    );
+    let a = Array2::from_shape_vec((m, k), a_t.data.clone()).expect("validated shape");
+    let a_s = get(inputs, "a_s").to_f32().expect("F32 or F8_E8M0 scales");
+    let a_s = Array2::from_shape_vec((m, k.div_ceil(block)), a_s).expect("validated shape");
     let (b, b_s) = (matrix_u8(get(inputs, "b")), matrix_f32(get(inputs, "b_s")));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
-    let names = reference::OFF_NAMES;
     reference::check_gemm(
         "fp8_gemm",
-        &names,
+        &reference::OFF_NAMES,
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         ScaleLayout::Block,
         block,
-        &acc,
+        &accumulation(cfg),
     )?;
+    Ok((a, a_s, b, b_s))
+}
+
+fn fp8_gemm_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+    let (a, a_s, b, b_s) = fp8_gemm_operands(inputs, cfg)?;
     Ok(fast::gemm(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
-        (ScaleLayout::Block, block),
-        &acc,
+        (ScaleLayout::Block, cfg.usize("block_size")),
+        &accumulation(cfg),
         with_magnitude,
     ))
 }
@@ -517,7 +560,7 @@ pub static M_GROUPED_CONTIGUOUS: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: contiguous_ref,
     reference_fn: "reference/src/fp8/grouped_gemm.rs::m_grouped_fp8_gemm_contiguous",
-    gpu: &[],
+    gpu: gemm_backends!(contiguous_gpu),
     policy: contiguous_policy,
     policy_doc: "fp8_gemm's policy on rows with an expert; padding rows (m_indices = −1) are undefined and not judged",
     generate: contiguous_gen,
@@ -525,28 +568,36 @@ pub static M_GROUPED_CONTIGUOUS: OpEntry = OpEntry {
     v3_sizes: &[&[("G", 2), ("M", 256), ("N", 7168), ("K", 2048)]],
 };
 
-fn contiguous_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+/// The contiguous layout's operands and `m_indices`, checked by the reference's rules.
+fn contiguous_operands(
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<GroupedOperands<Array2<u8>, Array2<f32>>> {
     let (a, a_s) = (matrix_u8(get(inputs, "a")), matrix_f32(get(inputs, "a_s")));
     let (b, b_s) = (codes3(get(inputs, "b")), scales3(get(inputs, "b_s")));
     let m_indices = indices(get(inputs, "m_indices"));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
     grouped_gemm::check_m_grouped_contiguous(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         &m_indices,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
     )?;
+    Ok((a, a_s, b, b_s, m_indices))
+}
+
+fn contiguous_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+    let (a, a_s, b, b_s, m_indices) = contiguous_operands(inputs, cfg)?;
     Ok(fast::m_grouped_contiguous(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         &m_indices,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
         with_magnitude,
     ))
 }
@@ -644,7 +695,7 @@ pub static M_GROUPED_MASKED: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: masked_ref,
     reference_fn: "reference/src/fp8/grouped_gemm.rs::m_grouped_fp8_gemm_masked",
-    gpu: &[],
+    gpu: gemm_backends!(masked_gpu),
     policy: masked_policy,
     policy_doc: "fp8_gemm's policy on the first masked_m[g] rows of each group; the rest is undefined and not judged",
     generate: masked_gen,
@@ -652,28 +703,36 @@ pub static M_GROUPED_MASKED: OpEntry = OpEntry {
     v3_sizes: &[&[("G", 2), ("M", 64), ("N", 4096), ("K", 7168)]],
 };
 
-fn masked_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+/// The masked layout's operands and `masked_m`, checked by the reference's rules.
+fn masked_operands(
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<GroupedOperands<Array3<u8>, Array3<f32>>> {
     let (a, a_s) = (codes3(get(inputs, "a")), scales3(get(inputs, "a_s")));
     let (b, b_s) = (codes3(get(inputs, "b")), scales3(get(inputs, "b_s")));
     let masked_m = indices(get(inputs, "masked_m"));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
     grouped_gemm::check_m_grouped_masked(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         &masked_m,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
     )?;
+    Ok((a, a_s, b, b_s, masked_m))
+}
+
+fn masked_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Result<GemmOut> {
+    let (a, a_s, b, b_s, masked_m) = masked_operands(inputs, cfg)?;
     Ok(fast::m_grouped_masked(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
         &masked_m,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
         with_magnitude,
     ))
 }
@@ -791,12 +850,9 @@ const WGRAD: Training = Training {
     b_layout: ScaleLayout::Row,
 };
 
-fn training_compute(
-    t: &Training,
-    inputs: &TensorMap,
-    cfg: &Config,
-    with_magnitude: bool,
-) -> Result<GemmOut> {
+/// The operands of a training GEMM as `fp8_gemm` sees them: `(a, a_s, b, b_s)`, transposed
+/// where the op reads them transposed, checked by the reference's rules.
+fn training_operands(t: &Training, inputs: &TensorMap, cfg: &Config) -> Result<Operands> {
     let scales = |i: usize| {
         let (name, transposed) = t.tensors[i];
         let m = matrix_f32(get(inputs, name));
@@ -815,9 +871,7 @@ fn training_compute(
             m
         }
     };
-    let (a, a_s, b, b_s): (Array2<u8>, Array2<f32>, Array2<u8>, Array2<f32>) =
-        (codes(0), scales(1), codes(2), scales(3));
-    let (block, acc) = (cfg.usize("block_size"), accumulation(cfg));
+    let (a, a_s, b, b_s) = (codes(0), scales(1), codes(2), scales(3));
     reference::check_gemm(
         t.op,
         &t.names,
@@ -826,16 +880,26 @@ fn training_compute(
         b.view(),
         b_s.view(),
         t.b_layout,
-        block,
-        &acc,
+        cfg.usize("block_size"),
+        &accumulation(cfg),
     )?;
+    Ok((a, a_s, b, b_s))
+}
+
+fn training_compute(
+    t: &Training,
+    inputs: &TensorMap,
+    cfg: &Config,
+    with_magnitude: bool,
+) -> Result<GemmOut> {
+    let (a, a_s, b, b_s) = training_operands(t, inputs, cfg)?;
     Ok(fast::gemm(
         a.view(),
         a_s.view(),
         b.view(),
         b_s.view(),
-        (t.b_layout, block),
-        &acc,
+        (t.b_layout, cfg.usize("block_size")),
+        &accumulation(cfg),
         with_magnitude,
     ))
 }
@@ -937,7 +1001,7 @@ pub static LINEAR_FP8_FPROP: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: fprop_ref,
     reference_fn: "reference/src/fp8/linear_fp8.rs::fprop",
-    gpu: &[],
+    gpu: gemm_backends!(fprop_gpu),
     policy: fprop_policy,
     policy_doc: POLICY_DOC,
     generate: fprop_gen,
@@ -1016,7 +1080,7 @@ pub static LINEAR_FP8_DGRAD: OpEntry = OpEntry {
     config: GEMM_FIELDS,
     reference: dgrad_ref,
     reference_fn: "reference/src/fp8/linear_fp8.rs::dgrad",
-    gpu: &[],
+    gpu: gemm_backends!(dgrad_gpu),
     policy: dgrad_policy,
     policy_doc: POLICY_DOC,
     generate: dgrad_gen,
@@ -1120,8 +1184,236 @@ fn wgrad_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
     outputs([("x", x), ("x_s", x_s), ("dy", dy), ("dy_s", dy_s)])
 }
 
+// ---- GPU backends (gpu/kernels/fp8_gemm.cu "simt", gpu/kernels/fp8_gemm_wgmma.cu "wgmma")
+
+const SIMT_KERNEL: &str = "gpu/kernels/fp8_gemm.cu";
+const WGMMA_KERNEL: &str = "gpu/kernels/fp8_gemm_wgmma.cu";
+
+/// `simt` computes exact block dots on the CUDA cores: it is the exact mode, any block size.
+fn simt_supports(cfg: &Config) -> std::result::Result<(), &'static str> {
+    match accumulation(cfg) {
+        Accumulation::Exact => Ok(()),
+        Accumulation::TensorCore { .. } => {
+            Err("tensor_core config: its block dots are exact, not a Tensor Core's")
+        }
+    }
+}
+
+/// `wgmma` runs the block dots on Hopper's Tensor Cores and promotes every 128 products: the
+/// only config that describes its partials is the Hopper model with promote_interval 128.
+fn wgmma_supports(cfg: &Config) -> std::result::Result<(), &'static str> {
+    match accumulation(cfg) {
+        Accumulation::Exact => Err("exact mode: Tensor Core block dots are not exact"),
+        Accumulation::TensorCore {
+            model,
+            promote_interval,
+        } => {
+            if cfg.usize("block_size") != 128 {
+                Err("block_size ≠ 128 (the kernel's K and N tiles)")
+            } else if promote_interval != 128 {
+                Err("promote_interval ≠ 128 (the kernel promotes every 4 k32 steps)")
+            } else if model != HOPPER_FP8_WGMMA {
+                Err("model parameters ≠ HOPPER_FP8_WGMMA (they do not describe this hardware)")
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One GEMM on the GPU: contiguous copies of the operands (scales as f32: F8_E8M0 decodes
+/// exactly), the f32 accumulators or their bf16 rounding as the config asks.
+fn gemm_on_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    (a, a_s, b, b_s): (
+        ArrayView2<u8>,
+        ArrayView2<f32>,
+        ArrayView2<u8>,
+        ArrayView2<f32>,
+    ),
+    cfg: &Config,
+) -> Result<Floats> {
+    let (m, k, n) = (a.nrows(), a.ncols(), b.nrows());
+    let owned = |v: ArrayView2<u8>| v.iter().copied().collect::<Vec<u8>>();
+    let owned_f32 = |v: ArrayView2<f32>| v.iter().copied().collect::<Vec<f32>>();
+    Ok(dsv3_gpu::fp8_gemm::fp8_gemm(
+        gpu,
+        backend,
+        &owned(a),
+        &owned_f32(a_s),
+        &owned(b),
+        &owned_f32(b_s),
+        (m, n, k),
+        cfg.usize("block_size"),
+        cfg.choice("out_dtype") != Some("f32"),
+    )?)
+}
+
+fn fp8_gemm_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<TensorMap> {
+    let (a, a_s, b, b_s) = fp8_gemm_operands(inputs, cfg)?;
+    let out = gemm_on_gpu(
+        gpu,
+        backend,
+        (a.view(), a_s.view(), b.view(), b_s.view()),
+        cfg,
+    )?;
+    let a_shape = &get(inputs, "a").shape;
+    let mut shape = a_shape[..a_shape.len() - 1].to_vec();
+    shape.push(b.nrows());
+    Ok(outputs([("c", floats_tensor(shape, out))]))
+}
+
+/// Grouped GEMMs on the GPU, one launch per group: the group's defined rows are gathered, run
+/// against the group's weight and scattered back (undefined rows are written 0, as the
+/// reference does).
+fn grouped_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    a: &Array3<u8>,
+    a_s: &Array3<f32>,
+    (b, b_s): (&Array3<u8>, &Array3<f32>),
+    rows_of_group: &[Vec<(usize, usize)>],
+    cfg: &Config,
+) -> Result<(usize, Vec<f32>, Vec<u16>)> {
+    // rows_of_group[g]: (slab, row) of a for every defined row of group g, in output order
+    let n = b.shape()[1];
+    let total_rows = a.shape()[0] * a.shape()[1];
+    let (mut c_f32, mut c_bf16) = (vec![0f32; total_rows * n], vec![0u16; total_rows * n]);
+    for (g, rows) in rows_of_group.iter().enumerate() {
+        if rows.is_empty() {
+            continue;
+        }
+        let ga = Array2::from_shape_fn((rows.len(), a.shape()[2]), |(i, k)| {
+            a[[rows[i].0, rows[i].1, k]]
+        });
+        let ga_s = Array2::from_shape_fn((rows.len(), a_s.shape()[2]), |(i, k)| {
+            a_s[[rows[i].0, rows[i].1, k]]
+        });
+        let out = gemm_on_gpu(
+            gpu,
+            backend,
+            (
+                ga.view(),
+                ga_s.view(),
+                b.index_axis(Axis(0), g),
+                b_s.index_axis(Axis(0), g),
+            ),
+            cfg,
+        )?;
+        for (i, &(slab, row)) in rows.iter().enumerate() {
+            let dst = (slab * a.shape()[1] + row) * n;
+            match &out {
+                Floats::F32(v) => c_f32[dst..dst + n].copy_from_slice(&v[i * n..(i + 1) * n]),
+                Floats::Bf16(v) => c_bf16[dst..dst + n].copy_from_slice(&v[i * n..(i + 1) * n]),
+            }
+        }
+    }
+    Ok((n, c_f32, c_bf16))
+}
+
+/// The grouped output tensor `[.., N]` from the scattered buffers.
+fn grouped_out(cfg: &Config, shape: Vec<usize>, c_f32: Vec<f32>, c_bf16: Vec<u16>) -> Tensor {
+    floats_tensor(
+        shape,
+        match cfg.choice("out_dtype") {
+            Some("f32") => Floats::F32(c_f32),
+            _ => Floats::Bf16(c_bf16),
+        },
+    )
+}
+
+fn contiguous_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<TensorMap> {
+    let (a, a_s, b, b_s, m_indices) = contiguous_operands(inputs, cfg)?;
+    let mut rows = vec![Vec::new(); b.shape()[0]];
+    for (i, &g) in m_indices.iter().enumerate() {
+        if g >= 0 {
+            rows[g as usize].push((0, i));
+        }
+    }
+    let m = a.nrows();
+    let (a3, a_s3) = (a.insert_axis(Axis(0)), a_s.insert_axis(Axis(0)));
+    let (n, c_f32, c_bf16) = grouped_gpu(gpu, backend, &a3, &a_s3, (&b, &b_s), &rows, cfg)?;
+    Ok(outputs([(
+        "c",
+        grouped_out(cfg, vec![m, n], c_f32, c_bf16),
+    )]))
+}
+
+fn masked_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<TensorMap> {
+    let (a, a_s, b, b_s, masked_m) = masked_operands(inputs, cfg)?;
+    let rows: Vec<Vec<(usize, usize)>> = masked_m
+        .iter()
+        .enumerate()
+        .map(|(g, &r)| (0..r.max(0) as usize).map(|i| (g, i)).collect())
+        .collect();
+    let (groups, m_max) = (a.shape()[0], a.shape()[1]);
+    let (n, c_f32, c_bf16) = grouped_gpu(gpu, backend, &a, &a_s, (&b, &b_s), &rows, cfg)?;
+    Ok(outputs([(
+        "c",
+        grouped_out(cfg, vec![groups, m_max, n], c_f32, c_bf16),
+    )]))
+}
+
+/// Fprop and Dgrad on the GPU: the operands as fp8_gemm sees them (Dgrad's `wᵀ`, `w_sᵀ`
+/// transposed on the host), block-scaled B.
+fn training_gpu(
+    t: &Training,
+    out: &str,
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<TensorMap> {
+    let (a, a_s, b, b_s) = training_operands(t, inputs, cfg)?;
+    let c = gemm_on_gpu(
+        gpu,
+        backend,
+        (a.view(), a_s.view(), b.view(), b_s.view()),
+        cfg,
+    )?;
+    Ok(outputs([(
+        out,
+        floats_tensor(vec![a.nrows(), b.nrows()], c),
+    )]))
+}
+
+fn fprop_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<TensorMap> {
+    training_gpu(&FPROP, "y", gpu, backend, inputs, cfg)
+}
+
+fn dgrad_gpu(
+    gpu: &dsv3_gpu::Gpu,
+    backend: Backend,
+    inputs: &TensorMap,
+    cfg: &Config,
+) -> Result<TensorMap> {
+    training_gpu(&DGRAD, "dx", gpu, backend, inputs, cfg)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::U32 as U;
     use super::*;
 
     #[test]

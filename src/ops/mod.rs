@@ -164,6 +164,26 @@ pub(crate) fn float_like(dtype: DType, shape: Vec<usize>, values: &[f32]) -> Ten
     }
 }
 
+/// A floating tensor's values for a GPU kernel: bf16 bit patterns for BF16 (the kernels read
+/// bf16 natively), f32 otherwise (F16 widens exactly).
+pub(crate) fn kernel_values(t: &Tensor) -> dsv3_gpu::Floats {
+    match t.dtype {
+        DType::BF16 => dsv3_gpu::Floats::Bf16(t.to_u16_bits()),
+        _ => dsv3_gpu::Floats::F32(values_f32(t)),
+    }
+}
+
+/// Values a GPU kernel returned (f32, or bf16 bit patterns) as a tensor of `shape`.
+pub(crate) fn floats_tensor(shape: Vec<usize>, values: dsv3_gpu::Floats) -> Tensor {
+    match values {
+        dsv3_gpu::Floats::F32(v) => Tensor::from_f32(shape, &v),
+        dsv3_gpu::Floats::Bf16(v) => {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Tensor::from_bytes(DType::BF16, shape, bytes).expect("one bf16 value per element")
+        }
+    }
+}
+
 /// An I64 tensor.
 pub(crate) fn i64_tensor(shape: Vec<usize>, values: &[i64]) -> Tensor {
     Tensor::from_bytes(
@@ -186,5 +206,22 @@ pub(crate) fn half_bf16_ulp(x: f64) -> f64 {
     2f64.powi(a.log2().floor() as i32 - 8)
 }
 
+/// `check` of a candidate under the op's policy (tests of what a policy admits and rejects).
+#[cfg(test)]
+pub(crate) fn policy_report(
+    op: &crate::registry::OpEntry,
+    inputs: &TensorMap,
+    candidate: &TensorMap,
+    cfg: &crate::config::Config,
+) -> crate::check::CheckReport {
+    let mode = crate::check::Mode::Policy;
+    crate::check::check(op, inputs, candidate, cfg, mode, ("", "")).expect("contract-valid tensors")
+}
+
 /// f32 unit roundoff 2^-24.
 pub(crate) const U32: f64 = 1.0 / 16_777_216.0;
+
+/// Higham's `γ_n = n·u/(1 − n·u)` for f32 (`u = 2^-24`): the relative error of n roundings.
+pub(crate) fn gamma(n: f64) -> f64 {
+    n * U32 / (1.0 - n * U32)
+}

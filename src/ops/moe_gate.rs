@@ -23,7 +23,7 @@ use crate::config::{Config, ConfigField, FieldKind};
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -53,7 +53,12 @@ topk_group, others −inf; ids = top_k(b); w = s[ids] (/Σ if norm_topk_prob) ·
     ],
     reference: moe_gate_ref,
     reference_fn: "reference/src/moe/gate.rs::route",
-    gpu: &[],
+    gpu: &[GpuImpl {
+        backend: "cuda",
+        run: moe_gate_gpu,
+        kernel: "gpu/kernels/moe_gate.cu",
+        supports: every_config,
+    }],
     policy: moe_gate_policy,
     policy_doc: "topk_ids: the same set per token in any order, or a near-tie (every swapped expert pair, and group pair, \
 within the sum of their score-error bounds), reported apart; topk_weights: matched by expert id, |Δw| ≤ scale·(δs_c/Σs + \
@@ -111,6 +116,43 @@ fn moe_gate_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     Ok(outputs([
         ("topk_weights", Tensor::from_f32(vec![n, k], &w)),
         ("topk_ids", i64_tensor(vec![n, k], &ids)),
+    ]))
+}
+
+/// The kernel: f32 logits (any order within a warp), then the reference's routing in f64.
+fn moe_gate_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    use dsv3_gpu::moe_gate::{moe_gate, Method, Params};
+    let (x, w) = (get(inputs, "x"), get(inputs, "weight"));
+    let (n, d, e) = (x.shape[0], x.shape[1], w.shape[0]);
+    let g = gate_config(cfg);
+    g.validate(e)?;
+    let params = Params {
+        top_k: g.top_k,
+        n_group: g.n_group,
+        topk_group: g.topk_group,
+        sigmoid: g.scoring_func == ScoringFunc::Sigmoid,
+        method: match g.topk_method {
+            TopkMethod::NoauxTc => Method::NoauxTc,
+            TopkMethod::Greedy => Method::Greedy,
+            TopkMethod::GroupLimitedGreedy => Method::GroupLimitedGreedy,
+        },
+        norm_topk_prob: g.norm_topk_prob,
+        routed_scaling_factor: g.routed_scaling_factor,
+    };
+    let r = moe_gate(
+        gpu,
+        &values_f32(x),
+        &values_f32(w),
+        &values_f32(get(inputs, "e_score_correction_bias")),
+        (n, e, d),
+        &params,
+    )?;
+    Ok(outputs([
+        (
+            "topk_weights",
+            Tensor::from_f32(vec![n, g.top_k], &r.weights),
+        ),
+        ("topk_ids", i64_tensor(vec![n, g.top_k], &r.ids)),
     ]))
 }
 
@@ -302,4 +344,64 @@ fn moe_gate_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
         ("weight", float_input(rng, vec![e, d], &w)),
         ("e_score_correction_bias", Tensor::from_f32(vec![e], &b)),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::policy_report;
+
+    /// `gpu/kernels/moe_gate.cu`'s logits on the CPU: lane l sums x[c]·w[c] for c ≡ l (mod 32)
+    /// with fmaf, then a butterfly of f32 additions.
+    fn warp_logits(x: &[f32], w: &[f32], (n, e, d): (usize, usize, usize)) -> Array2<f32> {
+        Array2::from_shape_fn((n, e), |(t, j)| {
+            let mut lanes = [0f32; 32];
+            for (l, acc) in lanes.iter_mut().enumerate() {
+                for c in (l..d).step_by(32) {
+                    *acc = x[t * d + c].mul_add(w[j * d + c], *acc);
+                }
+            }
+            for offset in [16, 8, 4, 2, 1] {
+                let prev = lanes;
+                for (l, acc) in lanes.iter_mut().enumerate() {
+                    *acc = prev[l] + prev[l ^ offset];
+                }
+            }
+            lanes[0]
+        })
+    }
+
+    #[test]
+    fn the_kernels_f32_logits_with_f64_routing_pass_the_policy() {
+        let op = &MOE_GATE;
+        for seed in 0..30u64 {
+            for cfg in op.configs() {
+                let sizes = if seed % 10 == 0 {
+                    [("N", 3), ("D", 7168), ("E", 256)].into_iter().collect()
+                } else {
+                    Sizes::new()
+                };
+                let inputs = (op.generate)(&mut Rng::new(seed), &cfg, &sizes);
+                let (x, w) = (get(&inputs, "x"), get(&inputs, "weight"));
+                let (n, d, e) = (x.shape[0], x.shape[1], w.shape[0]);
+                let u = warp_logits(&values_f32(x), &values_f32(w), (n, e, d));
+                let bias = values_f32(get(&inputs, "e_score_correction_bias"));
+                let r = route(u.view(), Some(&bias), &gate_config(&cfg)).unwrap();
+                let ids: Vec<i64> = r.ids.iter().map(|&i| i as i64).collect();
+                let k = r.ids.ncols();
+                let cand = outputs([
+                    (
+                        "topk_weights",
+                        Tensor::from_f32(
+                            vec![n, k],
+                            &r.weights.iter().copied().collect::<Vec<_>>(),
+                        ),
+                    ),
+                    ("topk_ids", i64_tensor(vec![n, k], &ids)),
+                ]);
+                let rep = policy_report(op, &inputs, &cand, &cfg);
+                assert!(rep.pass, "seed {seed} {}", cfg.as_json());
+            }
+        }
+    }
 }

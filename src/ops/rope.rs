@@ -4,13 +4,16 @@ use ndarray::Array3;
 
 use dsv3_reference::rope::{angle, rope, RopeConfig, Yarn};
 
-use super::{float_input, float_like, get, half_bf16_ulp, outputs, values_f32, U32};
+use super::{
+    float_input, float_like, floats_tensor, get, half_bf16_ulp, kernel_values, outputs, values_f32,
+    U32,
+};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::{Error, Result};
 use crate::io::TensorMap;
-use crate::registry::{OpEntry, PolicyCtx, Sizes};
+use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -35,7 +38,12 @@ pub static ROPE: OpEntry = OpEntry {
     ],
     reference: rope_ref,
     reference_fn: "reference/src/rope.rs::rope",
-    gpu: &[],
+    gpu: &[GpuImpl {
+        backend: "cuda",
+        run: rope_gpu,
+        kernel: "gpu/kernels/rope.cu",
+        supports: every_config,
+    }],
     policy: rope_policy,
     policy_doc: "per element, with (a, b) its pair and φ its angle: F32 |Δ| ≤ (|a|+|b|)·(|φ|·2^-21 + 2^-21); BF16 \
 |Δ| ≤ (|a|+|b|)·(|φ|·2^-21 + 3·2^-9) + 1 bf16 ulp. |φ|·2^-21: f' may differ by 2 f32 ulp between implementations \
@@ -102,6 +110,29 @@ fn rope_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
         "y",
         float_like(x.dtype, x.shape.clone(), &values),
     )]))
+}
+
+/// The kernel takes the inverse frequencies from the host: the reference's own f32 table (a
+/// `D/2`-entry table per model, as OFF precomputes `freqs_cis`), so the angle `f32(p)·f'` is
+/// bit-identical to the reference's and only sincos and the rotation differ.
+fn rope_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    let x = get(inputs, "x");
+    let (s, h, d) = (x.shape[0], x.shape[1], x.shape[2]);
+    let rc = rope_config(cfg, d);
+    let inv_freq = rc.inv_freqs()?;
+    let pos: Vec<i64> = positions(get(inputs, "positions"))?
+        .iter()
+        .map(|&p| p as i64)
+        .collect();
+    let y = dsv3_gpu::rope::rope(
+        gpu,
+        kernel_values(x).as_host(),
+        &pos,
+        &inv_freq,
+        (s, h, d),
+        rc.interleaved,
+    )?;
+    Ok(outputs([("y", floats_tensor(x.shape.clone(), y))]))
 }
 
 fn rope_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {

@@ -3,13 +3,13 @@
 use dsv3_reference::fp8::{self, Saturation, E4M3};
 use dsv3_reference::numeric::round_to_bf16;
 
-use super::{get, matrix_u8, outputs, quant_values, BLOCK_SIZE};
+use super::{floats_tensor, get, matrix_u8, outputs, quant_values, BLOCK_SIZE};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
+use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -39,7 +39,7 @@ pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
     ],
     reference: weight_dequant_ref,
     reference_fn: "reference/src/fp8/weight_dequant.rs::weight_dequant",
-    gpu: &[GpuImpl { backend: "cuda", run: weight_dequant_gpu, kernel: "gpu/kernels/weight_dequant.cu" }],
+    gpu: &[GpuImpl { backend: "cuda", run: weight_dequant_gpu, kernel: "gpu/kernels/weight_dequant.cu", supports: every_config }],
     policy: weight_dequant_policy,
     policy_doc: "exact: one IEEE f32 multiply (then one RNE to bf16); there is no approximate step to allow for",
     generate: weight_dequant_gen,
@@ -65,12 +65,12 @@ fn weight_dequant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
 }
 
 fn weight_dequant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    use dsv3_gpu::weight_dequant::{weight_dequant, Dequantized};
+    use dsv3_gpu::weight_dequant::weight_dequant;
     let y = get(inputs, "y");
     let s = get(inputs, "s");
     let (n, k) = (y.shape[0], y.shape[1]);
     let bf16_out = cfg.choice("out_dtype") != Some("f32");
-    let w = match weight_dequant(
+    let w = weight_dequant(
         gpu,
         &y.data,
         &s.to_f32().expect("F32"),
@@ -78,14 +78,8 @@ fn weight_dequant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> 
         k,
         cfg.usize("block_size"),
         bf16_out,
-    )? {
-        Dequantized::F32(v) => Tensor::from_f32(vec![n, k], &v),
-        Dequantized::Bf16(v) => Tensor::from_bf16(
-            vec![n, k],
-            &v.into_iter().map(half::bf16::from_bits).collect::<Vec<_>>(),
-        ),
-    };
-    Ok(outputs([("w", w)]))
+    )?;
+    Ok(outputs([("w", floats_tensor(vec![n, k], w))]))
 }
 
 fn weight_dequant_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {

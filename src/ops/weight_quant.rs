@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
-use crate::registry::{GpuImpl, OpEntry, PolicyCtx, Sizes};
+use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 use dsv3_gpu::HostFloats;
@@ -35,7 +35,7 @@ pub static WEIGHT_QUANT: OpEntry = OpEntry {
     config: &[BLOCK_SIZE, SCALE_FMT],
     reference: weight_quant_ref,
     reference_fn: "reference/src/fp8/weight_quant.rs::weight_quant",
-    gpu: &[GpuImpl { backend: "cuda", run: weight_quant_gpu, kernel: "gpu/kernels/weight_quant.cu" }],
+    gpu: &[GpuImpl { backend: "cuda", run: weight_quant_gpu, kernel: "gpu/kernels/weight_quant.cu", supports: every_config }],
     policy: weight_quant_policy,
     policy_doc: "as act_quant (same division hazard), over B×B blocks",
     generate: weight_quant_gen,
