@@ -6,8 +6,9 @@
 //! error bounds; such tokens are counted apart (`allowed as near-tie`) and their weights are not
 //! compared. Bounds per expert e (f64 reference, candidate in f32 or bf16):
 //! `δu_e = D·2^-24·Σ_i|x_i w_ei| + ρ|u_e|` (any summation order; ρ = 2^-9 with BF16 inputs, for
-//! a bf16 GEMM output, 2^-24 otherwise), `δs_e = s_e(1−s_e)·δu_e + 2ρ' s_e` (sigmoid) or
-//! `s_e·(δu_e + max_j δu_j) + 2ρ' s_e` (softmax), ρ' = 2^-9 (bf16) or 2^-24, and
+//! a bf16 GEMM output, 2^-24 otherwise), `δs_e = s_e(1−s_e)·(δu_e + 4u) + 2ρ' s_e` (sigmoid) or
+//! `s_e·(δu_e + max_j δu_j + (8+E)u) + 2ρ' s_e` (softmax), ρ' = 2^-9 (bf16) or 2^-24, u = 2^-24
+//! (the `4u`, `(8+E)u` terms: an f32 candidate's exp, ≤ 2 ulp, and its sum of E exps), and
 //! `δb_e = δs_e + 2^-24|b_e|` for the biased score.
 
 use std::collections::BTreeSet;
@@ -205,7 +206,13 @@ fn judge_tokens(ctx: &PolicyCtx) -> Option<Vec<TokenVerdict>> {
                     ScoringFunc::Sigmoid => s * (1.0 - s) * du[e],
                     ScoringFunc::Softmax => s * (du[e] + du_max),
                 };
-                prop + 2.0 * rho_s * s
+                // an f32 candidate's own exp (≤ 2 ulp = 4u relative, CUDA expf; SLEEF ≤ 1 ulp)
+                // and, for softmax, its sum of E exps (γ_E) and the exp in the numerator
+                let evaluation = match cfg.scoring_func {
+                    ScoringFunc::Sigmoid => 4.0 * U32 * s * (1.0 - s),
+                    ScoringFunc::Softmax => (8.0 + e_len as f64) * U32 * s,
+                };
+                prop + evaluation + 2.0 * rho_s * s
             })
             .collect();
         let biased: Vec<f64> = (0..e_len)
