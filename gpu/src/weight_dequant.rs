@@ -4,7 +4,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 use crate::kernels::WEIGHT_DEQUANT;
-use crate::runtime::{Floats, Gpu};
+use crate::runtime::{DeviceFloats, Floats, Gpu};
 
 /// The dequantized weight (f32 values or bf16 bit patterns):
 /// `w = f32(y) · s[n/B, k/B]` for `y: [N, K]` codes and `s: [⌈N/B⌉, ⌈K/B⌉]`; bf16 output rounds
@@ -42,40 +42,18 @@ pub fn weight_dequant(
     };
     let (count_arg, k_arg, b_arg, cols_arg) =
         (count as i64, k as i32, block_size as i32, grid_cols as i32);
-    if bf16_out {
-        let f = gpu.function(&WEIGHT_DEQUANT, "weight_dequant_bf16")?;
-        let mut d_w = stream.alloc_zeros::<u16>(count.max(1))?;
-        let mut launch = stream.launch_builder(&f);
-        launch
-            .arg(&d_y)
-            .arg(&d_s)
-            .arg(&mut d_w)
-            .arg(&count_arg)
-            .arg(&k_arg)
-            .arg(&b_arg)
-            .arg(&cols_arg);
-        // SAFETY: argument types and order match `weight_dequant_bf16` (bf16 stored as u16);
-        // the grid-stride loop stays below `count`, scale indices below grid_rows·grid_cols.
-        unsafe { launch.launch(cfg) }?;
-        let mut w = stream.clone_dtoh(&d_w)?;
-        w.truncate(count);
-        Ok(Floats::Bf16(w))
-    } else {
-        let f = gpu.function(&WEIGHT_DEQUANT, "weight_dequant_f32")?;
-        let mut d_w = stream.alloc_zeros::<f32>(count.max(1))?;
-        let mut launch = stream.launch_builder(&f);
-        launch
-            .arg(&d_y)
-            .arg(&d_s)
-            .arg(&mut d_w)
-            .arg(&count_arg)
-            .arg(&k_arg)
-            .arg(&b_arg)
-            .arg(&cols_arg);
-        // SAFETY: as above, with f32 output.
-        unsafe { launch.launch(cfg) }?;
-        let mut w = stream.clone_dtoh(&d_w)?;
-        w.truncate(count);
-        Ok(Floats::F32(w))
-    }
+    let mut d_w = DeviceFloats::zeros(stream, bf16_out, count)?;
+    let f = gpu.function(&WEIGHT_DEQUANT, &format!("weight_dequant_{}", d_w.suffix()))?;
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&d_y).arg(&d_s);
+    d_w.push_mut(&mut launch);
+    launch
+        .arg(&count_arg)
+        .arg(&k_arg)
+        .arg(&b_arg)
+        .arg(&cols_arg);
+    // SAFETY: argument types and order match `weight_dequant_{f32,bf16}` (bf16 stored as u16);
+    // the grid-stride loop stays below `count`, scale indices below grid_rows·grid_cols.
+    unsafe { launch.launch(cfg) }?;
+    d_w.download(stream, count)
 }
