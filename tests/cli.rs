@@ -45,6 +45,15 @@ fn check_act_quant(file: &Path, extra: &[&str]) -> (i32, String, String) {
     (o.status.code().unwrap(), out, err)
 }
 
+/// `check act_quant` on `file` must exit 2 with every `needle` in its message.
+fn expect_bad_input(file: &Path, needles: &[&str]) {
+    let (code, _, err) = check_act_quant(file, &[]);
+    assert_eq!(code, 2, "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "missing {needle:?} in: {err}");
+    }
+}
+
 fn with_tensors(name: &str, edit: impl FnOnce(&mut TensorMap)) -> PathBuf {
     let mut t = io::load(fixture("act_quant/f32_randn.safetensors")).unwrap();
     edit(&mut t);
@@ -112,17 +121,10 @@ fn truncated_file_is_bad_input() {
     let bytes = std::fs::read(fixture("act_quant/f32_randn.safetensors")).unwrap();
     let p = scratch("trunc").join("t.safetensors");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("t.safetensors") && err.contains("truncated"),
-        "{err}"
-    );
+    expect_bad_input(&p, &["t.safetensors", "truncated"]);
     // shorter than the header length field
     std::fs::write(&p, &bytes[..5]).unwrap();
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("truncated"), "{err}");
+    expect_bad_input(&p, &["truncated"]);
 }
 
 #[test]
@@ -131,12 +133,7 @@ fn garbage_and_missing_files_are_bad_input() {
     let mut junk = 40u64.to_le_bytes().to_vec();
     junk.extend_from_slice(b"{\"x\": {\"dtype\": \"F32\", \"shape\": [1]}}    ");
     std::fs::write(&p, &junk).unwrap();
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("g.safetensors") && err.contains("not a valid safetensors file"),
-        "{err}"
-    );
+    expect_bad_input(&p, &["g.safetensors", "not a valid safetensors file"]);
     let (code, _, err) = check_act_quant(Path::new("/nonexistent/in.safetensors"), &[]);
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/in.safetensors"), "{err}");
@@ -147,27 +144,18 @@ fn missing_extra_and_mistyped_tensors_are_named() {
     let p = with_tensors("missing", |t| {
         t.remove("s");
     });
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("missing output tensor `s`"), "{err}");
+    expect_bad_input(&p, &["missing output tensor `s`"]);
 
     let p = with_tensors("extra", |t| {
         t.insert("bias".into(), Tensor::from_f32(vec![1], &[0.0]));
     });
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("unexpected output tensor `bias`"), "{err}");
+    expect_bad_input(&p, &["unexpected output tensor `bias`"]);
 
     let p = with_tensors("u8codes", |t| {
         let y = t.get_mut("y").unwrap();
         y.dtype = DType::U8;
     });
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("`y` has dtype U8; expected F8_E4M3") && err.contains("float8_e4m3fn"),
-        "{err}"
-    );
+    expect_bad_input(&p, &["`y` has dtype U8; expected F8_E4M3", "float8_e4m3fn"]);
 
     let p = with_tensors("f64x", |t| {
         let x = t.get("x").unwrap();
@@ -182,12 +170,7 @@ fn missing_extra_and_mistyped_tensors_are_named() {
             Tensor::from_bytes(DType::F64, x.shape.clone(), v).unwrap(),
         );
     });
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("input `x` has dtype F64; expected F32 or BF16"),
-        "{err}"
-    );
+    expect_bad_input(&p, &["input `x` has dtype F64; expected F32 or BF16"]);
 }
 
 #[test]
@@ -196,12 +179,7 @@ fn wrong_shapes_are_named() {
         let s = t.get("s").unwrap().clone();
         t.insert("s".into(), s.reshaped(vec![32, 8]));
     });
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("output `s` has shape [32, 8]") && err.contains("[64, 4]"),
-        "{err}"
-    );
+    expect_bad_input(&p, &["output `s` has shape [32, 8]", "[64, 4]"]);
 
     // K = 500 is not a multiple of 128
     let mut t = TensorMap::new();
@@ -213,12 +191,7 @@ fn wrong_shapes_are_named() {
     t.insert("s".into(), Tensor::from_f32(vec![2, 3], &[1.0; 6]));
     let p = scratch("k500").join("k.safetensors");
     io::save(&p, &t, None).unwrap();
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("K = 500 a multiple of block_size = 128"),
-        "{err}"
-    );
+    expect_bad_input(&p, &["K = 500 a multiple of block_size = 128"]);
 }
 
 #[test]
@@ -251,9 +224,7 @@ fn nan_input_is_refused_with_its_index() {
         let i = 5 * 512 + 9;
         x.data[i * 4..i * 4 + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     });
-    let (code, _, err) = check_act_quant(&p, &[]);
-    assert_eq!(code, 2);
-    assert!(err.contains("x[5, 9] is NaN"), "{err}");
+    expect_bad_input(&p, &["x[5, 9] is NaN"]);
 }
 
 #[test]
