@@ -35,6 +35,15 @@ pub enum Policy<'a> {
         why: &'static str,
         judge: Box<dyn Fn(usize) -> Option<&'static str> + 'a>,
     },
+    /// Like [`Policy::Judged`], but `judge` sees **every** element, bit-identical ones included:
+    /// for policies that judge one tensor through another (gate weights matched by their expert
+    /// id, codes against the candidate's own scale, ids as sets per token), where an element can
+    /// be wrong although its bits equal the reference's (a weight left in place while its expert
+    /// id moved). A bit-identical element the judge accepts counts as exact.
+    Relational {
+        why: &'static str,
+        judge: Box<dyn Fn(usize) -> Option<&'static str> + 'a>,
+    },
     /// `inner` on the elements `judged(flat index)` accepts; the others are undefined by the
     /// op's contract (DeepGEMM's padding rows) and are neither judged nor measured.
     Partial {
@@ -52,7 +61,7 @@ impl<'a> Policy<'a> {
             Policy::Ulps { max, why } => format!("≤ {max} ulp ({why})"),
             Policy::Close { atol, rtol, why } => format!("|Δ| ≤ {atol:e} + {rtol:e}·|ref| ({why})"),
             Policy::ExactUnless { why, .. } => format!("exact, except {why}"),
-            Policy::Judged { why, .. } => why.to_string(),
+            Policy::Judged { why, .. } | Policy::Relational { why, .. } => why.to_string(),
             Policy::Partial { why, inner, .. } => {
                 format!("{}; not judged: {why}", inner.describe())
             }
@@ -213,11 +222,19 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
         }
         r.ulp_counts[ulp.min(3) as usize] += 1;
         let ok = if bit_equal {
-            r.exact += 1;
-            continue;
+            // a relational judge must see the element even when its bits match
+            let Policy::Relational { judge, .. } = policy else {
+                r.exact += 1;
+                continue;
+            };
+            if judge(i).is_some() {
+                r.exact += 1;
+                continue;
+            }
+            false
         } else {
             match policy {
-                Policy::Judged { judge, .. } => match judge(i) {
+                Policy::Judged { judge, .. } | Policy::Relational { judge, .. } => match judge(i) {
                     Some(reason) => {
                         *r.allowed_by.entry(reason.to_string()).or_default() += 1;
                         true

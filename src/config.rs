@@ -7,17 +7,27 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// Ceilings of integer config fields (`FieldKind::Int`): what each field's type and meaning
+/// allow, so that no value is truncated (SPEC.md "Resource ceilings").
+pub mod ceil {
+    /// Tile edges, promotion intervals: 2^20 elements, above any GEMM dimension of the model.
+    pub const BLOCK: u64 = 1 << 20;
+    /// Counts of experts, groups, nodes, GPUs, replicas, top-k: 2^16 (V3: 256 experts).
+    pub const COUNT: u64 = crate::limits::MAX_MODEL_COUNT;
+    /// Positions and step counters held as i32 by the official code and torch.
+    pub const I32: u64 = i32::MAX as u64;
+}
+
 /// The domain of one config field.
 #[derive(Debug, Clone, Copy)]
 pub enum FieldKind {
-    /// An integer ≥ 1.
-    PositiveInt,
+    /// An integer in `min..=max` (the ceiling states what the field's own type and meaning
+    /// allow, so that `4294967309` is refused rather than truncated to 13).
+    Int { min: u64, max: u64 },
     /// A finite number > 0.
     PositiveFloat,
     /// A finite number ≥ 0 (rates and coefficients where 0 switches a term off).
     NonNegativeFloat,
-    /// An integer ≥ 0.
-    NonNegativeInt,
     /// `true` / `false`.
     Bool,
     /// One of the listed strings; `null` allowed when `nullable`.
@@ -41,10 +51,9 @@ impl ConfigField {
     /// `name: domain = default` for listings.
     pub fn describe(&self) -> String {
         let domain = match self.kind {
-            FieldKind::PositiveInt => "int ≥ 1".to_string(),
+            FieldKind::Int { min, max } => format!("int in {min}..={max}"),
             FieldKind::PositiveFloat => "number > 0".to_string(),
             FieldKind::NonNegativeFloat => "number ≥ 0".to_string(),
-            FieldKind::NonNegativeInt => "int ≥ 0".to_string(),
             FieldKind::Bool => "bool".to_string(),
             FieldKind::Choice { values, nullable } => {
                 let mut v: Vec<String> = values.iter().map(|s| format!("\"{s}\"")).collect();
@@ -63,9 +72,9 @@ impl ConfigField {
             msg: format!("field `{}` = {v}: {why}", self.name),
         };
         match self.kind {
-            FieldKind::PositiveInt => match v.as_u64() {
-                Some(n) if n >= 1 => Ok(()),
-                _ => Err(bad("expected an integer ≥ 1".into())),
+            FieldKind::Int { min, max } => match v.as_u64() {
+                Some(n) if (min..=max).contains(&n) => Ok(()),
+                _ => Err(bad(format!("expected an integer in {min}..={max}"))),
             },
             FieldKind::PositiveFloat => match v.as_f64() {
                 Some(x) if x > 0.0 && x.is_finite() => Ok(()),
@@ -74,10 +83,6 @@ impl ConfigField {
             FieldKind::NonNegativeFloat => match v.as_f64() {
                 Some(x) if x >= 0.0 && x.is_finite() => Ok(()),
                 _ => Err(bad("expected a finite number ≥ 0".into())),
-            },
-            FieldKind::NonNegativeInt => match v.as_u64() {
-                Some(_) => Ok(()),
-                None => Err(bad("expected an integer ≥ 0".into())),
             },
             FieldKind::Bool => v
                 .as_bool()
@@ -149,7 +154,14 @@ impl Config {
     }
 
     pub fn usize(&self, name: &str) -> usize {
-        self.get(name).as_u64().expect("validated integer") as usize
+        let v = self.get(name).as_u64().expect("validated integer");
+        usize::try_from(v).expect("validated integers are within the field's range")
+    }
+
+    /// An integer field the model holds as `u32` (its range is declared within `u32`).
+    pub fn u32(&self, name: &str) -> u32 {
+        let v = self.get(name).as_u64().expect("validated integer");
+        u32::try_from(v).expect("validated integers are within the field's range")
     }
 
     pub fn f64(&self, name: &str) -> f64 {
@@ -191,7 +203,10 @@ mod tests {
     const FIELDS: &[ConfigField] = &[
         ConfigField {
             name: "block_size",
-            kind: FieldKind::PositiveInt,
+            kind: FieldKind::Int {
+                min: 1,
+                max: 1 << 20,
+            },
             default: "128",
             doc: "",
         },
@@ -218,7 +233,15 @@ mod tests {
         let e = Config::parse("op", FIELDS, &json!({"block_size": 0}))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`block_size`") && e.contains("≥ 1"), "{e}");
+        assert!(
+            e.contains("`block_size`") && e.contains("1..=1048576"),
+            "{e}"
+        );
+        // not truncated to its type: 2^32 + 13 is refused and printed whole
+        let e = Config::parse("op", FIELDS, &json!({"block_size": 4294967309u64}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4294967309") && e.contains("1..=1048576"), "{e}");
         let e = Config::parse("op", FIELDS, &json!({"scale_fmt": "e8m0"}))
             .unwrap_err()
             .to_string();

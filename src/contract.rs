@@ -44,6 +44,12 @@ pub struct TensorSpec {
 pub enum Constraint {
     /// `var % config[field] == 0`.
     MultipleOf(&'static str, &'static str),
+    /// `var ≥ 1`, with the reason: a size the op cannot be empty in (experts to route to).
+    /// Other sizes may be 0: the op's result is then empty too (or, for a reduction, the
+    /// empty sum).
+    NonEmpty(&'static str, &'static str),
+    /// `var` even and ≥ 2, with the reason (RoPE rotates pairs of features).
+    EvenNonEmpty(&'static str, &'static str),
 }
 
 impl TensorSpec {
@@ -79,6 +85,8 @@ impl Constraint {
     pub fn describe(&self) -> String {
         match self {
             Constraint::MultipleOf(v, f) => format!("{v} % {f} == 0"),
+            Constraint::NonEmpty(v, _) => format!("{v} ≥ 1"),
+            Constraint::EvenNonEmpty(v, _) => format!("{v} even, ≥ 2"),
         }
     }
 }
@@ -137,6 +145,24 @@ impl Contract<'_> {
         }
         for c in self.constraints {
             match *c {
+                Constraint::NonEmpty(v, why) | Constraint::EvenNonEmpty(v, why) => {
+                    let n = b.get(v);
+                    let even = matches!(c, Constraint::EvenNonEmpty(..));
+                    if n == 0 || (even && n % 2 != 0) {
+                        let by = b.by[v];
+                        return Err(Error::Shape {
+                            op: self.op,
+                            role: Role::Input,
+                            name: by.to_string(),
+                            got: inputs[by].shape.clone(),
+                            expected: format!(
+                                "{} with {}, got {v} = {n} ({why})",
+                                shape_rule(self.spec(by).shape),
+                                c.describe()
+                            ),
+                        });
+                    }
+                }
                 Constraint::MultipleOf(v, f) => {
                     let (n, d) = (b.get(v), config.usize(f));
                     if n % d != 0 {
@@ -198,6 +224,47 @@ impl Contract<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A lower bound of the working memory (bytes, [`crate::limits::WORKING_BYTES`] per
+    /// element, zero-size dims counted as 1) of generated inputs whose named sizes are `pinned`
+    /// (unpinned sizes counted as 1; leading `...` as the size `M`); `None` on overflow.
+    pub fn generated_bytes(
+        &self,
+        pinned: &BTreeMap<String, usize>,
+        config: &Config,
+    ) -> Option<u64> {
+        let var = |v: &str| pinned.get(v).copied().unwrap_or(1);
+        let mut total = 0u64;
+        for spec in self.inputs {
+            let mut shape = Vec::new();
+            for d in spec.shape {
+                shape.push(match *d {
+                    Dim::Batch => var("M"),
+                    Dim::Var(v) => var(v),
+                    Dim::Div(v, f) => var(v) / config.usize(f).max(1),
+                    Dim::CeilDiv(v, f) => var(v).div_ceil(config.usize(f).max(1)),
+                    Dim::Fixed(n) => n,
+                    Dim::Field(f) => config.usize(f),
+                });
+            }
+            let bytes = crate::limits::extent(&shape)?.checked_mul(crate::limits::WORKING_BYTES)?;
+            total = total.checked_add(bytes)?;
+        }
+        Some(total)
+    }
+
+    /// Working memory (as [`Contract::generated_bytes`]) of the outputs the inputs' bindings
+    /// imply: what `run` and `check` need on top of the loaded inputs, checked before the
+    /// reference allocates.
+    pub fn output_bytes(&self, b: &Bindings, config: &Config) -> Option<u64> {
+        let mut total = 0u64;
+        for spec in self.outputs {
+            let shape = self.expected_shape(spec, b, config);
+            let bytes = crate::limits::extent(&shape)?.checked_mul(crate::limits::WORKING_BYTES)?;
+            total = total.checked_add(bytes)?;
+        }
+        Some(total)
     }
 
     /// The concrete shape of an output under bound sizes.

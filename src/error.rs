@@ -87,6 +87,17 @@ pub enum Error {
     Checkpoint { path: PathBuf, msg: String },
     #[error("{0}")]
     Usage(String),
+    /// An input or request too large for this machine (or over a documented ceiling), refused
+    /// before allocating.
+    #[error("{what}: too large: {need}; {limit}")]
+    TooLarge {
+        what: String,
+        need: String,
+        limit: String,
+    },
+    /// A broken invariant of dsv3 itself (a bug: please report it), never a panic.
+    #[error("internal error (a dsv3 bug, please report it with the inputs): {0}")]
+    Internal(String),
 }
 
 impl Error {

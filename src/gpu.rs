@@ -60,7 +60,7 @@ pub fn diff(
     }
     let contract = op.contract();
     let bindings = contract.check_inputs(inputs, config, "")?;
-    let reference = (op.reference)(inputs, config)?;
+    let reference = op.run_reference(inputs, config, &bindings)?;
     let start = Instant::now();
     let got = (imp.run)(gpu, inputs, config)?;
     let gpu_seconds = start.elapsed().as_secs_f64();

@@ -120,8 +120,19 @@ impl SafeFile {
         })
     }
 
-    /// Read every tensor.
+    /// Read every tensor (refused before copying anything when the tensors would not fit in
+    /// memory, [`crate::limits`]).
     pub fn load_all(&self) -> Result<TensorMap> {
+        let mut need = Some(0u64);
+        for (_, info) in self.metadata.tensors() {
+            let working = crate::limits::extent(&info.shape)
+                .and_then(|e| e.checked_mul(info.dtype.bitsize().div_ceil(8) as u64));
+            need = need.zip(working).and_then(|(a, b)| a.checked_add(b));
+        }
+        crate::limits::ensure_fits(
+            &format!("{}: loading its tensors", self.path.display()),
+            need,
+        )?;
         self.names()
             .into_iter()
             .map(|n| Ok((n.clone(), self.tensor(&n)?)))

@@ -15,6 +15,7 @@ pub mod fast;
 pub mod forward;
 pub mod gpu;
 pub mod io;
+pub mod limits;
 pub mod ops;
 pub mod plot;
 pub mod registry;

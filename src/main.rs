@@ -362,19 +362,11 @@ fn run(cli: Cli) -> Result<bool> {
         } => {
             let op = registry::find(&op)?;
             let cfg = check::read_config(op, config.as_deref())?;
-            let known = op_sizes(op);
             let mut pinned = registry::Sizes::new();
             for (k, v) in sizes {
-                let Some(name) = known.iter().find(|n| **n == k) else {
-                    return Err(Error::Usage(format!(
-                        "{}: no size named `{k}`; its sizes are {}",
-                        op.name,
-                        known.join(", ")
-                    )));
-                };
-                pinned.insert(name, v);
+                pinned.insert(k, v);
             }
-            let inputs = (op.generate)(&mut dsv3::rng::Rng::new(seed), &cfg, &pinned);
+            let inputs = op.generate_inputs(&mut dsv3::rng::Rng::new(seed), &cfg, &pinned)?;
             io::save(
                 &out,
                 &inputs,
@@ -486,9 +478,10 @@ fn run(cli: Cli) -> Result<bool> {
             let op = registry::find(&op)?;
             let cfg = check::read_config(op, config.as_deref())?;
             let ins = io::load(&inputs)?;
-            op.contract()
-                .check_inputs(&ins, &cfg, &format!(" in {}", inputs.display()))?;
-            let outs = (op.reference)(&ins, &cfg)?;
+            let bindings =
+                op.contract()
+                    .check_inputs(&ins, &cfg, &format!(" in {}", inputs.display()))?;
+            let outs = op.run_reference(&ins, &cfg, &bindings)?;
             io::save(&out, &outs, None)?;
             for (name, t) in &outs {
                 println!("{name}: {} {:?}", t.dtype, t.shape);
@@ -569,37 +562,6 @@ fn gpu_bench(require: bool, quick: bool) -> Result<bool> {
     }
     print!("{}", t.render());
     Ok(true)
-}
-
-/// The named sizes of an op's input shape rules.
-fn op_sizes(op: &registry::OpEntry) -> Vec<&'static str> {
-    let mut v = Vec::new();
-    for s in op.inputs {
-        for d in s.shape {
-            if let dsv3::contract::Dim::Var(n) = d {
-                if !v.contains(n) {
-                    v.push(*n);
-                }
-            }
-        }
-    }
-    if op
-        .inputs
-        .iter()
-        .any(|s| s.shape == [dsv3::contract::Dim::Batch])
-    {
-        v.push("N");
-    }
-    // leading dims `...` are drawn as M rows (the generators read the size `M`)
-    if op
-        .inputs
-        .iter()
-        .any(|s| s.shape.first() == Some(&dsv3::contract::Dim::Batch) && s.shape.len() > 1)
-        && !v.contains(&"M")
-    {
-        v.push("M");
-    }
-    v
 }
 
 fn write_json<T: serde::Serialize>(path: Option<PathBuf>, value: &T) -> Result<()> {

@@ -4,7 +4,8 @@
 //! Adding an op means: a reference function in `reference/`, one entry here (in `src/ops/`), a
 //! kernel in `gpu/kernels/` with its wrapper (optional), and fixture cases in the generator.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField};
@@ -26,8 +27,56 @@ pub type PolicyFn = for<'a> fn(&PolicyCtx<'a>) -> Policy<'a>;
 /// the others are drawn small.
 pub type GenFn = fn(&mut Rng, &Config, &Sizes) -> TensorMap;
 
-/// Named sizes requested from a generator.
-pub type Sizes = BTreeMap<&'static str, usize>;
+/// Named sizes requested from a generator (`dsv3 gen --size M=4096`). It records which names
+/// the generator asks for, so that a size the op's generator does not use is refused instead of
+/// silently ignored ([`OpEntry::generate_inputs`]).
+#[derive(Debug, Clone, Default)]
+pub struct Sizes {
+    pinned: BTreeMap<String, usize>,
+    asked: RefCell<BTreeSet<String>>,
+}
+
+impl Sizes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Pin `name` to `value`.
+    pub fn insert(&mut self, name: impl Into<String>, value: usize) {
+        self.pinned.insert(name.into(), value);
+    }
+
+    /// The pinned value of `name` (and a note that the generator asked for it).
+    pub fn get(&self, name: &str) -> Option<&usize> {
+        self.asked.borrow_mut().insert(name.to_string());
+        self.pinned.get(name)
+    }
+
+    /// Whether no size is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.pinned.is_empty()
+    }
+
+    /// The pinned sizes.
+    pub fn pinned(&self) -> &BTreeMap<String, usize> {
+        &self.pinned
+    }
+
+    /// The names a generator has asked for so far.
+    pub fn asked(&self) -> BTreeSet<String> {
+        self.asked.borrow().clone()
+    }
+}
+
+impl FromIterator<(&'static str, usize)> for Sizes {
+    fn from_iter<I: IntoIterator<Item = (&'static str, usize)>>(iter: I) -> Self {
+        let mut s = Sizes::new();
+        for (k, v) in iter {
+            s.insert(k, v);
+        }
+        s
+    }
+}
 
 /// What a [`PolicyFn`] may look at.
 pub struct PolicyCtx<'a> {
@@ -96,6 +145,102 @@ impl OpEntry {
             outputs: self.outputs,
             constraints: self.constraints,
         }
+    }
+
+    /// Run the reference on contract-checked `inputs` (`bindings` from
+    /// [`Contract::check_inputs`]) and check that its outputs have the contract's names, dtypes
+    /// and shapes, so that an adapter's mistake is an [`Error::Internal`], never a wrong-shaped
+    /// file or a panic later on.
+    pub fn run_reference(
+        &self,
+        inputs: &TensorMap,
+        config: &Config,
+        bindings: &crate::contract::Bindings,
+    ) -> Result<TensorMap> {
+        let contract = self.contract();
+        crate::limits::ensure_fits(
+            &format!("{}: the reference's outputs for these inputs", self.name),
+            contract.output_bytes(bindings, config),
+        )?;
+        let outputs = (self.reference)(inputs, config)?;
+        for spec in self.outputs {
+            let Some(t) = outputs.get(spec.name) else {
+                return Err(Error::Internal(format!(
+                    "{}: the reference returned no `{}`",
+                    self.name, spec.name
+                )));
+            };
+            let shape = contract.expected_shape(spec, bindings, config);
+            if t.shape != shape
+                || !spec.dtypes.contains(&t.dtype)
+                || t.data.len() != t.numel() * t.dtype.size()
+            {
+                return Err(Error::Internal(format!(
+                    "{}: the reference's `{}` is {} {:?}; the contract says {} {shape:?}",
+                    self.name,
+                    spec.name,
+                    t.dtype,
+                    t.shape,
+                    crate::contract::shape_rule(spec.shape)
+                )));
+            }
+        }
+        if outputs.len() != self.outputs.len() {
+            return Err(Error::Internal(format!(
+                "{}: the reference returned {} tensors for {} outputs",
+                self.name,
+                outputs.len(),
+                self.outputs.len()
+            )));
+        }
+        Ok(outputs)
+    }
+
+    /// The size names this op's generator reads (found by running it once on its defaults).
+    pub fn size_names(&self, config: &Config) -> Vec<String> {
+        let probe = Sizes::new();
+        let _ = (self.generate)(&mut Rng::new(0), config, &probe);
+        probe.asked().into_iter().collect()
+    }
+
+    /// Random inputs from the generator with `sizes` pinned: refuses a size name the generator
+    /// does not read, and a request whose inputs would not fit in memory
+    /// ([`crate::limits`]), before generating anything large.
+    pub fn generate_inputs(
+        &self,
+        rng: &mut Rng,
+        config: &Config,
+        sizes: &Sizes,
+    ) -> Result<TensorMap> {
+        let known = self.size_names(config);
+        for name in sizes.pinned().keys() {
+            if !known.contains(name) {
+                return Err(Error::Usage(format!(
+                    "{}: its generator has no size named `{name}`; its sizes are {}",
+                    self.name,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            }
+        }
+        let need = self.contract().generated_bytes(sizes.pinned(), config);
+        crate::limits::ensure_fits(
+            &format!(
+                "{}: generating inputs with {}",
+                self.name,
+                sizes
+                    .pinned()
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            need,
+        )?;
+        Ok((self.generate)(rng, config, sizes))
     }
 
     /// Parse and validate a config (`null` = all defaults).

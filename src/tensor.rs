@@ -185,6 +185,16 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// `[..., C]` viewed as a matrix: (product of the leading dims, C). Counted from the shape,
+    /// not from `numel / C`, so an empty tensor keeps its rows (`[5, 0]` is 5 × 0) and its
+    /// columns (`[0, 7]` is 0 × 7). A scalar is 1 × 1.
+    pub fn rows_cols(&self) -> (usize, usize) {
+        match self.shape.split_last() {
+            Some((&cols, lead)) => (lead.iter().product(), cols),
+            None => (1, 1),
+        }
+    }
+
     /// Values widened exactly to f32 (F32, BF16, F16, and the FP8 formats); `None` for others.
     pub fn to_f32(&self) -> Option<Vec<f32>> {
         let d = &self.data;

@@ -94,8 +94,7 @@ fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
 fn act_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     use dsv3_gpu::{act_quant::act_quant, HostFloats};
     let x = get(inputs, "x");
-    let k = *x.shape.last().expect("rank ≥ 1");
-    let m = x.numel() / k.max(1);
+    let (m, k) = x.rows_cols();
     let block = cfg.usize("block_size");
     let ue8m0 = scale_fmt(cfg) == fp8::ScaleFmt::Ue8m0;
     let out = match x.dtype {

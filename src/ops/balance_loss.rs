@@ -9,7 +9,7 @@ use super::values::{bound_policy, f64_tensor, unit_roundoff};
 use super::{float_input, get, outputs};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
-use crate::contract::{Dim, TensorSpec};
+use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
@@ -28,7 +28,10 @@ pub static BALANCE_LOSS: OpEntry = OpEntry {
         TensorSpec { name: "loss", dtypes: &[DType::F64], shape: &[Dim::Var("S")], doc: "L_Bal of each sequence" },
         TensorSpec { name: "grad", dtypes: &[DType::F64], shape: &[Dim::Var("S"), Dim::Var("T"), Dim::Var("E")], doc: "∂L_Bal/∂s_{i,t}" },
     ],
-    constraints: &[],
+    constraints: &[
+        Constraint::NonEmpty("T", "P_i averages over the sequence's tokens"),
+        Constraint::NonEmpty("E", "top_k experts are chosen among them"),
+    ],
     config: &[
         TOP_K,
         ConfigField { name: "alpha", kind: FieldKind::NonNegativeFloat, default: "0.0001", doc: "α (V3: 0.0001)" },

@@ -5,8 +5,8 @@ use dsv3_reference::moe::eplb;
 use super::values::{i64_tensor, values};
 use super::{get, outputs};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
-use crate::contract::{Dim, TensorSpec};
+use crate::config::{ceil, Config, ConfigField, FieldKind};
+use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
@@ -28,12 +28,12 @@ pub static EPLB: OpEntry = OpEntry {
         TensorSpec { name: "phyrank", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Field("num_replicas")], doc: "replica index of each slot" },
         TensorSpec { name: "logcnt", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Var("E")], doc: "replicas per logical expert" },
     ],
-    constraints: &[],
+    constraints: &[Constraint::NonEmpty("E", "logical experts to replicate")],
     config: &[
-        ConfigField { name: "num_replicas", kind: FieldKind::PositiveInt, default: "288", doc: "physical experts P (V3 prefill: 256 + 32 redundant)" },
-        ConfigField { name: "num_groups", kind: FieldKind::PositiveInt, default: "8", doc: "expert groups" },
-        ConfigField { name: "num_nodes", kind: FieldKind::PositiveInt, default: "4", doc: "server nodes (V3 prefill unit: 4)" },
-        ConfigField { name: "num_gpus", kind: FieldKind::PositiveInt, default: "32", doc: "GPUs, a multiple of num_nodes (V3 prefill unit: 32)" },
+        ConfigField { name: "num_replicas", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "288", doc: "physical experts P (V3 prefill: 256 + 32 redundant)" },
+        ConfigField { name: "num_groups", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "8", doc: "expert groups" },
+        ConfigField { name: "num_nodes", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "4", doc: "server nodes (V3 prefill unit: 4)" },
+        ConfigField { name: "num_gpus", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "32", doc: "GPUs, a multiple of num_nodes (V3 prefill unit: 32)" },
     ],
     reference: eplb_ref,
     reference_fn: "reference/src/moe/eplb.rs::rebalance_experts",

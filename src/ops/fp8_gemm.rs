@@ -18,6 +18,7 @@ use std::cell::OnceCell;
 
 use dsv3_gpu::fp8_gemm::Backend;
 use dsv3_gpu::Floats;
+use dsv3_reference::fp8::accumulate::{MAX_FRAC_BITS, MAX_GROUP};
 use dsv3_reference::fp8::fp8_gemm::{self as reference, Accumulation, GemmNames, ScaleLayout};
 use dsv3_reference::fp8::Saturation;
 use dsv3_reference::fp8::{
@@ -28,7 +29,7 @@ use ndarray::{Array2, Array3, ArrayView2, Axis};
 
 use super::{floats_tensor, gamma, get, matrix_f32, matrix_u8, outputs, BLOCK_SIZE};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{ceil, Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::fast::{self, GemmOut};
@@ -86,21 +87,30 @@ const ACCUMULATION: ConfigField = ConfigField {
 };
 const PROMOTE_INTERVAL: ConfigField = ConfigField {
     name: "promote_interval",
-    kind: FieldKind::NonNegativeInt,
+    kind: FieldKind::Int {
+        min: 0,
+        max: ceil::BLOCK,
+    },
     default: "128",
     doc: "tensor_core: N_C, products per Tensor Core window before promotion to f32 (V3: 128); \
           0 = never (needs scales constant along K)",
 };
 const ACC_FRAC_BITS: ConfigField = ConfigField {
     name: "acc_frac_bits",
-    kind: FieldKind::PositiveInt,
+    kind: FieldKind::Int {
+        min: 1,
+        max: MAX_FRAC_BITS as u64,
+    },
     default: "13",
     doc: "tensor_core: F, fraction bits kept below the largest exponent (Hopper: 13, the paper's \
           \"14 bits\")",
 };
 const ACC_GROUP: ConfigField = ConfigField {
     name: "acc_group",
-    kind: FieldKind::PositiveInt,
+    kind: FieldKind::Int {
+        min: 1,
+        max: MAX_GROUP as u64,
+    },
     default: "32",
     doc: "tensor_core: L, products aligned together (one wgmma k32 step)",
 };
@@ -115,7 +125,7 @@ const TERM_CUT: ConfigField = ConfigField {
 };
 const ACC_OUT_FRAC_BITS: ConfigField = ConfigField {
     name: "acc_out_frac_bits",
-    kind: FieldKind::NonNegativeInt,
+    kind: FieldKind::Int { min: 0, max: 23 },
     default: "13",
     doc: "tensor_core: fraction bits of the accumulator register (Hopper: 13, e8m13; max 23)",
 };
@@ -169,13 +179,13 @@ pub(crate) fn accumulation(cfg: &Config) -> Accumulation {
     match cfg.choice("accumulation") {
         Some("tensor_core") => Accumulation::TensorCore {
             model: TensorCoreModel {
-                frac_bits: cfg.usize("acc_frac_bits") as u32,
+                frac_bits: cfg.u32("acc_frac_bits"),
                 group: cfg.usize("acc_group"),
                 term_cut: match cfg.choice("term_cut") {
                     Some("floor") => TermCut::Floor,
                     _ => TermCut::TowardZero,
                 },
-                out_frac_bits: u32::try_from(cfg.usize("acc_out_frac_bits")).unwrap_or(u32::MAX),
+                out_frac_bits: cfg.u32("acc_out_frac_bits"),
                 out_round: match cfg.choice("acc_out_round") {
                     Some("nearest_even") => WriteBack::NearestEven,
                     _ => WriteBack::TowardZero,

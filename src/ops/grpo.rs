@@ -10,7 +10,7 @@ use super::values::{
 use super::{get, outputs};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
-use crate::contract::{Dim, TensorSpec};
+use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
@@ -41,7 +41,10 @@ pub static GRPO_LOSS: OpEntry = OpEntry {
         TensorSpec { name: "advantages", dtypes: &[DType::F64], shape: &[Dim::Var("Q"), Dim::Var("G")], doc: "A_i, eq. (28)" },
         TensorSpec { name: "grad_logp", dtypes: &[DType::F64], shape: QGL, doc: "∂loss/∂logp (0 where masked)" },
     ],
-    constraints: &[],
+    constraints: &[
+        Constraint::NonEmpty("G", "the advantages normalise over the group's outputs"),
+        Constraint::NonEmpty("L", "every output needs a token: J divides by |o_i|"),
+    ],
     config: &[
         ConfigField { name: "clip_eps", kind: FieldKind::PositiveFloat, default: "0.2", doc: "ε of the clipped ratio (not stated in V3)" },
         ConfigField { name: "kl_beta", kind: FieldKind::NonNegativeFloat, default: "0.04", doc: "β (DeepSeekMath: 0.04; not stated in V3)" },
@@ -227,7 +230,7 @@ fn grpo_loss_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> TensorMap {
     let l = sizes.get("L").copied().unwrap_or_else(|| rng.range(1, 12));
     let (mut lp, mut lo, mut lr, mut mask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..q_len * g {
-        let len = rng.range(1, l);
+        let len = rng.range(l.min(1), l);
         for t in 0..l {
             let base = -(rng.uniform() * 6.0 + 1e-3);
             lp.push(base);

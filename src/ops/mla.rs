@@ -213,10 +213,10 @@ fn decode_batch(inputs: &TensorMap) -> Result<Batch> {
     Ok(batch)
 }
 
-/// Run the attention core per batch entry: `out [B, S, H, Dv]` (dtype of q), `lse [B, H, S]`.
-fn run(batch: &Batch, q_dtype: DType, dv: usize, cfg: &Config) -> Result<TensorMap> {
-    let b = batch.q.len();
-    let (s_len, h, _) = batch.q.first().map_or((0, 0, 0), |q| q.dim());
+/// Run the attention core per batch entry: `out [B, S, H, Dv]` (dtype of `q [B, S, H, D]`),
+/// `lse [B, H, S]`. Sizes come from `q`'s shape, so an empty batch keeps S and H.
+fn run(batch: &Batch, q: &Tensor, dv: usize, cfg: &Config) -> Result<TensorMap> {
+    let (b, s_len, h, q_dtype) = (q.shape[0], q.shape[1], q.shape[2], q.dtype);
     let mut out = Vec::with_capacity(b * s_len * h * dv);
     let mut lse = Vec::with_capacity(b * h * s_len);
     for i in 0..b {
@@ -237,12 +237,16 @@ fn run(batch: &Batch, q_dtype: DType, dv: usize, cfg: &Config) -> Result<TensorM
 }
 
 fn mla_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    let q = get(inputs, "q");
-    run(&mla_batch(inputs), q.dtype, get(inputs, "v").shape[3], cfg)
+    run(
+        &mla_batch(inputs),
+        get(inputs, "q"),
+        get(inputs, "v").shape[3],
+        cfg,
+    )
 }
 
 fn mla_decode_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    run(&decode_batch(inputs)?, get(inputs, "q").dtype, D_V, cfg)
+    run(&decode_batch(inputs)?, get(inputs, "q"), D_V, cfg)
 }
 
 /// The kernel reads the paged cache itself (FlashMLA's layout); the wrapper checks every

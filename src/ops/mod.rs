@@ -23,7 +23,7 @@ use ndarray::{Array2, ArrayView2};
 
 use dsv3_reference::fp8::ScaleFmt;
 
-use crate::config::{ConfigField, FieldKind};
+use crate::config::{ceil, ConfigField, FieldKind};
 use crate::io::TensorMap;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -36,8 +36,7 @@ pub(crate) fn get<'a>(m: &'a TensorMap, name: &str) -> &'a Tensor {
 
 /// `[..., C]` floating values (F32/BF16/F16) as an f32 matrix `[rows, C]` (leading dims flattened).
 pub(crate) fn matrix_f32(t: &Tensor) -> Array2<f32> {
-    let cols = t.shape.last().copied().unwrap_or(1);
-    let rows = t.numel().checked_div(cols).unwrap_or(0);
+    let (rows, cols) = t.rows_cols();
     let v = t
         .to_f32()
         .expect("contract allows only floating dtypes here");
@@ -46,8 +45,7 @@ pub(crate) fn matrix_f32(t: &Tensor) -> Array2<f32> {
 
 /// One-byte codes `[..., C]` as a matrix `[rows, C]`.
 pub(crate) fn matrix_u8(t: &Tensor) -> Array2<u8> {
-    let cols = t.shape.last().copied().unwrap_or(1);
-    let rows = t.numel().checked_div(cols).unwrap_or(0);
+    let (rows, cols) = t.rows_cols();
     Array2::from_shape_vec((rows, cols), t.data.clone()).expect("one byte per element")
 }
 
@@ -66,7 +64,10 @@ pub(crate) fn outputs<const N: usize>(pairs: [(&str, Tensor); N]) -> TensorMap {
 /// The two fields every quantization op takes.
 pub(crate) const BLOCK_SIZE: ConfigField = ConfigField {
     name: "block_size",
-    kind: FieldKind::PositiveInt,
+    kind: FieldKind::Int {
+        min: 1,
+        max: ceil::BLOCK,
+    },
     default: "128",
     doc: "tile edge; 128 in DeepSeek-V3",
 };

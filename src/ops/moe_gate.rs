@@ -20,7 +20,7 @@ use dsv3_reference::moe::gate::{route, token_scores, GateConfig, ScoringFunc, To
 
 use super::{float_input, get, i64_tensor, matrix_f32, outputs, values_f32, U32};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{ceil, Config, ConfigField, FieldKind};
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
@@ -42,11 +42,11 @@ topk_group, others −inf; ids = top_k(b); w = s[ids] (/Σ if norm_topk_prob) ·
         TensorSpec { name: "topk_weights", dtypes: &[DType::F32], shape: &[Dim::Var("N"), Dim::Field("top_k")], doc: "gate weights, by descending selection score" },
         TensorSpec { name: "topk_ids", dtypes: &[DType::I64], shape: &[Dim::Var("N"), Dim::Field("top_k")], doc: "expert indices (compared as sets per token)" },
     ],
-    constraints: &[Constraint::MultipleOf("E", "n_group")],
+    constraints: &[Constraint::NonEmpty("E", "top_k experts are chosen among them"), Constraint::MultipleOf("E", "n_group")],
     config: &[
-        ConfigField { name: "top_k", kind: FieldKind::PositiveInt, default: "8", doc: "num_experts_per_tok" },
-        ConfigField { name: "n_group", kind: FieldKind::PositiveInt, default: "8", doc: "expert groups (nodes)" },
-        ConfigField { name: "topk_group", kind: FieldKind::PositiveInt, default: "4", doc: "groups kept per token" },
+        ConfigField { name: "top_k", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "8", doc: "num_experts_per_tok" },
+        ConfigField { name: "n_group", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "8", doc: "expert groups (nodes)" },
+        ConfigField { name: "topk_group", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "4", doc: "groups kept per token" },
         ConfigField { name: "scoring_func", kind: FieldKind::Choice { values: &["sigmoid", "softmax"], nullable: false }, default: "\"sigmoid\"", doc: "affinity" },
         ConfigField { name: "topk_method", kind: FieldKind::Choice { values: &["noaux_tc", "greedy", "group_limited_greedy"], nullable: false }, default: "\"noaux_tc\"", doc: "noaux_tc: bias + top-2-sum groups (V3); greedy: no groups; group_limited_greedy: max groups, no bias" },
         ConfigField { name: "norm_topk_prob", kind: FieldKind::Bool, default: "true", doc: "normalise the selected weights to sum 1" },
@@ -298,7 +298,9 @@ fn moe_gate_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let verdicts = judge_tokens(ctx).unwrap_or_default();
     let got = get(ctx.candidate, "topk_weights");
     let is_ids = ctx.output == "topk_ids";
-    Policy::Judged {
+    // relational: a weight is judged through the candidate's id in its slot, so a weight left
+    // in place while its id moved must fail although its bits equal the reference's
+    Policy::Relational {
         why: "ids as sets per token (near-ties apart); weights matched by expert id within the score-error bound",
         judge: Box::new(move |i| {
             let v = verdicts.get(i / k)?;

@@ -7,7 +7,7 @@ use half::bf16;
 use super::values::{bound_policy, float_tensor, interval_policy, unit_roundoff, values};
 use super::{get, outputs};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{ceil, Config, ConfigField, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::{Error, Result, Role};
 use crate::io::TensorMap;
@@ -41,7 +41,7 @@ pub static ADAMW_STEP: OpEntry = OpEntry {
         ConfigField { name: "beta2", kind: FieldKind::PositiveFloat, default: "0.95", doc: "β2 < 1" },
         ConfigField { name: "eps", kind: FieldKind::PositiveFloat, default: "1e-8", doc: "ε (not stated in V3; torch default)" },
         ConfigField { name: "weight_decay", kind: FieldKind::NonNegativeFloat, default: "0.1", doc: "decoupled weight decay" },
-        ConfigField { name: "step", kind: FieldKind::PositiveInt, default: "1", doc: "t ≥ 1 of this update (bias correction)" },
+        ConfigField { name: "step", kind: FieldKind::Int { min: 1, max: ceil::I32 }, default: "1", doc: "t ≥ 1 of this update (bias correction)" },
     ],
     reference: adamw_step_ref,
     reference_fn: "reference/src/train/adamw.rs::adamw_step_bf16",

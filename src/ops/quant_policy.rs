@@ -45,13 +45,15 @@ pub(crate) fn quant_policy<'a>(
     match ctx.output {
         "y" => {
             let y_cand = get(ctx.candidate, "y");
-            Policy::ExactUnless {
-                why: "a neighbouring code where x/s' is within 2.5 f32-ulp of a rounding midpoint (s' = the candidate's scale, itself within policy)",
-                allow: Box::new(move |i| {
+            // relational: every code is judged against the candidate's own scale, so a code
+            // equal to the reference's is still wrong if the candidate's scale differs
+            Policy::Relational {
+                why: "e4m3(x/s') with s' the candidate's scale (itself within policy), or a neighbouring code where x/s' is within 2.5 f32-ulp of a rounding midpoint",
+                judge: Box::new(move |i| {
                     let (r, c) = (i / cols, i % cols);
                     let s = s_cand[[r / tr, c / tc]];
                     let got = y_cand.bits(i) as u16;
-                    code_ok(x[[r, c]], s, got)
+                    code_ok(x[[r, c]], s, got).then_some("the candidate's own scale, or a near-tie")
                 }),
             }
         }

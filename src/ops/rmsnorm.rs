@@ -95,8 +95,7 @@ fn f32_rel_bound(d: f64) -> f64 {
 
 fn rmsnorm_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
-    let d = *x.shape.last().expect("rank ≥ 1");
-    let rows = x.numel().checked_div(d).unwrap_or(0);
+    let (rows, d) = x.rows_cols();
     let w = values_f32(get(inputs, "weight"));
     let eps = cfg.f64("eps") as f32;
     let y = rmsnorm(gpu, kernel_values(x).as_host(), &w, (rows, d), eps)?;

@@ -9,8 +9,8 @@ use super::{
     U32,
 };
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
-use crate::contract::{Dim, TensorSpec};
+use crate::config::{ceil, Config, ConfigField, FieldKind};
+use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::{Error, Result};
 use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
@@ -26,12 +26,12 @@ pub static ROPE: OpEntry = OpEntry {
         TensorSpec { name: "positions", dtypes: &[DType::I32, DType::I64], shape: &[Dim::Var("S")], doc: "position of each row" },
     ],
     outputs: &[TensorSpec { name: "y", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("S"), Dim::Var("H"), Dim::Var("D")], doc: "rotated (official interleaved layout)" }],
-    constraints: &[],
+    constraints: &[Constraint::EvenNonEmpty("D", "RoPE rotates pairs of features")],
     config: &[
         ConfigField { name: "rope_theta", kind: FieldKind::PositiveFloat, default: "10000", doc: "θ" },
         ConfigField { name: "rope_type", kind: FieldKind::Choice { values: &["default", "yarn"], nullable: false }, default: "\"yarn\"", doc: "\"default\" = plain RoPE (no rope_scaling)" },
         ConfigField { name: "factor", kind: FieldKind::PositiveFloat, default: "40", doc: "YaRN s" },
-        ConfigField { name: "original_max_position_embeddings", kind: FieldKind::PositiveInt, default: "4096", doc: "YaRN L0" },
+        ConfigField { name: "original_max_position_embeddings", kind: FieldKind::Int { min: 1, max: ceil::I32 }, default: "4096", doc: "YaRN L0" },
         ConfigField { name: "beta_fast", kind: FieldKind::PositiveFloat, default: "32", doc: "YaRN β_fast" },
         ConfigField { name: "beta_slow", kind: FieldKind::PositiveFloat, default: "1", doc: "YaRN β_slow" },
         ConfigField { name: "rope_interleave", kind: FieldKind::Bool, default: "true", doc: "pairs (2i, 2i+1) (DeepSeek); false: (i, i + D/2)" },

@@ -7,8 +7,8 @@ use ndarray::{Array1, Array2};
 use super::values::{i64_tensor, values};
 use super::{float_input, get, outputs};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
-use crate::contract::{Dim, TensorSpec};
+use crate::config::{ceil, Config, ConfigField, FieldKind};
+use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
@@ -17,19 +17,28 @@ use crate::tensor::{DType, Tensor};
 
 pub(crate) const TOP_K: ConfigField = ConfigField {
     name: "top_k",
-    kind: FieldKind::PositiveInt,
+    kind: FieldKind::Int {
+        min: 1,
+        max: ceil::COUNT,
+    },
     default: "8",
     doc: "K_r, experts per token (8 in V3)",
 };
 pub(crate) const N_NODES: ConfigField = ConfigField {
     name: "n_nodes",
-    kind: FieldKind::PositiveInt,
+    kind: FieldKind::Int {
+        min: 1,
+        max: ceil::COUNT,
+    },
     default: "8",
     doc: "nodes the experts are spread over, E/n_nodes each (= n_group; 8 in V3)",
 };
 pub(crate) const MAX_NODES: ConfigField = ConfigField {
     name: "max_nodes",
-    kind: FieldKind::PositiveInt,
+    kind: FieldKind::Int {
+        min: 1,
+        max: ceil::COUNT,
+    },
     default: "4",
     doc: "M, nodes per token (= topk_group; 4 in V3); must divide top_k",
 };
@@ -79,7 +88,7 @@ pub static NODE_LIMITED_ROUTING: OpEntry = OpEntry {
         shape: &[Dim::Var("T"), Dim::Field("top_k")],
         doc: "selected expert ids, ascending (a set per token)",
     }],
-    constraints: &[],
+    constraints: &[Constraint::NonEmpty("E", "top_k experts are chosen among them")],
     config: &[TOP_K, N_NODES, MAX_NODES],
     reference: node_limited_routing_ref,
     reference_fn: "reference/src/moe/node_routing.rs::node_limited_topk",
@@ -115,47 +124,118 @@ fn node_limited_routing_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
         cfg.usize("n_nodes"),
         cfg.usize("max_nodes"),
     );
-    let e = scores.ncols();
-    let per_node = e / nodes;
     let want = values(get(ctx.reference, "topk_idx"));
-    let got = get(ctx.candidate, "topk_idx");
-    // per token: which expert ids an alternative tie resolution could select (None: unique)
-    let alternatives: Vec<Option<Vec<bool>>> = scores
+    let got = values(get(ctx.candidate, "topk_idx"));
+    // per token: None when the selection is unique (judged bitwise), else whether the
+    // candidate's whole row is one of the selections a tie resolution could make
+    let verdicts: Vec<Option<bool>> = scores
         .outer_iter()
         .enumerate()
         .map(|(t, s_t)| {
-            let sel: Vec<f32> = (0..e).map(|i| s_t[i] + bias[i]).collect();
-            let node_aff: Vec<f32> = (0..nodes)
-                .map(|n| {
-                    let members = &sel[n * per_node..(n + 1) * per_node];
-                    topk_desc(members, k / m)
-                        .iter()
-                        .fold(0.0f32, |a, &j| a + members[j])
-                })
-                .collect();
-            let m_th = node_aff[*topk_desc(&node_aff, m).last()?];
-            let eligible = |i: usize| node_aff[i / per_node] >= m_th;
-            let node_tie = node_aff.iter().filter(|&&a| a >= m_th).count() > m;
-            let v_k = (0..k)
-                .map(|slot| sel[want[t * k + slot] as usize])
-                .fold(f32::INFINITY, f32::min);
-            let expert_tie = (0..e).filter(|&i| eligible(i) && sel[i] >= v_k).count() > k;
-            (node_tie || expert_tie).then(|| {
-                (0..e)
-                    .map(|i| eligible(i) && (node_tie || sel[i] >= v_k))
-                    .collect()
-            })
+            let sel: Vec<f32> = (0..s_t.len()).map(|i| s_t[i] + bias[i]).collect();
+            let row = |v: &[f64]| v[t * k..(t + 1) * k].to_vec();
+            let tie = Ties::of(&sel, &row(&want), k, nodes, m)?;
+            Some(tie.admits(&row(&got)))
         })
         .collect();
-    Policy::ExactUnless {
-        why: "a tied candidate, in tokens whose selection is not unique",
-        allow: Box::new(move |i| {
-            let j = got.value(i);
-            match &alternatives[i / k] {
-                Some(ok) => j >= 0.0 && (j as usize) < ok.len() && ok[j as usize],
-                None => false,
-            }
+    // relational: a token's ids are judged together (a tied id may replace another only if
+    // the whole row stays a valid selection), so every element is seen
+    Policy::Relational {
+        why: "a tied candidate, in tokens whose selection is not unique (the row must stay a valid selection, ascending)",
+        judge: Box::new(move |i| match verdicts.get(i / k)? {
+            None => (got[i].to_bits() == want[i].to_bits()).then_some("exact"),
+            Some(true) => Some("another resolution of an exact tie"),
+            Some(false) => None,
         }),
+    }
+}
+
+/// The exact ties of one token's selection: node scores tied at the M-th node, or selection
+/// scores tied at the K-th expert of the kept nodes.
+struct Ties {
+    sel: Vec<f32>,
+    node_aff: Vec<f32>,
+    /// The M-th best node score.
+    m_th: f32,
+    per_node: usize,
+    k: usize,
+    m: usize,
+}
+
+impl Ties {
+    /// `None` when the token's selection is unique.
+    fn of(sel: &[f32], want: &[f64], k: usize, nodes: usize, m: usize) -> Option<Ties> {
+        let e = sel.len();
+        let per_node = e / nodes;
+        let node_aff: Vec<f32> = (0..nodes)
+            .map(|n| {
+                let members = &sel[n * per_node..(n + 1) * per_node];
+                topk_desc(members, k / m)
+                    .iter()
+                    .fold(0.0f32, |a, &j| a + members[j])
+            })
+            .collect();
+        let m_th = node_aff[*topk_desc(&node_aff, m).last()?];
+        let eligible = |i: usize| node_aff[i / per_node] >= m_th;
+        let node_tie = node_aff.iter().filter(|&&a| a >= m_th).count() > m;
+        let v_k = want
+            .iter()
+            .map(|&i| sel[i as usize])
+            .fold(f32::INFINITY, f32::min);
+        let expert_tie = (0..e).filter(|&i| eligible(i) && sel[i] >= v_k).count() > k;
+        (node_tie || expert_tie).then(|| Ties {
+            sel: sel.to_vec(),
+            node_aff,
+            m_th,
+            per_node,
+            k,
+            m,
+        })
+    }
+
+    /// Whether `row` (candidate ids) is a selection some resolution of the ties makes: k
+    /// distinct ids, ascending, on at most M nodes that a top-M node choice can hold (every
+    /// node scoring above the M-th, the rest tied with it), and a top-k of the experts on
+    /// those nodes. The nodes added to reach M are the tied nodes whose best expert is
+    /// weakest: adding a node only adds competitors, so that choice admits the most rows.
+    fn admits(&self, row: &[f64]) -> bool {
+        let e = self.sel.len();
+        if row.len() != self.k
+            || row
+                .iter()
+                .any(|&c| !(c >= 0.0 && c < e as f64 && c.fract() == 0.0))
+            || row.windows(2).any(|w| w[0] >= w[1])
+        {
+            return false;
+        }
+        let ids: Vec<usize> = row.iter().map(|&c| c as usize).collect();
+        let node = |i: usize| i / self.per_node;
+        if ids.iter().any(|&i| self.node_aff[node(i)] < self.m_th) {
+            return false;
+        }
+        let mut kept: Vec<usize> = (0..self.node_aff.len())
+            .filter(|&n| self.node_aff[n] > self.m_th || ids.iter().any(|&i| node(i) == n))
+            .collect();
+        if kept.len() > self.m {
+            return false;
+        }
+        let best = |n: usize| {
+            self.sel[n * self.per_node..(n + 1) * self.per_node]
+                .iter()
+                .fold(f32::NEG_INFINITY, |a, &v| a.max(v))
+        };
+        let mut tied: Vec<usize> = (0..self.node_aff.len())
+            .filter(|&n| self.node_aff[n] == self.m_th && !kept.contains(&n))
+            .collect();
+        tied.sort_by(|&a, &b| best(a).total_cmp(&best(b)));
+        kept.extend(tied.into_iter().take(self.m - kept.len()));
+        let weakest = ids
+            .iter()
+            .map(|&i| self.sel[i])
+            .fold(f32::INFINITY, f32::min);
+        (0..e)
+            .filter(|&i| kept.contains(&node(i)) && !ids.contains(&i))
+            .all(|i| self.sel[i] <= weakest)
     }
 }
 
@@ -223,7 +303,7 @@ pub static BIAS_UPDATE: OpEntry = OpEntry {
         TensorSpec { name: "load", dtypes: &[DType::I64], shape: &[Dim::Var("E")], doc: "c_i, tokens routed to expert i" },
         TensorSpec { name: "bias_out", dtypes: &[DType::F32], shape: &[Dim::Var("E")], doc: "updated b_i" },
     ],
-    constraints: &[],
+    constraints: &[Constraint::NonEmpty("E", "top_k experts are chosen among them")],
     config: &[
         TOP_K,
         N_NODES,
