@@ -331,7 +331,7 @@ fn plot(
     let metric = format!("{metric:?}").to_lowercase();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(format!("accum_study_{dist}_{metric}.svg"));
-    std::fs::write(&path, chart.to_svg()).map_err(|e| Error::io(&path, e))?;
+    crate::io::write_file(&path, chart.to_svg().as_bytes())?;
     Ok(path)
 }
 

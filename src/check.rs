@@ -125,7 +125,7 @@ pub fn read_config(op: &OpEntry, arg: Option<&str>) -> Result<Config> {
             })?
         }
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let text = crate::io::read_text(Path::new(path))?;
             serde_json::from_str(&text).map_err(|e| Error::Config {
                 op: op.name,
                 msg: format!("{path}: {e}"),

@@ -228,19 +228,32 @@ impl Contract<'_> {
 
     /// A lower bound of the working memory (bytes, [`crate::limits::WORKING_BYTES`] per
     /// element, zero-size dims counted as 1) of generated inputs whose named sizes are `pinned`
-    /// (unpinned sizes counted as 1; leading `...` as the size `M`); `None` on overflow.
+    /// (unpinned sizes counted as 1); `None` on overflow.
     pub fn generated_bytes(
         &self,
         pinned: &BTreeMap<String, usize>,
         config: &Config,
     ) -> Option<u64> {
         let var = |v: &str| pinned.get(v).copied().unwrap_or(1);
+        // leading `...` dims: the pinned sizes that name no dimension of the contract (the
+        // generators draw `...` as `M` rows, or `N` elements of an all-batch tensor)
+        let named = |v: &str| {
+            self.inputs.iter().chain(self.outputs).any(|spec| {
+                spec.shape.iter().any(
+                    |d| matches!(*d, Dim::Var(n) | Dim::Div(n, _) | Dim::CeilDiv(n, _) if n == v),
+                )
+            })
+        };
+        let batch = pinned
+            .iter()
+            .filter(|(k, _)| !named(k))
+            .try_fold(1usize, |a, (_, &v)| a.checked_mul(v.max(1)))?;
         let mut total = 0u64;
         for spec in self.inputs {
             let mut shape = Vec::new();
             for d in spec.shape {
                 shape.push(match *d {
-                    Dim::Batch => var("M"),
+                    Dim::Batch => batch,
                     Dim::Var(v) => var(v),
                     Dim::Div(v, f) => var(v) / config.usize(f).max(1),
                     Dim::CeilDiv(v, f) => var(v).div_ceil(config.usize(f).max(1)),

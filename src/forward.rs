@@ -122,6 +122,14 @@ pub fn parse_layers(s: &str) -> Result<Vec<usize>> {
                 if a > b {
                     return Err(bad(item));
                 }
+                // layers are checked against the model later; refuse a range no model has
+                // before listing it
+                crate::limits::ensure_at_most(
+                    &format!("--layers {item}"),
+                    b as u64,
+                    crate::limits::MAX_MODEL_COUNT,
+                    "the largest layer index a model config may declare",
+                )?;
                 v.extend(a..=b);
             }
             None => v.push(item.parse().map_err(|_| bad(item))?),
@@ -227,6 +235,17 @@ pub fn run(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
             c.num_nextn_predict_layers,
             c.num_hidden_layers,
             if args.layers.is_some() { ", which --layers must select" } else { "" }
+        )));
+    }
+    if args.mtp && args.layers.is_none() && model.mtp.len() < c.num_nextn_predict_layers {
+        let missing = (c.num_hidden_layers..c.total_layers())
+            .find(|l| !ck.has_prefix(&format!("model.layers.{l}.")))
+            .unwrap_or(c.num_hidden_layers);
+        return Err(Error::Usage(format!(
+            "--mtp: {} declares num_nextn_predict_layers = {} but holds {} MTP module(s): no tensors model.layers.{missing}.* (run the modules present with --layers, or fix the config)",
+            args.model.display(),
+            c.num_nextn_predict_layers,
+            model.mtp.len(),
         )));
     }
     if args.layers.is_none() {

@@ -28,6 +28,7 @@ impl SafeFile {
     /// Map `path` and validate its header against the file size.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        require_regular_file(&path)?;
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if len < 8 {
@@ -40,12 +41,30 @@ impl SafeFile {
         }
         // SAFETY: the file is opened read-only; dsv3 does not modify it while mapped, and a
         // concurrent writer is outside what any reader of a model file can defend against.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::OutOfMemory {
+                Error::TooLarge {
+                    what: format!("{}: mapping it", path.display()),
+                    need: format!("{} of address space", crate::limits::human(len)),
+                    limit: "the operating system refused the mapping (an address-space limit such as `ulimit -v`?)".into(),
+                }
+            } else {
+                Error::io(&path, e)
+            }
+        })?;
         let (header_len, metadata) =
             safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::Corrupt {
                 path: path.clone(),
                 reason: describe(&e, map.len()),
             })?;
+        if let Some(name) = duplicate_key(&map[8..8 + header_len]) {
+            return Err(Error::Corrupt {
+                path,
+                reason: format!(
+                    "the header names tensor `{name}` twice (which one is meant is ambiguous)"
+                ),
+            });
+        }
         Ok(SafeFile {
             path,
             map,
@@ -140,12 +159,56 @@ impl SafeFile {
     }
 }
 
+/// Refuse an input path that is not a regular file (after following links): a FIFO or a
+/// device would block or never end, a directory is a mistake.
+pub fn require_regular_file(path: &Path) -> Result<std::fs::Metadata> {
+    let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if m.is_file() {
+        return Ok(m);
+    }
+    let kind = if m.is_dir() {
+        "a directory"
+    } else {
+        special_kind(&m.file_type())
+    };
+    Err(Error::Usage(format!(
+        "{}: is {kind}; dsv3 reads inputs from regular files",
+        path.display()
+    )))
+}
+
+#[cfg(unix)]
+fn special_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_kind(_: &std::fs::FileType) -> &'static str {
+    "not a regular file"
+}
+
+/// Read a text input (a JSON config, an index): a regular file that fits in memory.
+pub fn read_text(path: &Path) -> Result<String> {
+    let m = require_regular_file(path)?;
+    crate::limits::ensure_fits(&format!("{}: reading it", path.display()), Some(m.len()))?;
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
 /// Read every tensor of a safetensors file.
 pub fn load(path: impl AsRef<Path>) -> Result<TensorMap> {
     SafeFile::open(path)?.load_all()
 }
 
-/// Write `tensors` (and optional `__metadata__`) to `path`.
+/// Write `tensors` (and optional `__metadata__`) to `path` ([`write_file`]).
 pub fn save(
     path: impl AsRef<Path>,
     tensors: &TensorMap,
@@ -163,9 +226,54 @@ pub fn save(
             })?;
         views.push((name.clone(), view));
     }
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
-        other => Error::Usage(format!("cannot write {}: {other}", path.display())),
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))?;
+    write_file(path, &bytes)
+}
+
+/// Write an output file the way a user expects of a command-line tool:
+/// - a symbolic link is written through (the link stays, its target gets the bytes);
+/// - an existing file that is not a regular file (a device such as `/dev/null`, a FIFO) is
+///   written directly, never replaced;
+/// - a regular file is replaced atomically (a temporary file beside it, then a rename), keeping
+///   the permissions of the file it replaces; a new file gets the user's usual permissions
+///   (0666 less the umask), as `>` in a shell would.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let link = std::fs::symlink_metadata(path).ok();
+    let target = std::fs::metadata(path).ok();
+    let direct = link.as_ref().is_some_and(|m| m.file_type().is_symlink())
+        || target.as_ref().is_some_and(|m| !m.is_file());
+    if direct {
+        return std::fs::write(path, bytes).map_err(|e| Error::io(path, e));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("{}: not a file name to write to", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.dsv3-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if let Some(m) = &target {
+            std::fs::set_permissions(&tmp, m.permissions())?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
     })
 }
 
@@ -191,4 +299,35 @@ fn describe(e: &safetensors::SafeTensorError, file_len: usize) -> String {
         E::ValidationOverflow => "a tensor's shape overflows".into(),
         other => other.to_string(),
     }
+}
+
+/// The first key that a safetensors header (a JSON object) holds twice. The safetensors crate
+/// parses the header into a map, where the last of two equal keys silently wins.
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct FirstDuplicate;
+    impl<'de> Visitor<'de> for FirstDuplicate {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(None)
+        }
+    }
+    // the header already parsed as JSON once (read_metadata), so errors cannot occur here
+    serde_json::Deserializer::from_slice(header)
+        .deserialize_map(FirstDuplicate)
+        .ok()
+        .flatten()
 }

@@ -567,7 +567,7 @@ fn gpu_bench(require: bool, quick: bool) -> Result<bool> {
 fn write_json<T: serde::Serialize>(path: Option<PathBuf>, value: &T) -> Result<()> {
     if let Some(p) = path {
         let text = serde_json::to_string_pretty(value).map_err(|e| Error::Usage(e.to_string()))?;
-        std::fs::write(&p, text + "\n").map_err(|e| Error::io(&p, e))?;
+        io::write_file(&p, (text + "\n").as_bytes())?;
         eprintln!("report written to {}", p.display());
     }
     Ok(())

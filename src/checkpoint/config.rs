@@ -58,10 +58,19 @@ impl<'a> Obj<'a> {
         self.map.get(field).filter(|v| !v.is_null())
     }
 
+    /// A non-negative integer within the field's ceiling ([`ceiling`]): counts of layers,
+    /// experts and heads at most 2^16, dimensions at most 2^24, so that no config value drives
+    /// an absurd allocation (a RoPE table, a layer list) before the tensors are read.
     fn usize_of(&self, field: &str, v: &Value) -> Result<usize> {
-        v.as_u64()
-            .map(|n| n as usize)
-            .ok_or_else(|| self.err(field, format!("{v} is not a non-negative integer")))
+        let n = v
+            .as_u64()
+            .ok_or_else(|| self.err(field, format!("{v} is not a non-negative integer")))?;
+        let (max, what) = ceiling(field);
+        if n > max {
+            return Err(self.err(field, format!("{n} is over the ceiling {max} ({what})")));
+        }
+        usize::try_from(n)
+            .map_err(|_| self.err(field, format!("{n} does not fit this machine's usize")))
     }
 
     fn usize_req(&self, field: &str) -> Result<usize> {
@@ -142,13 +151,40 @@ impl<'a> Obj<'a> {
 
 /// Read and parse `path` (a `config.json`).
 pub fn read(path: &Path) -> Result<Parsed> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_text(path)?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         msg: format!("not valid JSON: {e}"),
     })?;
     parse(path, &v)
 }
+
+/// The ceiling of an integer config field and what it covers.
+fn ceiling(field: &str) -> (u64, &'static str) {
+    match field {
+        "num_hidden_layers"
+        | "num_nextn_predict_layers"
+        | "first_k_dense_replace"
+        | "n_routed_experts"
+        | "n_shared_experts"
+        | "num_experts_per_tok"
+        | "n_group"
+        | "topk_group"
+        | "num_attention_heads"
+        | "num_key_value_heads"
+        | "moe_layer_freq" => (
+            crate::limits::MAX_MODEL_COUNT,
+            "counts of layers, experts and heads; DeepSeek-V3 has 61 layers, 256 experts, 128 heads",
+        ),
+        _ => (
+            MAX_MODEL_DIM,
+            "dimensions and lengths; DeepSeek-V3's largest is the vocabulary, 129280",
+        ),
+    }
+}
+
+/// The ceiling of a dimension in a model config: 2^24.
+pub const MAX_MODEL_DIM: u64 = 1 << 24;
 
 /// Parse a config object (`path` only names the file in errors).
 pub fn parse(path: &Path, v: &Value) -> Result<Parsed> {

@@ -143,7 +143,8 @@ impl Checkpoint {
             .collect()
     }
 
-    fn has_prefix(&self, prefix: &str) -> bool {
+    /// Whether any tensor name starts with `prefix` (`model.layers.62.`).
+    pub fn has_prefix(&self, prefix: &str) -> bool {
         self.location
             .range(prefix.to_string()..)
             .next()
@@ -585,7 +586,7 @@ impl Checkpoint {
 
 /// Shards and tensor locations from `model.safetensors.index.json`.
 fn read_index(dir: &Path, path: &Path) -> Result<(Vec<Shard>, BTreeMap<String, usize>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_text(path)?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
     let Some(map) = v.get("weight_map").and_then(Value::as_object) else {

@@ -49,6 +49,27 @@ pub(crate) fn matrix_u8(t: &Tensor) -> Array2<u8> {
     Array2::from_shape_vec((rows, cols), t.data.clone()).expect("one byte per element")
 }
 
+/// Refuse a NaN or ±inf anywhere in input `name` of `op`, naming the element (for ops whose
+/// result a non-finite input makes meaningless rather than non-finite, such as a routing).
+pub(crate) fn require_finite(
+    op: &'static str,
+    name: &'static str,
+    t: &Tensor,
+    why: &'static str,
+) -> crate::Result<()> {
+    match (0..t.numel()).find(|&i| !t.value(i).is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(dsv3_reference::Error::Value {
+            op,
+            tensor: name,
+            index: crate::tensor::unravel(i, &t.shape),
+            value: format!("{}", t.value(i)),
+            why,
+        }
+        .into()),
+    }
+}
+
 pub(crate) fn f32_tensor(shape: Vec<usize>, a: ArrayView2<f32>) -> Tensor {
     Tensor::from_f32(shape, &a.iter().copied().collect::<Vec<_>>())
 }

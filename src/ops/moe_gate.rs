@@ -18,7 +18,7 @@ use ndarray::Array2;
 use dsv3_reference::linear::{linear, Linear, Precision, Weight};
 use dsv3_reference::moe::gate::{route, token_scores, GateConfig, ScoringFunc, TopkMethod};
 
-use super::{float_input, get, i64_tensor, matrix_f32, outputs, values_f32, U32};
+use super::{float_input, get, i64_tensor, matrix_f32, outputs, require_finite, values_f32, U32};
 use crate::compare::Policy;
 use crate::config::{ceil, Config, ConfigField, FieldKind};
 use crate::contract::{Constraint, Dim, TensorSpec};
@@ -108,6 +108,14 @@ fn logits(inputs: &TensorMap) -> Result<Array2<f32>> {
 }
 
 fn moe_gate_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
+    for name in ["x", "weight", "e_score_correction_bias"] {
+        require_finite(
+            "moe_gate",
+            name,
+            get(inputs, name),
+            "the router's inputs must be finite",
+        )?;
+    }
     let u = logits(inputs)?;
     let bias = values_f32(get(inputs, "e_score_correction_bias"));
     let r = route(u.view(), Some(&bias), &gate_config(cfg))?;

@@ -216,7 +216,7 @@ pub fn main(a: BalanceSimArgs) -> Result<bool> {
     );
     println!("correlation(popularity o_i, final bias b_i) = {corr:.3}");
     if let Some(p) = &a.svg {
-        std::fs::write(p, chart(&sim, &a).to_svg()).map_err(|e| Error::io(p, e))?;
+        crate::io::write_file(p, chart(&sim, &a).to_svg().as_bytes())?;
         println!("wrote {}", p.display());
     }
     Ok(true)

@@ -8,7 +8,7 @@ use dsv3_reference::train::dualpipe::{
     Method, Op, Schedule, Simulation,
 };
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::plot::{Span, Timeline};
 use crate::table::Table;
 
@@ -296,7 +296,7 @@ pub fn main(a: ScheduleArgs) -> Result<bool> {
         };
         PathBuf::from(format!("{stem}_pp{}_micro{}.svg", a.pp, a.micro))
     });
-    std::fs::write(&path, timeline(&s, &sim, &c).to_svg()).map_err(|e| Error::io(&path, e))?;
+    crate::io::write_file(&path, timeline(&s, &sim, &c).to_svg().as_bytes())?;
     println!("wrote {}", path.display());
     Ok(true)
 }
