@@ -226,50 +226,10 @@ impl Contract<'_> {
         Ok(())
     }
 
-    /// A lower bound of the working memory (bytes, [`crate::limits::WORKING_BYTES`] per
-    /// element, zero-size dims counted as 1) of generated inputs whose named sizes are `pinned`
-    /// (unpinned sizes counted as 1); `None` on overflow.
-    pub fn generated_bytes(
-        &self,
-        pinned: &BTreeMap<String, usize>,
-        config: &Config,
-    ) -> Option<u64> {
-        let var = |v: &str| pinned.get(v).copied().unwrap_or(1);
-        // leading `...` dims: the pinned sizes that name no dimension of the contract (the
-        // generators draw `...` as `M` rows, or `N` elements of an all-batch tensor)
-        let named = |v: &str| {
-            self.inputs.iter().chain(self.outputs).any(|spec| {
-                spec.shape.iter().any(
-                    |d| matches!(*d, Dim::Var(n) | Dim::Div(n, _) | Dim::CeilDiv(n, _) if n == v),
-                )
-            })
-        };
-        let batch = pinned
-            .iter()
-            .filter(|(k, _)| !named(k))
-            .try_fold(1usize, |a, (_, &v)| a.checked_mul(v.max(1)))?;
-        let mut total = 0u64;
-        for spec in self.inputs {
-            let mut shape = Vec::new();
-            for d in spec.shape {
-                shape.push(match *d {
-                    Dim::Batch => batch,
-                    Dim::Var(v) => var(v),
-                    Dim::Div(v, f) => var(v) / config.usize(f).max(1),
-                    Dim::CeilDiv(v, f) => var(v).div_ceil(config.usize(f).max(1)),
-                    Dim::Fixed(n) => n,
-                    Dim::Field(f) => config.usize(f),
-                });
-            }
-            let bytes = crate::limits::extent(&shape)?.checked_mul(crate::limits::WORKING_BYTES)?;
-            total = total.checked_add(bytes)?;
-        }
-        Some(total)
-    }
-
-    /// Working memory (as [`Contract::generated_bytes`]) of the outputs the inputs' bindings
-    /// imply: what `run` and `check` need on top of the loaded inputs, checked before the
-    /// reference allocates.
+    /// Working memory of the outputs the inputs' bindings imply, with
+    /// [`crate::limits::WORKING_BYTES`] per element and zero-size dims counted as one: what
+    /// `run` and `check` need on top of the loaded inputs, checked before the reference
+    /// allocates.
     pub fn output_bytes(&self, b: &Bindings, config: &Config) -> Option<u64> {
         let mut total = 0u64;
         for spec in self.outputs {

@@ -24,8 +24,9 @@ pub type SupportsFn = fn(&Config) -> std::result::Result<(), &'static str>;
 /// The tolerance policy of one output, given everything the comparison can see.
 pub type PolicyFn = for<'a> fn(&PolicyCtx<'a>) -> Policy<'a>;
 /// Random inputs satisfying the contract under `config`; `sizes` pins named sizes (`M`, `K`),
-/// the others are drawn small.
-pub type GenFn = fn(&mut Rng, &Config, &Sizes) -> TensorMap;
+/// the others are drawn small. Refuses (before allocating) inputs that would not fit in
+/// memory.
+pub type GenFn = fn(&mut Rng, &Config, &Sizes) -> Result<TensorMap>;
 
 /// Named sizes requested from a generator (`dsv3 gen --size M=4096`). It records which names
 /// the generator asks for, so that a size the op's generator does not use is refused instead of
@@ -226,21 +227,23 @@ impl OpEntry {
                 )));
             }
         }
-        let need = self.contract().generated_bytes(sizes.pinned(), config);
-        crate::limits::ensure_fits(
-            &format!(
-                "{}: generating inputs with {}",
-                self.name,
-                sizes
-                    .pinned()
-                    .iter()
-                    .map(|(k, v)| format!("{k} = {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            need,
-        )?;
-        Ok((self.generate)(rng, config, sizes))
+        (self.generate)(rng, config, sizes).map_err(|e| match e {
+            Error::TooLarge { what, need, limit } => Error::TooLarge {
+                what: format!(
+                    "{}: {what} (with {})",
+                    self.name,
+                    sizes
+                        .pinned()
+                        .iter()
+                        .map(|(k, v)| format!("{k} = {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                need,
+                limit,
+            },
+            other => other,
+        })
     }
 
     /// Parse and validate a config (`null` = all defaults).

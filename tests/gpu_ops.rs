@@ -33,7 +33,7 @@ fn run_one(
     seed: u64,
     sizes: &Sizes,
 ) -> Result<(), String> {
-    let inputs = (op.generate)(&mut Rng::new(seed), cfg, sizes);
+    let inputs = (op.generate)(&mut Rng::new(seed), cfg, sizes).expect("generated inputs");
     for imp in op.gpu.iter().filter(|imp| imp.declines(cfg).is_none()) {
         let context = format!(
             "{} [{}] {} seed {seed} sizes {sizes:?}",

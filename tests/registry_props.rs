@@ -25,7 +25,7 @@ proptest! {
         for op in REGISTRY {
             for cfg in op.configs() {
                 let mut rng = Rng::new(seed);
-                let inputs = (op.generate)(&mut rng, &cfg, &Sizes::new());
+                let inputs = (op.generate)(&mut rng, &cfg, &Sizes::new()).expect("generated inputs");
                 let contract = op.contract();
                 let bindings = contract.check_inputs(&inputs, &cfg, "");
                 prop_assert!(bindings.is_ok(), "{} {}: generated inputs break the contract: {}", op.name, cfg.as_json(), bindings.unwrap_err());

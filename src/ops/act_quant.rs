@@ -2,6 +2,7 @@
 
 use dsv3_reference::fp8;
 
+use super::gen_fits;
 use super::quant_policy::quant_policy;
 use super::{
     codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, scale_fmt,
@@ -123,15 +124,16 @@ fn act_quant_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     quant_policy(ctx, "x", 1, ctx.config.usize("block_size"))
 }
 
-fn act_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn act_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let m = sizes.get("M").copied().unwrap_or_else(|| rng.range(1, 9));
     let k = sizes
         .get("K")
         .copied()
         .unwrap_or_else(|| block * rng.range(1, 4));
+    gen_fits(&[&[m, k]])?;
     let values = quant_values(rng, m, k, block);
-    outputs([("x", float_input(rng, vec![m, k], &values))])
+    Ok(outputs([("x", float_input(rng, vec![m, k], &values))]))
 }
 
 pub static ACT_QUANT_128X1: OpEntry = OpEntry {
@@ -175,13 +177,14 @@ fn act_quant_128x1_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     quant_policy(ctx, "x", ctx.config.usize("block_size"), 1)
 }
 
-fn act_quant_128x1_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn act_quant_128x1_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let m = sizes
         .get("M")
         .copied()
         .unwrap_or_else(|| rng.range(1, 2 * block + 3));
     let k = sizes.get("K").copied().unwrap_or_else(|| rng.range(1, 6));
+    gen_fits(&[&[m, k]])?;
     let values = quant_values(rng, m, k, block);
-    outputs([("x", float_input(rng, vec![m, k], &values))])
+    Ok(outputs([("x", float_input(rng, vec![m, k], &values))]))
 }

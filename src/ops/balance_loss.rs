@@ -4,6 +4,7 @@
 use dsv3_reference::moe::{self, RoutingConfig};
 use ndarray::{Array1, Array2, ArrayView2};
 
+use super::gen_fits;
 use super::routing::{affinities, n_experts, random_bias, MAX_NODES, N_NODES, TOP_K};
 use super::values::{bound_policy, f64_tensor, unit_roundoff};
 use super::{float_input, get, outputs};
@@ -140,13 +141,14 @@ fn balance_loss_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     )
 }
 
-fn balance_loss_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn balance_loss_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let n_seq = sizes.get("S").copied().unwrap_or_else(|| rng.range(1, 3));
     let t = sizes.get("T").copied().unwrap_or_else(|| rng.range(1, 10));
     let e = n_experts(rng, cfg, sizes);
+    gen_fits(&[&[n_seq, t, e], &[e]])?;
     let s = affinities(rng, n_seq * t * e);
-    outputs([
+    Ok(outputs([
         ("scores", float_input(rng, vec![n_seq, t, e], &s)),
         ("bias", Tensor::from_f32(vec![e], &random_bias(rng, e))),
-    ])
+    ]))
 }

@@ -2,6 +2,7 @@
 
 use dsv3_reference::moe::eplb;
 
+use super::gen_fits;
 use super::values::{i64_tensor, values};
 use super::{get, outputs};
 use crate::compare::Policy;
@@ -79,7 +80,7 @@ fn eplb_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
 
 /// Loads for a config: `E` a multiple of `num_groups` (and of `num_nodes`), at most
 /// `num_replicas`; log-normal loads, sometimes integer token counts.
-fn eplb_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn eplb_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let (p, groups, nodes) = (
         cfg.usize("num_replicas"),
         cfg.usize("num_groups"),
@@ -96,6 +97,7 @@ fn eplb_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
         .get("E")
         .copied()
         .unwrap_or_else(|| unit * rng.range(1, (p / unit).max(1)));
+    gen_fits(&[&[layers, e]])?;
     let loads: Vec<f64> = (0..layers * e)
         .map(|_| (rng.normal() * 1.2).exp() * 100.0)
         .collect();
@@ -108,7 +110,7 @@ fn eplb_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
             &loads.iter().map(|&x| x as f32).collect::<Vec<_>>(),
         )
     };
-    outputs([("weight", t)])
+    Ok(outputs([("weight", t)]))
 }
 
 fn gcd(a: usize, b: usize) -> usize {

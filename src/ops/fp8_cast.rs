@@ -2,6 +2,7 @@
 
 use dsv3_reference::fp8::{ue8m0, Format, Saturation, E4M3, E5M2, E5M6};
 
+use super::gen_fits;
 use super::{get, outputs};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
@@ -113,8 +114,9 @@ fn exact<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
 
 /// Random bit patterns (every class: normals, subnormals, ±0, inf, NaN) and values near each
 /// format's ties and overflow threshold.
-fn fp8_cast_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn fp8_cast_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 300));
+    gen_fits(&[&[n]])?;
     let v: Vec<f32> = (0..n)
         .map(|_| match rng.range(0, 3) {
             0 => f32::from_bits(rng.next_u64() as u32),
@@ -135,7 +137,7 @@ fn fp8_cast_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
             _ => (rng.normal() * 1e-3) as f32,
         })
         .collect();
-    outputs([("x", Tensor::from_f32(vec![n], &v))])
+    Ok(outputs([("x", Tensor::from_f32(vec![n], &v))]))
 }
 
 pub static FP8_DECODE: OpEntry = OpEntry {
@@ -184,8 +186,9 @@ fn fp8_decode_ref(inputs: &TensorMap, _cfg: &Config) -> Result<TensorMap> {
     Ok(outputs([("x", Tensor::from_f32(y.shape.clone(), &values))]))
 }
 
-fn fp8_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn fp8_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 300));
+    gen_fits(&[&[n]])?;
     let y = match rng.range(0, 3) {
         0 => Tensor::from_codes(
             DType::F8E4M3,
@@ -209,5 +212,5 @@ fn fp8_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
                 .collect::<Vec<_>>(),
         ),
     };
-    outputs([("y", y)])
+    Ok(outputs([("y", y)]))
 }

@@ -27,6 +27,7 @@ use dsv3_reference::fp8::{
 use dsv3_reference::numeric::round_to_bf16;
 use ndarray::{Array2, Array3, ArrayView2, Axis};
 
+use super::gen_fits;
 use super::{floats_tensor, gamma, get, matrix_f32, matrix_u8, outputs, BLOCK_SIZE};
 use crate::compare::Policy;
 use crate::config::{ceil, Config, ConfigField, FieldKind};
@@ -521,11 +522,12 @@ fn size(rng: &mut Rng, sizes: &Sizes, name: &str, lo: usize, hi: usize) -> usize
         .unwrap_or_else(|| rng.range(lo, hi))
 }
 
-fn fp8_gemm_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn fp8_gemm_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let m = size(rng, sizes, "M", 1, 6);
     let n = size(rng, sizes, "N", 1, 2 * block + 5);
     let k = size(rng, sizes, "K", 1, 3 * block + 7);
+    gen_fits(&[&[m, k], &[n, k], &[m, k.div_ceil(block)]])?;
     // leading dims as OFF's a: [..., K]; sometimes [2, m, K]
     let lead = if sizes.is_empty() && rng.chance(0.3) {
         vec![2, m]
@@ -541,7 +543,7 @@ fn fp8_gemm_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
     a_shape.push(k);
     let mut a_s_shape = lead;
     a_s_shape.push(kb);
-    outputs([
+    Ok(outputs([
         ("a", Tensor::from_codes(DType::F8E4M3, a_shape, a)),
         ("a_s", gemm_scales(rng, a_s_shape, uniform)),
         ("b", Tensor::from_codes(DType::F8E4M3, vec![n, k], b)),
@@ -549,7 +551,7 @@ fn fp8_gemm_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
             "b_s",
             gemm_scales(rng, vec![n.div_ceil(block), kb], uniform),
         ),
-    ])
+    ]))
 }
 
 // ---- m_grouped_fp8_gemm_contiguous
@@ -634,11 +636,14 @@ fn scribble_codes(rng: &mut Rng, v: &mut [u8]) {
     }
 }
 
-fn contiguous_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn contiguous_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let groups = size(rng, sizes, "G", 1, 4);
     let n = size(rng, sizes, "N", 1, 2 * block + 5);
     let k = size(rng, sizes, "K", 1, 3 * block + 7);
+    // unpinned, M is at most 5 rows per group (below)
+    let m_max = sizes.get("M").copied().unwrap_or(5 * groups);
+    gen_fits(&[&[m_max, k], &[groups, n, k]])?;
     // rows: each expert's segment, with some padding rows (−1) between them
     let mut m_indices = Vec::new();
     match sizes.get("M") {
@@ -669,7 +674,7 @@ fn contiguous_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
         .iter()
         .flat_map(|&g| (g as i32).to_le_bytes())
         .collect();
-    outputs([
+    Ok(outputs([
         ("a", Tensor::from_codes(DType::F8E4M3, vec![m, k], a)),
         ("a_s", Tensor::from_f32(vec![m, kb], &a_s_values)),
         (
@@ -684,7 +689,7 @@ fn contiguous_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
             "m_indices",
             Tensor::from_bytes(DType::I32, vec![m], idx).expect("4 bytes per row"),
         ),
-    ])
+    ]))
 }
 
 // ---- m_grouped_fp8_gemm_masked
@@ -764,12 +769,13 @@ fn masked_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     gemm_policy(ctx, masked_compute, k, Some(rows))
 }
 
-fn masked_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn masked_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let groups = size(rng, sizes, "G", 1, 3);
     let m_max = size(rng, sizes, "M", 1, 5);
     let n = size(rng, sizes, "N", 1, 2 * block + 5);
     let k = size(rng, sizes, "K", 1, 3 * block + 7);
+    gen_fits(&[&[groups, m_max, k], &[groups, n, k]])?;
     let kb = k.div_ceil(block);
     let masked_m: Vec<usize> = (0..groups).map(|_| rng.range(0, m_max)).collect();
     let uniform = row_constant_scales(cfg);
@@ -790,7 +796,7 @@ fn masked_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
         .iter()
         .flat_map(|&r| (r as i32).to_le_bytes())
         .collect();
-    outputs([
+    Ok(outputs([
         (
             "a",
             Tensor::from_codes(DType::F8E4M3, vec![groups, m_max, k], a),
@@ -811,7 +817,7 @@ fn masked_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
             "masked_m",
             Tensor::from_bytes(DType::I32, vec![groups], mm).expect("4 bytes per group"),
         ),
-    ])
+    ]))
 }
 
 // ---- the training GEMMs
@@ -1033,17 +1039,18 @@ fn fprop_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     gemm_policy(ctx, fprop_compute, k, None)
 }
 
-fn fprop_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn fprop_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let (m, n, k) = (
         size(rng, sizes, "M", 1, 6),
         size(rng, sizes, "N", 1, 2 * block + 5),
         size(rng, sizes, "K", 1, 3 * block + 7),
     );
+    gen_fits(&[&[m, k], &[n, k]])?;
     let uniform = row_constant_scales(cfg);
     let (x, x_s) = training_operand(rng, m, k, block, false, uniform);
     let (w, w_s) = training_weight(rng, n, k, block, uniform);
-    outputs([("x", x), ("x_s", x_s), ("w", w), ("w_s", w_s)])
+    Ok(outputs([("x", x), ("x_s", x_s), ("w", w), ("w_s", w_s)]))
 }
 
 pub static LINEAR_FP8_DGRAD: OpEntry = OpEntry {
@@ -1112,13 +1119,14 @@ fn dgrad_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     gemm_policy(ctx, dgrad_compute, n, None)
 }
 
-fn dgrad_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn dgrad_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let (m, n, k) = (
         size(rng, sizes, "M", 1, 6),
         size(rng, sizes, "N", 1, 3 * block + 7),
         size(rng, sizes, "K", 1, 2 * block + 5),
     );
+    gen_fits(&[&[m, n], &[n, k]])?;
     let uniform = row_constant_scales(cfg);
     let (dy, dy_s) = training_operand(rng, m, n, block, false, uniform);
     // w_sᵀ rows must be constant when windows span blocks: draw w_sᵀ, store its transpose
@@ -1130,12 +1138,12 @@ fn dgrad_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
             gemm_scales(rng, grid_t, uniform),
         )
     };
-    outputs([
+    Ok(outputs([
         ("dy", dy),
         ("dy_s", dy_s),
         ("w", w),
         ("w_s", transpose_scales(&w_s_t)),
-    ])
+    ]))
 }
 
 pub static LINEAR_FP8_WGRAD: OpEntry = OpEntry {
@@ -1181,17 +1189,23 @@ fn wgrad_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     gemm_policy(ctx, wgrad_compute, m, None)
 }
 
-fn wgrad_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn wgrad_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let (m, n, k) = (
         size(rng, sizes, "M", 1, 3 * block + 7),
         size(rng, sizes, "N", 1, 6),
         size(rng, sizes, "K", 1, 2 * block + 5),
     );
+    gen_fits(&[&[m, k], &[m, n]])?;
     let uniform = row_constant_scales(cfg);
     let (x, x_s) = training_operand(rng, m, k, block, true, uniform);
     let (dy, dy_s) = training_operand(rng, m, n, block, true, uniform);
-    outputs([("x", x), ("x_s", x_s), ("dy", dy), ("dy_s", dy_s)])
+    Ok(outputs([
+        ("x", x),
+        ("x_s", x_s),
+        ("dy", dy),
+        ("dy_s", dy_s),
+    ]))
 }
 
 // ---- GPU backends (gpu/kernels/fp8_gemm.cu "simt", gpu/kernels/fp8_gemm_wgmma.cu "wgmma")

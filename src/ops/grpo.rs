@@ -4,6 +4,7 @@
 use dsv3_reference::train::grpo::{self, GrpoConfig, RewardStd};
 use ndarray::Array2;
 
+use super::gen_fits;
 use super::values::{
     bool_tensor, bools, bound_policy, f64_tensor, float_tensor, unit_roundoff, values,
 };
@@ -224,10 +225,17 @@ fn grpo_loss_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 
 /// G outputs of 1..L tokens; policies a small perturbation of each other (ratios near 1, some
 /// outside the clip range); rewards 0/1 (sometimes all equal) or Gaussian.
-fn grpo_loss_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> TensorMap {
+fn grpo_loss_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let q_len = sizes.get("Q").copied().unwrap_or_else(|| rng.range(1, 3));
     let g = sizes.get("G").copied().unwrap_or_else(|| rng.range(2, 8));
     let l = sizes.get("L").copied().unwrap_or_else(|| rng.range(1, 12));
+    gen_fits(&[
+        &[q_len, g, l],
+        &[q_len, g, l],
+        &[q_len, g, l],
+        &[q_len, g, l],
+        &[q_len, g],
+    ])?;
     let (mut lp, mut lo, mut lr, mut mask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..q_len * g {
         let len = rng.range(l.min(1), l);
@@ -266,11 +274,11 @@ fn grpo_loss_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> TensorMap {
                 .collect::<Vec<_>>(),
         ),
     };
-    outputs([
+    Ok(outputs([
         ("logp", float_tensor(dt, vec![q_len, g, l], &lp)),
         ("logp_old", float_tensor(dt, vec![q_len, g, l], &lo)),
         ("logp_ref", float_tensor(dt, vec![q_len, g, l], &lr)),
         ("mask", mask),
         ("rewards", float_tensor(dt, vec![q_len, g], &r)),
-    ])
+    ]))
 }

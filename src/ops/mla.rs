@@ -24,6 +24,7 @@ use ndarray::{s, Array3, Array4, ArrayView3};
 
 use dsv3_reference::mla::{attention, visible_keys};
 
+use super::gen_fits;
 use super::{
     float_like, floats_tensor, gamma, get, half_bf16_ulp, kernel_values, outputs, values_f32, U32,
 };
@@ -411,7 +412,7 @@ fn normal_input(rng: &mut Rng, shape: Vec<usize>, scale: f64, bf16: bool) -> Ten
     float_like(if bf16 { DType::BF16 } else { DType::F32 }, shape, &v)
 }
 
-fn mla_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn mla_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let size = |rng: &mut Rng, name, lo, hi| {
         sizes
             .get(name)
@@ -423,22 +424,24 @@ fn mla_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
     let sk = sizes
         .get("Sk")
         .copied()
-        .unwrap_or_else(|| sq + rng.range(0, 4));
+        .unwrap_or_else(|| sq.saturating_add(rng.range(0, 4)));
     let h = size(rng, "H", 1, 3);
     let dqk = size(rng, "Dqk", 1, 24);
     let dv = size(rng, "Dv", 1, 16);
+    gen_fits(&[&[b, sq, h, dqk], &[b, sk, h, dqk], &[b, sk, h, dv]])?;
     let bf16 = rng.chance(0.4);
-    outputs([
+    Ok(outputs([
         ("q", normal_input(rng, vec![b, sq, h, dqk], 1.5, bf16)),
         ("k", normal_input(rng, vec![b, sk, h, dqk], 1.5, bf16)),
         ("v", normal_input(rng, vec![b, sk, h, dv], 1.0, bf16)),
-    ])
+    ]))
 }
 
-fn mla_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn mla_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let b = sizes.get("B").copied().unwrap_or_else(|| rng.range(1, 2));
     let sq = sizes.get("Sq").copied().unwrap_or_else(|| rng.range(1, 2));
     let h = sizes.get("H").copied().unwrap_or_else(|| rng.range(1, 4));
+    gen_fits(&[&[b, sq, h, D_QK], &[b, 3 * PAGE * D_QK]])?;
     let lens: Vec<usize> = (0..b)
         .map(|_| {
             if rng.chance(0.1) {
@@ -486,7 +489,7 @@ fn mla_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
         .expect("one value per element")
     };
     let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-    outputs([
+    Ok(outputs([
         ("q", normal_input(rng, vec![b, sq, h, D_QK], 0.5, bf16)),
         (
             "k_cache",
@@ -498,7 +501,7 @@ fn mla_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
         ),
         ("block_table", int32(vec![b, max_blocks], &table)),
         ("cache_seqlens", int32(vec![b], &lens_i32)),
-    ])
+    ]))
 }
 
 #[cfg(test)]
@@ -575,7 +578,7 @@ mod tests {
         let (mut cases, mut caught) = (0, 0);
         for seed in 0..40u64 {
             for cfg in op.configs() {
-                let inputs = (op.generate)(&mut Rng::new(seed), &cfg, &Sizes::new());
+                let inputs = (op.generate)(&mut Rng::new(seed), &cfg, &Sizes::new()).unwrap();
                 let batch = decode_batch(&inputs).unwrap();
                 let q = get(&inputs, "q");
                 let (b, s_len, h) = (q.shape[0], q.shape[1], q.shape[2]);

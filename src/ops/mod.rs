@@ -70,6 +70,16 @@ pub(crate) fn require_finite(
     }
 }
 
+/// Refuse to generate tensors of `shapes` beyond the memory budget ([`crate::limits`]: zero
+/// dims counted as 1, [`crate::limits::WORKING_BYTES`] per element), before allocating them.
+/// Every generator calls it once its sizes are drawn.
+pub(crate) fn gen_fits(shapes: &[&[usize]]) -> crate::Result<()> {
+    let need = shapes.iter().try_fold(0u64, |a, s| {
+        a.checked_add(crate::limits::extent(s)?.checked_mul(crate::limits::WORKING_BYTES)?)
+    });
+    crate::limits::ensure_fits(&format!("generating inputs of shapes {shapes:?}"), need)
+}
+
 pub(crate) fn f32_tensor(shape: Vec<usize>, a: ArrayView2<f32>) -> Tensor {
     Tensor::from_f32(shape, &a.iter().copied().collect::<Vec<_>>())
 }

@@ -18,6 +18,7 @@ use ndarray::Array2;
 use dsv3_reference::linear::{linear, Linear, Precision, Weight};
 use dsv3_reference::moe::gate::{route, token_scores, GateConfig, ScoringFunc, TopkMethod};
 
+use super::gen_fits;
 use super::{float_input, get, i64_tensor, matrix_f32, outputs, require_finite, values_f32, U32};
 use crate::compare::Policy;
 use crate::config::{ceil, Config, ConfigField, FieldKind};
@@ -325,7 +326,7 @@ fn moe_gate_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     }
 }
 
-fn moe_gate_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn moe_gate_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let g = gate_config(cfg);
     let groups = g.n_group;
     let per = if g.grouped() {
@@ -344,6 +345,7 @@ fn moe_gate_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
         .unwrap_or_else(|| groups * (per + rng.range(0, 2)));
     let d = sizes.get("D").copied().unwrap_or_else(|| rng.range(4, 48));
     let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 8));
+    gen_fits(&[&[n, d], &[e, d], &[e]])?;
     let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
     let mut w: Vec<f32> = (0..e * d)
         .map(|_| (rng.normal() / (d as f64).sqrt()) as f32)
@@ -356,11 +358,11 @@ fn moe_gate_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
         w[c * d..(c + 1) * d].copy_from_slice(&row);
         b[c] = b[a];
     }
-    outputs([
+    Ok(outputs([
         ("x", float_input(rng, vec![n, d], &x)),
         ("weight", float_input(rng, vec![e, d], &w)),
         ("e_score_correction_bias", Tensor::from_f32(vec![e], &b)),
-    ])
+    ]))
 }
 
 #[cfg(test)]
@@ -398,7 +400,7 @@ mod tests {
                 } else {
                     Sizes::new()
                 };
-                let inputs = (op.generate)(&mut Rng::new(seed), &cfg, &sizes);
+                let inputs = (op.generate)(&mut Rng::new(seed), &cfg, &sizes).unwrap();
                 let (x, w) = (get(&inputs, "x"), get(&inputs, "weight"));
                 let (n, d, e) = (x.shape[0], x.shape[1], w.shape[0]);
                 let u = warp_logits(&values_f32(x), &values_f32(w), (n, e, d));

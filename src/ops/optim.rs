@@ -4,6 +4,7 @@ use dsv3_reference::train::adamw::{self, adamw_element_f32, AdamWConfig, StepCoe
 use dsv3_reference::train::{clip, ema};
 use half::bf16;
 
+use super::gen_fits;
 use super::values::{bound_policy, float_tensor, interval_policy, unit_roundoff, values};
 use super::{get, outputs};
 use crate::compare::Policy;
@@ -208,8 +209,9 @@ fn adamw_step_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 
 /// One of the three precision combinations; a state that looks like a few hundred steps in
 /// (|m| ~ |g|/3, v ~ g²).
-fn adamw_step_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> TensorMap {
+fn adamw_step_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 64));
+    gen_fits(&[&[n], &[n], &[n], &[n]])?;
     let gs = (rng.normal() * 2.0).exp() * 1e-3;
     let (pd, md) = *rng.pick(&[
         (DType::F64, DType::F64),
@@ -234,12 +236,12 @@ fn adamw_step_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> TensorMap {
         col(gs / 3.0, false),
         col(gs, true),
     );
-    outputs([
+    Ok(outputs([
         ("param", float_tensor(pd, vec![n], &p)),
         ("grad", float_tensor(pd, vec![n], &g)),
         ("exp_avg", float_tensor(md, vec![n], &m)),
         ("exp_avg_sq", float_tensor(md, vec![n], &v)),
-    ])
+    ]))
 }
 
 pub static PARAM_EMA: OpEntry = OpEntry {
@@ -299,15 +301,16 @@ fn param_ema_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     )
 }
 
-fn param_ema_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> TensorMap {
+fn param_ema_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 64));
+    gen_fits(&[&[n], &[n]])?;
     let p: Vec<f64> = (0..n).map(|_| rng.normal() * 0.02).collect();
     let e: Vec<f64> = p.iter().map(|&x| x + rng.normal() * 1e-3).collect();
     let dt = *rng.pick(&[DType::F32, DType::F64]);
-    outputs([
+    Ok(outputs([
         ("ema", float_tensor(dt, vec![n], &e)),
         ("param", float_tensor(dt, vec![n], &p)),
-    ])
+    ]))
 }
 
 pub static CLIP_GRAD_NORM: OpEntry = OpEntry {
@@ -358,10 +361,11 @@ fn clip_grad_norm_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     )
 }
 
-fn clip_grad_norm_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> TensorMap {
+fn clip_grad_norm_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 200));
+    gen_fits(&[&[n]])?;
     // norms from ~0.01 to ~100: both sides of max_norm = 1
     let scale = (rng.normal() * 2.5).exp() / (n as f64).sqrt();
     let g: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
-    outputs([("grad", Tensor::from_f32(vec![n], &g))])
+    Ok(outputs([("grad", Tensor::from_f32(vec![n], &g))]))
 }

@@ -3,6 +3,7 @@
 use dsv3_gpu::rmsnorm::rmsnorm;
 use dsv3_reference::norm::rms_norm;
 
+use super::gen_fits;
 use super::{
     float_input, float_like, floats_tensor, get, kernel_values, matrix_f32, outputs, values_f32,
     U32,
@@ -102,9 +103,10 @@ fn rmsnorm_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<
     Ok(outputs([("y", floats_tensor(x.shape.clone(), y))]))
 }
 
-fn rmsnorm_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn rmsnorm_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let d = sizes.get("D").copied().unwrap_or_else(|| rng.range(1, 300));
     let m = sizes.get("M").copied().unwrap_or_else(|| rng.range(1, 5));
+    gen_fits(&[&[m, d], &[d]])?;
     let mut x = Vec::with_capacity(m * d);
     for _ in 0..m {
         // rows of very different magnitudes: eps matters for the small ones
@@ -112,10 +114,10 @@ fn rmsnorm_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
         x.extend((0..d).map(|_| (rng.normal() * scale) as f32));
     }
     let w: Vec<f32> = (0..d).map(|_| (1.0 + 0.3 * rng.normal()) as f32).collect();
-    outputs([
+    Ok(outputs([
         ("x", float_input(rng, vec![m, d], &x)),
         ("weight", float_input(rng, vec![d], &w)),
-    ])
+    ]))
 }
 
 #[cfg(test)]

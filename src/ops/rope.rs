@@ -4,6 +4,7 @@ use ndarray::Array3;
 
 use dsv3_reference::rope::{angle, rope, RopeConfig, Yarn};
 
+use super::gen_fits;
 use super::{
     float_input, float_like, floats_tensor, get, half_bf16_ulp, kernel_values, outputs, values_f32,
     U32,
@@ -176,13 +177,14 @@ fn rope_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     }
 }
 
-fn rope_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn rope_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let s = sizes.get("S").copied().unwrap_or_else(|| rng.range(1, 6));
     let h = sizes.get("H").copied().unwrap_or_else(|| rng.range(1, 3));
     let d = sizes
         .get("D")
         .copied()
         .unwrap_or_else(|| 2 * rng.range(1, 16));
+    gen_fits(&[&[s, h, d], &[s]])?;
     let x: Vec<f32> = (0..s * h * d).map(|_| rng.normal() as f32).collect();
     let pos: Vec<i64> = (0..s)
         .map(|_| {
@@ -203,8 +205,8 @@ fn rope_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
         )
         .expect("one value per element")
     };
-    outputs([
+    Ok(outputs([
         ("x", float_input(rng, vec![s, h, d], &x)),
         ("positions", positions),
-    ])
+    ]))
 }

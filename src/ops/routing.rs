@@ -4,6 +4,7 @@
 use dsv3_reference::moe::{self, node_routing::topk_desc};
 use ndarray::{Array1, Array2};
 
+use super::gen_fits;
 use super::values::{i64_tensor, values};
 use super::{float_input, get, outputs};
 use crate::compare::Policy;
@@ -241,14 +242,15 @@ impl Ties {
 
 /// Random affinities; `E = n_nodes · per_node` with room for the config; sometimes a coarse grid
 /// (exact ties) and sometimes no bias.
-fn routing_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn routing_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let t = sizes.get("T").copied().unwrap_or_else(|| rng.range(1, 12));
     let e = n_experts(rng, cfg, sizes);
+    gen_fits(&[&[t, e], &[e]])?;
     let s = affinities(rng, t * e);
-    outputs([
+    Ok(outputs([
         ("scores", float_input(rng, vec![t, e], &s)),
         ("bias", Tensor::from_f32(vec![e], &random_bias(rng, e))),
-    ])
+    ]))
 }
 
 /// A number of experts the routing config accepts: `n_nodes · (K/M + 0..3)` (or `sizes["E"]`).

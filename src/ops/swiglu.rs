@@ -2,6 +2,7 @@
 
 use dsv3_reference::mlp::swiglu;
 
+use super::gen_fits;
 use super::{
     float_input, float_like, floats_tensor, gamma, get, kernel_values, matrix_f32, outputs,
 };
@@ -74,9 +75,10 @@ fn swiglu_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, _cfg: &Config) -> Result<
     Ok(outputs([("y", floats_tensor(g.shape.clone(), y))]))
 }
 
-fn swiglu_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn swiglu_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let i = sizes.get("I").copied().unwrap_or_else(|| rng.range(1, 200));
     let m = sizes.get("M").copied().unwrap_or_else(|| rng.range(1, 5));
+    gen_fits(&[&[m, i], &[m, i]])?;
     let wide = rng.chance(0.3);
     let g: Vec<f32> = (0..m * i)
         .map(|_| (rng.normal() * if wide { 30.0 } else { 2.0 }) as f32)
@@ -88,7 +90,7 @@ fn swiglu_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> TensorMap {
         DType::BF16 => float_like(DType::BF16, vec![m, i], &u),
         _ => crate::tensor::Tensor::from_f32(vec![m, i], &u),
     };
-    outputs([("gate", gate), ("up", up)])
+    Ok(outputs([("gate", gate), ("up", up)]))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use dsv3_reference::fp8::{self, Saturation, E4M3};
 use dsv3_reference::numeric::round_to_bf16;
 
+use super::gen_fits;
 use super::{floats_tensor, get, matrix_u8, outputs, quant_values, BLOCK_SIZE};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigField, FieldKind};
@@ -86,7 +87,7 @@ fn weight_dequant_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
     Policy::Exact
 }
 
-fn weight_dequant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn weight_dequant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let n = sizes
         .get("N")
@@ -96,6 +97,7 @@ fn weight_dequant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
         .get("K")
         .copied()
         .unwrap_or_else(|| rng.range(1, 2 * block + 5));
+    gen_fits(&[&[n, k]])?;
     let codes: Vec<u8> = quant_values(rng, n, k, block)
         .iter()
         .map(|&v| E4M3.encode(v.clamp(-448.0, 448.0), Saturation::SatFinite) as u8)
@@ -104,11 +106,11 @@ fn weight_dequant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
     let scales: Vec<f32> = (0..grid)
         .map(|_| ((rng.normal() * 4.0).exp() * 1e-3) as f32)
         .collect();
-    outputs([
+    Ok(outputs([
         ("y", Tensor::from_codes(DType::F8E4M3, vec![n, k], codes)),
         (
             "s",
             Tensor::from_f32(vec![n.div_ceil(block), k.div_ceil(block)], &scales),
         ),
-    ])
+    ]))
 }

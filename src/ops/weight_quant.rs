@@ -2,6 +2,7 @@
 
 use dsv3_reference::fp8;
 
+use super::gen_fits;
 use super::quant_policy::quant_policy;
 use super::{
     codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, scale_fmt,
@@ -99,7 +100,7 @@ fn weight_quant_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     quant_policy(ctx, "w", b, b)
 }
 
-fn weight_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
+fn weight_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let block = cfg.usize("block_size");
     let n = sizes
         .get("N")
@@ -109,6 +110,7 @@ fn weight_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> TensorMap {
         .get("K")
         .copied()
         .unwrap_or_else(|| rng.range(1, 2 * block + 5));
+    gen_fits(&[&[n, k]])?;
     let values = quant_values(rng, n, k, block);
-    outputs([("w", float_input(rng, vec![n, k], &values))])
+    Ok(outputs([("w", float_input(rng, vec![n, k], &values))]))
 }
