@@ -114,6 +114,53 @@ pub fn load_pair(op: &OpEntry, inputs: &Path, outputs: &Path) -> Result<(TensorM
     Ok((a, b))
 }
 
+/// Save a failing check so it can be reproduced anywhere (`--save-failures DIR`, Python's
+/// `save_to`): `DIR/inputs.safetensors`, `DIR/outputs.safetensors`, `DIR/config.json` and
+/// `DIR/reproduce.sh`. Returns the one-line command that reproduces the verdict.
+pub fn save_failure(
+    dir: &Path,
+    op: &OpEntry,
+    inputs: &TensorMap,
+    outputs: &TensorMap,
+    config: &Config,
+) -> Result<String> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let (i, o, c) = (
+        dir.join("inputs.safetensors"),
+        dir.join("outputs.safetensors"),
+        dir.join("config.json"),
+    );
+    crate::io::save(&i, inputs, None)?;
+    crate::io::save(&o, outputs, None)?;
+    let cfg = serde_json::to_string_pretty(&config.as_json()).unwrap_or_default() + "\n";
+    crate::io::write_file(&c, cfg.as_bytes())?;
+    let command = format!(
+        "dsv3 check {} --inputs {} --outputs {} --config {}",
+        op.name,
+        shell_quote(&i),
+        shell_quote(&o),
+        shell_quote(&c)
+    );
+    crate::io::write_file(
+        &dir.join("reproduce.sh"),
+        format!("#!/bin/sh\n# reproduces a failing `dsv3 check` (exit 1)\n{command}\n").as_bytes(),
+    )?;
+    Ok(command)
+}
+
+/// A path as one shell word.
+fn shell_quote(p: &Path) -> String {
+    let s = p.display().to_string();
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c))
+    {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// Read `--config`: a path to a JSON file, or inline JSON starting with `{`.
 pub fn read_config(op: &OpEntry, arg: Option<&str>) -> Result<Config> {
     let raw = match arg {

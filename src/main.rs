@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use dsv3::check::{self, Mode};
 use dsv3::gpu::GpuMode;
 use dsv3::registry;
-use dsv3::{forward, io, verify, Error, Result};
+use dsv3::{forward, io, report, verify, Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Run every op against the committed fixtures (external oracles) and, with a GPU, every
     /// GPU kernel against the reference. Exit 0 when all pass.
+    #[command(
+        after_help = "Examples:\n  dsv3 verify\n  dsv3 verify --filter fp8_gemm --junit verify.xml --report verify.json"
+    )]
     Verify {
         /// Fixtures directory (default: ./fixtures, else the source tree's).
         #[arg(long)]
@@ -36,12 +39,18 @@ enum Command {
         /// Use the GPU when present (auto), insist on one (require), or not (off).
         #[arg(long, value_enum, default_value = "auto")]
         gpu: GpuMode,
-        /// Also write the results as JSON.
+        /// Also write the results as JSON (schema version, dsv3 version, fixture sha256s).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Also write the results as JUnit XML for CI (one test case per fixture case).
+        #[arg(long)]
+        junit: Option<PathBuf>,
     },
     /// Recompute OP's outputs from your inputs with the reference and judge your outputs.
     /// Exit 0 = pass, 1 = mismatch, 2 = bad input.
+    #[command(
+        after_help = "Examples:\n  dsv3 check act_quant --inputs in.safetensors --outputs out.safetensors\n  dsv3 check fp8_gemm --inputs io.safetensors --outputs io.safetensors --config '{\"out_dtype\":\"f32\"}' --junit check.xml --save-failures failures/"
+    )]
     Check {
         /// Op name (see `dsv3 ops`).
         op: String,
@@ -60,27 +69,52 @@ enum Command {
         /// Require every output to be bit-identical to the reference (ignore the op's policy).
         #[arg(long)]
         exact: bool,
+        /// Also write the verdict as JUnit XML for CI (one test case per output tensor; an
+        /// error case for bad input).
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// On a mismatch, save the inputs, your outputs and the config to DIR with a
+        /// reproduce.sh holding the one-line command that reproduces the failure.
+        #[arg(long, value_name = "DIR")]
+        save_failures: Option<PathBuf>,
     },
     /// List the registered ops with their tensor contracts and configs.
+    #[command(
+        after_help = "Examples:\n  dsv3 ops\n  dsv3 ops moe_gate\n  dsv3 ops --json > ops.json"
+    )]
     Ops {
         /// One op in detail (contract, config, tolerance policy).
         op: Option<String>,
+        /// Print JSON (every field of the listing) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Write random inputs for OP (from its generator) to a safetensors file.
+    #[command(
+        after_help = "Examples:\n  dsv3 gen act_quant --out in.safetensors\n  dsv3 gen fp8_gemm --out in.safetensors --size M=128 --size N=7168 --size K=2048 --seed 3"
+    )]
     Gen {
+        /// Op name (see `dsv3 ops`).
         op: String,
+        /// The safetensors file to write.
         #[arg(long)]
         out: PathBuf,
+        /// Op config: a JSON file, or inline JSON such as '{"block_size":64}'.
         #[arg(long)]
         config: Option<String>,
+        /// Seed of the generator (the same seed, config and sizes give the same file).
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Pin a named size, e.g. --size M=4096 --size K=7168.
+        /// Pin a named size, e.g. --size M=4096 --size K=7168 (`dsv3 ops OP --json` lists
+        /// the op's generator_sizes); the others are drawn small.
         #[arg(long = "size", value_parser = parse_size)]
         sizes: Vec<(String, usize)>,
     },
     /// Logits of one token sequence (positions 0..T−1) from a model directory in the hub
     /// layout (config.json + *.safetensors [+ model.safetensors.index.json]).
+    #[command(
+        after_help = "Examples:\n  dsv3 forward --model DeepSeek-V3/ --tokens 0,100,200 --layers 0-3 --out logits.safetensors\n  dsv3 forward --model tiny/ --tokens 1,2,3,4 --decode --precision fp8 --mtp"
+    )]
     Forward {
         /// Model directory.
         #[arg(long)]
@@ -119,6 +153,9 @@ enum Command {
     },
     /// V3 §3.3.2's experiment: error of the FP8 Tensor Core accumulation model vs K, without
     /// promotion and with promotion every N_C elements; tables and SVG plots.
+    #[command(
+        after_help = "Examples:\n  dsv3 accum-study --plot-dir plots/\n  dsv3 accum-study --k 4096 --intervals 128 --dist gauss --metric max --plot-dir -"
+    )]
     AccumStudy {
         /// Output rows per K.
         #[arg(long, default_value_t = 64)]
@@ -162,6 +199,7 @@ enum Command {
         /// Model: rounding of the register write-back.
         #[arg(long, value_enum, default_value = "toward-zero")]
         out_round: OutRoundArg,
+        /// Seed of the random operands.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Directory for accum_study_<dist>.svg ("-" for no plot).
@@ -170,6 +208,7 @@ enum Command {
     },
     /// Time the GPU kernels at DeepSeek-V3 shapes (fp8_gemm TFLOPS, act_quant GB/s beside the
     /// device-to-device copy bandwidth). Prints SKIP without a device.
+    #[command(after_help = "Examples:\n  dsv3 gpu-bench\n  dsv3 gpu-bench --quick --require")]
     GpuBench {
         /// Fail (exit 2) when no device is present.
         #[arg(long)]
@@ -180,23 +219,48 @@ enum Command {
     },
     /// Route synthetic skewed tokens for N steps with and without the aux-loss-free bias
     /// update (V3 §2.1.2); print max/mean expert load per step, optionally an SVG plot.
+    #[command(
+        after_help = "Examples:\n  dsv3 balance-sim --steps 300 --svg balance.svg\n  dsv3 balance-sim --experts 256 --top-k 8 --nodes 8 --max-nodes 4 --gamma 0.001"
+    )]
     BalanceSim(dsv3::sim::balance_sim::BalanceSimArgs),
     /// Redundant-expert placement (EPLB) on skewed loads: GPU/node imbalance before and after.
+    #[command(after_help = "Examples:\n  dsv3 eplb\n  dsv3 eplb --example")]
     Eplb(dsv3::sim::eplb::EplbArgs),
     /// Simulate a pipeline schedule (1f1b, zb1p, dualpipe) against V3 Table 2 and draw its
     /// timeline (SVG); `table` prints the bubble/memory table for PP ∈ {4, 8, 16}.
+    #[command(
+        after_help = "Examples:\n  dsv3 schedule table\n  dsv3 schedule dualpipe --pp 8 --micro 20"
+    )]
     Schedule(dsv3::sim::schedule::ScheduleArgs),
     /// AdamW with FP32 master weights and BF16 moments against f64: drift over many steps.
+    #[command(
+        after_help = "Examples:\n  dsv3 adamw-drift\n  dsv3 adamw-drift --steps 10000 --n 1024"
+    )]
     AdamwDrift(dsv3::sim::adamw_drift::AdamwDriftArgs),
     /// Run OP's reference on your inputs and write its outputs.
+    #[command(
+        after_help = "Examples:\n  dsv3 run act_quant --inputs in.safetensors --out expected.safetensors\n  dsv3 run moe_gate --inputs router.safetensors --out ids.safetensors --config '{\"top_k\":8}'"
+    )]
     Run {
+        /// Op name (see `dsv3 ops`).
         op: String,
+        /// safetensors file with the op's inputs.
         #[arg(long)]
         inputs: PathBuf,
+        /// The safetensors file to write the reference's outputs to.
         #[arg(long)]
         out: PathBuf,
+        /// Op config: a JSON file, or inline JSON such as '{"scale_fmt":"ue8m0"}'.
         #[arg(long)]
         config: Option<String>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  dsv3 completions bash > ~/.local/share/bash-completion/completions/dsv3\n  dsv3 completions zsh > ~/.zfunc/_dsv3"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -256,15 +320,11 @@ fn run(cli: Cli) -> Result<bool> {
             filter,
             gpu,
             report,
+            junit,
         } => {
             let dir = fixtures.unwrap_or_else(verify::default_fixtures_dir);
             let mut stdout = std::io::stdout();
             let r = verify::verify(&dir, filter.as_deref(), gpu, &mut stdout)?;
-            let failed = r
-                .cases
-                .iter()
-                .filter(|c| !c.pass || c.gpu_pass == Some(false))
-                .count();
             let gpu_ran = r.cases.iter().filter(|c| c.gpu_pass.is_some()).count();
             println!(
                 "verify: {}/{} cases pass against their oracles; GPU: {}",
@@ -281,7 +341,15 @@ fn run(cli: Cli) -> Result<bool> {
             if r.cases.is_empty() {
                 println!("verify: no case matched the filter");
             }
-            write_json(report, &r)?;
+            if let Some(p) = report {
+                let files = verify::fixture_digests(&dir)?;
+                let text = report::Envelope::new("verify", files, &r).to_json()?;
+                report::write_text(&p, &text, "report")?;
+            }
+            if let Some(p) = junit {
+                let text = report::junit("dsv3 verify", &report::verify_cases(&r));
+                report::write_text(&p, &text, "JUnit report")?;
+            }
             println!(
                 "{}",
                 if r.pass {
@@ -290,7 +358,6 @@ fn run(cli: Cli) -> Result<bool> {
                     "overall: FAIL"
                 }
             );
-            let _ = failed;
             Ok(r.pass)
         }
         Command::Check {
@@ -300,36 +367,77 @@ fn run(cli: Cli) -> Result<bool> {
             config,
             report,
             exact,
+            junit,
+            save_failures,
         } => {
-            let op = registry::find(&op)?;
-            let cfg = check::read_config(op, config.as_deref())?;
-            let (ins, outs) = check::load_pair(op, &inputs, &outputs)?;
-            let places = (
-                format!(" in {}", inputs.display()),
-                format!(" in {}", outputs.display()),
-            );
-            eprintln!(
-                "dsv3 check {}: running the reference on {} input tensor(s)…",
-                op.name,
-                ins.len()
-            );
-            let r = check::check(
+            let args = CheckArgs {
                 op,
-                &ins,
-                &outs,
-                &cfg,
-                if exact { Mode::Exact } else { Mode::Policy },
-                (&places.0, &places.1),
-            )?;
-            print!("{}", check::render(&r));
-            write_json(report, &r)?;
-            Ok(r.pass)
+                inputs,
+                outputs,
+                config,
+                report,
+                exact,
+                save_failures,
+            };
+            match check_command(&args) {
+                Err(e) => {
+                    if let Some(p) = &junit {
+                        let case = report::TestCase {
+                            classname: format!("dsv3.check.{}", args.op),
+                            name: "inputs".into(),
+                            seconds: 0.0,
+                            outcome: report::Outcome::Error(e.to_string()),
+                            detail: String::new(),
+                        };
+                        report::write_text(
+                            p,
+                            &report::junit("dsv3 check", &[case]),
+                            "JUnit report",
+                        )?;
+                    }
+                    Err(e)
+                }
+                Ok(r) => {
+                    if let Some(p) = &junit {
+                        let text = report::junit("dsv3 check", &report::check_cases(&r));
+                        report::write_text(p, &text, "JUnit report")?;
+                    }
+                    Ok(r.pass)
+                }
+            }
         }
-        Command::Ops { op: None } => {
-            print!("{}", verify::ops_table());
+        Command::Ops { op: None, json } => {
+            if json {
+                let ops: Vec<serde_json::Value> = registry::REGISTRY
+                    .iter()
+                    .map(|op| op.describe_json())
+                    .collect();
+                let v = serde_json::json!({
+                    "schema_version": report::SCHEMA_VERSION,
+                    "dsv3_version": env!("CARGO_PKG_VERSION"),
+                    "ops": ops,
+                });
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", verify::ops_table());
+            }
             Ok(true)
         }
-        Command::Ops { op: Some(name) } => {
+        Command::Ops {
+            op: Some(name),
+            json: true,
+        } => {
+            let op = registry::find(&name)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&op.describe_json()).unwrap_or_default()
+            );
+            Ok(true)
+        }
+        Command::Ops {
+            op: Some(name),
+            json: false,
+        } => {
             let op = registry::find(&name)?;
             println!(
                 "{}: {}\nsource: {}\nreference: {}",
@@ -350,7 +458,16 @@ fn run(cli: Cli) -> Result<bool> {
             for f in op.config {
                 println!("config {}  -- {}", f.describe(), f.doc);
             }
+            println!(
+                "generator sizes: {}",
+                op.size_names(&op.default_config()).join(", ")
+            );
             println!("tolerance: {}", op.policy_doc);
+            Ok(true)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "dsv3", &mut std::io::stdout());
             Ok(true)
         }
         Command::Gen {
@@ -492,6 +609,67 @@ fn run(cli: Cli) -> Result<bool> {
     }
 }
 
+/// The arguments of `dsv3 check` that shape its verdict.
+struct CheckArgs {
+    op: String,
+    inputs: PathBuf,
+    outputs: PathBuf,
+    config: Option<String>,
+    report: Option<PathBuf>,
+    exact: bool,
+    save_failures: Option<PathBuf>,
+}
+
+/// `dsv3 check`: load, judge, print the table, write the JSON report and, on a mismatch, the
+/// failure directory.
+fn check_command(a: &CheckArgs) -> Result<check::CheckReport> {
+    let op = registry::find(&a.op)?;
+    let cfg = check::read_config(op, a.config.as_deref())?;
+    let progress = dsv3::progress::Progress::start(&format!("dsv3 check {}", op.name));
+    progress.phase("loading");
+    let (ins, outs) = check::load_pair(op, &a.inputs, &a.outputs)?;
+    let places = (
+        format!(" in {}", a.inputs.display()),
+        format!(" in {}", a.outputs.display()),
+    );
+    eprintln!(
+        "dsv3 check {}: running the reference on {} input tensor(s)…",
+        op.name,
+        ins.len()
+    );
+    progress.phase("running the reference and comparing");
+    let r = check::check(
+        op,
+        &ins,
+        &outs,
+        &cfg,
+        if a.exact { Mode::Exact } else { Mode::Policy },
+        (&places.0, &places.1),
+    )?;
+    drop(progress);
+    print!("{}", check::render(&r));
+    if let Some(p) = &a.report {
+        let mut files = vec![a.inputs.clone(), a.outputs.clone()];
+        if let Some(c) = a
+            .config
+            .as_deref()
+            .filter(|c| !c.trim_start().starts_with('{'))
+        {
+            files.push(PathBuf::from(c));
+        }
+        let text = report::Envelope::new("check", report::digests(&files)?, &r).to_json()?;
+        report::write_text(p, &text, "report")?;
+    }
+    if let (false, Some(dir)) = (r.pass, &a.save_failures) {
+        let command = check::save_failure(dir, op, &ins, &outs, &cfg)?;
+        eprintln!(
+            "failure saved to {}; reproduce with:\n  {command}",
+            dir.display()
+        );
+    }
+    Ok(r)
+}
+
 fn gpu_bench(require: bool, quick: bool) -> Result<bool> {
     use dsv3_gpu::bench::{
         bench_act_quant, bench_copy, bench_fp8_gemm, bench_mla_decode, BenchRow,
@@ -564,11 +742,38 @@ fn gpu_bench(require: bool, quick: bool) -> Result<bool> {
     Ok(true)
 }
 
-fn write_json<T: serde::Serialize>(path: Option<PathBuf>, value: &T) -> Result<()> {
-    if let Some(p) = path {
-        let text = serde_json::to_string_pretty(value).map_err(|e| Error::Usage(e.to_string()))?;
-        io::write_file(&p, (text + "\n").as_bytes())?;
-        eprintln!("report written to {}", p.display());
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand has help text, and every subcommand an example.
+    #[test]
+    fn every_argument_has_help_and_every_subcommand_an_example() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            let name = sub.get_name();
+            if name == "help" {
+                continue;
+            }
+            let examples = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            if !examples.contains("Example") {
+                missing.push(format!("{name}: no example (after_help)"));
+            }
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{name} {id}: no help"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
-    Ok(())
 }

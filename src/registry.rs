@@ -246,6 +246,44 @@ impl OpEntry {
         })
     }
 
+    /// Everything `dsv3 ops OP` prints, as JSON (`dsv3 ops --json`): tensors with dtypes and
+    /// shape rules, constraints, config fields with domains and defaults, the tolerance policy,
+    /// GPU backends and generator sizes.
+    pub fn describe_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let tensors = |specs: &[TensorSpec]| -> Vec<serde_json::Value> {
+            specs
+                .iter()
+                .map(|s| {
+                    json!({
+                        "name": s.name,
+                        "dtypes": s.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>(),
+                        "shape": crate::contract::shape_rule(s.shape),
+                        "doc": s.doc,
+                    })
+                })
+                .collect()
+        };
+        json!({
+            "name": self.name,
+            "summary": self.summary,
+            "source": self.source,
+            "reference": self.reference_fn,
+            "inputs": tensors(self.inputs),
+            "outputs": tensors(self.outputs),
+            "constraints": self.constraints.iter().map(|c| c.describe()).collect::<Vec<_>>(),
+            "config": self.config.iter().map(|f| json!({
+                "name": f.name,
+                "domain": f.describe().split_once(": ").map_or(String::new(), |(_, d)| d.split(" = ").next().unwrap_or("").to_string()),
+                "default": serde_json::from_str::<serde_json::Value>(f.default).unwrap_or(serde_json::Value::Null),
+                "doc": f.doc,
+            })).collect::<Vec<_>>(),
+            "tolerance": self.policy_doc,
+            "gpu": self.gpu.iter().map(|g| json!({"backend": g.backend, "kernel": g.kernel})).collect::<Vec<_>>(),
+            "generator_sizes": self.size_names(&self.default_config()),
+        })
+    }
+
     /// Parse and validate a config (`null` = all defaults).
     pub fn parse_config(&self, raw: &serde_json::Value) -> Result<Config> {
         Config::parse(self.name, self.config, raw)

@@ -66,6 +66,23 @@ pub fn default_fixtures_dir() -> PathBuf {
     }
 }
 
+/// The fixture files a verify run reads, with their sha256 (the manifest's, which
+/// [`load_manifest`] has checked), the manifest first.
+pub fn fixture_digests(dir: &Path) -> Result<Vec<crate::report::FileDigest>> {
+    let manifest = dir.join("manifest.json");
+    let mut out = vec![crate::report::FileDigest {
+        path: manifest.display().to_string(),
+        sha256: crate::report::sha256_file(&manifest)?,
+    }];
+    for (rel, sha) in load_manifest(dir)?.files {
+        out.push(crate::report::FileDigest {
+            path: dir.join(rel).display().to_string(),
+            sha256: sha,
+        });
+    }
+    Ok(out)
+}
+
 /// Read the manifest and check its version and every file's sha256.
 pub fn load_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");

@@ -31,6 +31,7 @@ pub struct AdamwDriftArgs {
     /// Learning rate (constant).
     #[arg(long, default_value_t = 2.2e-4)]
     pub lr: f64,
+    /// Seed of the random draws (the same seed gives the same run).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }

@@ -43,6 +43,7 @@ pub struct BalanceSimArgs {
     /// Standard deviation of the experts' popularity offsets (in logits).
     #[arg(long, default_value_t = 1.0)]
     pub skew: f64,
+    /// Seed of the random draws (the same seed gives the same run).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write the max/mean-load curves as an SVG image here.

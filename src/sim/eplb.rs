@@ -35,6 +35,7 @@ pub struct EplbArgs {
     /// σ of the log-normal expert loads.
     #[arg(long, default_value_t = 1.0)]
     pub skew: f64,
+    /// Seed of the random draws (the same seed gives the same run).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Run the deepseek-ai/EPLB README example instead (12 experts, 16 slots, 4 groups, 2 nodes,

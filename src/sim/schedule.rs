@@ -25,6 +25,7 @@ pub enum ScheduleKind {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScheduleArgs {
+    /// The schedule to simulate, or `table` for the bubble/memory table of all three.
     pub kind: ScheduleKind,
     /// Pipeline ranks PP.
     #[arg(long, default_value_t = 8)]
