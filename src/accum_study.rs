@@ -206,6 +206,18 @@ pub fn run(study: &Study, out: &mut dyn Write) -> Result<StudyResult> {
             "accum-study: --m, --n and every K must be ≥ 1".into(),
         ));
     }
+    // operands (f64 codes of A and B) and the outputs of the largest K
+    let k_max = study.ks.iter().copied().max().unwrap_or(1);
+    crate::limits::ensure_elements(
+        &format!("accum-study: --m {} --n {} --k {k_max}", study.m, study.n),
+        &[study.m.saturating_add(study.n), k_max],
+        8,
+    )?;
+    crate::limits::ensure_elements(
+        &format!("accum-study: --m {} --n {}", study.m, study.n),
+        &[study.m, study.n, 4],
+        8,
+    )?;
     let mut columns = vec!["no promotion".to_string()];
     columns.extend(study.intervals.iter().map(|nc| format!("N_C={nc}")));
     let model = &study.model;

@@ -3,7 +3,8 @@
 //! for 2^40 replicas) is a clear error (exit 2), never an allocation abort.
 //!
 //! The budget is the memory the operating system reports available (`MemAvailable` in
-//! `/proc/meminfo`), or [`FALLBACK_BUDGET`] where it cannot be read; `DSV3_MEMORY_LIMIT`
+//! `/proc/meminfo`, or [`FALLBACK_BUDGET`] where it cannot be read), less than that when an
+//! address-space limit (`ulimit -v`) leaves the process less; `DSV3_MEMORY_LIMIT`
 //! (bytes, or with a `K`/`M`/`G`/`T` suffix) lowers or raises it. A request is refused when
 //! its estimate exceeds the budget. Estimates count each tensor as if every zero-size dimension
 //! were 1 (an empty `[2^40, 0]` tensor still drives loops over its 2^40 rows), in the widest
@@ -32,7 +33,32 @@ pub fn budget() -> u64 {
     {
         return limit;
     }
-    available_memory().unwrap_or(FALLBACK_BUDGET)
+    let available = available_memory().unwrap_or(FALLBACK_BUDGET);
+    address_space_left().map_or(available, |left| available.min(left))
+}
+
+/// What an address-space limit (`ulimit -v`, `RLIMIT_AS`) leaves this process: the soft limit
+/// in `/proc/self/limits` less the current `VmSize`; `None` when unlimited or unreadable.
+fn address_space_left() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))?;
+    let soft: u64 = line
+        .trim_start_matches("Max address space")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let used_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmSize:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(soft.saturating_sub(used_kib.saturating_mul(1024)))
 }
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
@@ -91,11 +117,18 @@ pub fn ensure_fits(what: &str, need: Option<u64>) -> Result<()> {
                 format!("needs about {}", human(n))
             }),
             limit: format!(
-                "dsv3 may use {} here (available memory; set DSV3_MEMORY_LIMIT to change it)",
+                "dsv3 may use {} here (the available memory, or what an address-space limit leaves; DSV3_MEMORY_LIMIT overrides it)",
                 human(budget)
             ),
         }),
     }
+}
+
+/// Refuse work over `counts` (multiplied, zero counted as 1) at `bytes_each` bytes per
+/// element when it exceeds the budget: the sims' and studies' arguments (`--tokens`,
+/// `--experts`, `--m`), checked before they allocate.
+pub fn ensure_elements(what: &str, counts: &[usize], bytes_each: u64) -> Result<()> {
+    ensure_fits(what, extent(counts).and_then(|e| e.checked_mul(bytes_each)))
 }
 
 /// Refuse a count over a documented ceiling.

@@ -334,6 +334,24 @@ fn huge_counts_in_configs_and_arguments_exit_2() {
         );
         assert!(secs < 3.0);
     }
+    // the studies' and simulations' counts
+    for args in [
+        vec!["balance-sim", "--tokens", HUGE],
+        vec!["balance-sim", "--experts", HUGE],
+        vec!["eplb", "--layers", HUGE],
+        vec!["eplb", "--redundant", HUGE],
+        vec!["adamw-drift", "--n", HUGE],
+        vec!["accum-study", "--m", HUGE, "--plot-dir", "-"],
+        vec!["accum-study", "--k", HUGE, "--plot-dir", "-"],
+        vec!["schedule", "1f1b", "--micro", HUGE],
+    ] {
+        let (code, err, secs) = run_limited(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("too large") && err.contains(HUGE) && secs < 3.0,
+            "{args:?}: {err}"
+        );
+    }
     let model = fixture("models/v3_yarn_qlora");
     for layers in ["0-4000000000", "0-18446744073709551615"] {
         let (code, err, _) = run_limited(&[

@@ -341,6 +341,8 @@ pub fn main(a: AdamwDriftArgs) -> Result<bool> {
             "adamw-drift: --n and --steps must be ≥ 1".into(),
         ));
     }
+    // about a dozen f32/f64/bf16 state vectors and a bound per parameter
+    crate::limits::ensure_elements(&format!("adamw-drift: --n {}", a.n), &[a.n, 16], 8)?;
     println!(
         "adamw-drift: {} parameters, {} steps, lr {}, β1 0.9, β2 0.95, wd 0.1 (closed loop: wd 0), ε 1e-8, seed {}",
         a.n, a.steps, a.lr, a.seed

@@ -101,6 +101,15 @@ pub fn simulate(a: &BalanceSimArgs) -> Result<BalanceSim> {
             "balance-sim: --steps and --tokens must be ≥ 1 and --skew a finite number ≥ 0".into(),
         ));
     }
+    // the step's scores (f64) for each of the two runs
+    crate::limits::ensure_elements(
+        &format!(
+            "balance-sim: --tokens {} × --experts {}",
+            a.tokens, a.experts
+        ),
+        &[a.tokens, a.experts, 2],
+        8,
+    )?;
     let mut rng = Rng::new(a.seed);
     let popularity: Vec<f64> = (0..a.experts).map(|_| rng.normal() * a.skew).collect();
     let no_bias = vec![0.0f32; a.experts];

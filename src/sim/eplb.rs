@@ -129,6 +129,15 @@ pub fn main(a: EplbArgs) -> Result<bool> {
                 "eplb: --skew must be a finite number ≥ 0 and --layers ≥ 1".into(),
             ));
         }
+        // loads and placements per layer, about four f64/i64 per physical expert
+        crate::limits::ensure_elements(
+            &format!(
+                "eplb: --layers {} × (--experts {} + --redundant {})",
+                a.layers, a.experts, a.redundant
+            ),
+            &[a.layers, a.experts.saturating_add(a.redundant), 4],
+            8,
+        )?;
         (
             synthetic_loads(a.layers, a.experts, a.skew, a.seed),
             a.experts + a.redundant,
