@@ -144,41 +144,28 @@ impl Contract<'_> {
             self.bind(spec, t, config, &mut b)?;
         }
         for c in self.constraints {
-            match *c {
+            // (the size, the violated rule) of a broken constraint
+            let broken = match *c {
                 Constraint::NonEmpty(v, why) | Constraint::EvenNonEmpty(v, why) => {
                     let n = b.get(v);
                     let even = matches!(c, Constraint::EvenNonEmpty(..));
-                    if n == 0 || (even && n % 2 != 0) {
-                        let by = b.by[v];
-                        return Err(Error::Shape {
-                            op: self.op,
-                            role: Role::Input,
-                            name: by.to_string(),
-                            got: inputs[by].shape.clone(),
-                            expected: format!(
-                                "{} with {}, got {v} = {n} ({why})",
-                                shape_rule(self.spec(by).shape),
-                                c.describe()
-                            ),
-                        });
-                    }
+                    (n == 0 || (even && n % 2 != 0))
+                        .then(|| (v, format!("{}, got {v} = {n} ({why})", c.describe())))
                 }
                 Constraint::MultipleOf(v, f) => {
                     let (n, d) = (b.get(v), config.usize(f));
-                    if n % d != 0 {
-                        let by = b.by[v];
-                        return Err(Error::Shape {
-                            op: self.op,
-                            role: Role::Input,
-                            name: by.to_string(),
-                            got: inputs[by].shape.clone(),
-                            expected: format!(
-                                "{} with {v} = {n} a multiple of {f} = {d}",
-                                shape_rule(self.spec(by).shape)
-                            ),
-                        });
-                    }
+                    (n % d != 0).then(|| (v, format!("{v} = {n} a multiple of {f} = {d}")))
                 }
+            };
+            if let Some((v, rule)) = broken {
+                let by = b.by[v];
+                return Err(Error::Shape {
+                    op: self.op,
+                    role: Role::Input,
+                    name: by.to_string(),
+                    got: inputs[by].shape.clone(),
+                    expected: format!("{} with {rule}", shape_rule(self.spec(by).shape)),
+                });
             }
         }
         Ok(b)

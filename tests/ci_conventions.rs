@@ -2,40 +2,15 @@
 //! inputs' sha256, `ops --json`, `--save-failures` with a command that reproduces the failure,
 //! shell completions, help with examples, no progress noise in logs.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{check_file, fixture, run, s, scratch};
 use serde_json::Value;
 
 fn dsv3(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_dsv3"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    (o.status.code().expect("exit code"), out, err)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dsv3-ci-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::run(args)
 }
 
 /// The sha256 the fixture manifest records for `rel`.
@@ -65,18 +40,11 @@ fn check_writes_junit_and_a_versioned_report_with_input_digests() {
     let d = scratch("check");
     let f = fixture("act_quant/f32_randn.safetensors");
     let (junit, report) = (d.join("check.xml"), d.join("check.json"));
-    let (code, _, err) = dsv3(&[
-        "check",
+    let (code, _, err) = check_file(
         "act_quant",
-        "--inputs",
-        s(&f),
-        "--outputs",
-        s(&f),
-        "--junit",
-        s(&junit),
-        "--report",
-        s(&report),
-    ]);
+        &f,
+        &["--junit", s(&junit), "--report", s(&report)],
+    );
     assert_eq!(code, 0, "{err}");
     let x = std::fs::read_to_string(&junit).unwrap();
     assert!(
@@ -101,16 +69,7 @@ fn check_writes_junit_and_a_versioned_report_with_input_digests() {
 
     // a mismatch is a <failure> naming the tensor, the count and the worst index
     let p = planted_fault(&d);
-    let (code, _, _) = dsv3(&[
-        "check",
-        "act_quant",
-        "--inputs",
-        s(&p),
-        "--outputs",
-        s(&p),
-        "--junit",
-        s(&junit),
-    ]);
+    let (code, _, _) = check_file("act_quant", &p, &["--junit", s(&junit)]);
     assert_eq!(code, 1);
     let x = std::fs::read_to_string(&junit).unwrap();
     assert!(
@@ -120,7 +79,7 @@ fn check_writes_junit_and_a_versioned_report_with_input_digests() {
         "{x}"
     );
     // bad input is an <error> (and still exit 2)
-    let (code, _, _) = dsv3(&[
+    let (code, _, _) = run(&[
         "check",
         "act_quant",
         "--inputs",
@@ -143,16 +102,7 @@ fn save_failures_writes_a_reproducible_case() {
     let d = scratch("save");
     let p = planted_fault(&d);
     let dir = d.join("failures");
-    let (code, _, err) = dsv3(&[
-        "check",
-        "act_quant",
-        "--inputs",
-        s(&p),
-        "--outputs",
-        s(&p),
-        "--save-failures",
-        s(&dir),
-    ]);
+    let (code, _, err) = check_file("act_quant", &p, &["--save-failures", s(&dir)]);
     assert_eq!(code, 1, "{err}");
     for f in [
         "inputs.safetensors",
@@ -182,17 +132,7 @@ fn save_failures_writes_a_reproducible_case() {
     let f = fixture("act_quant/f32_randn.safetensors");
     let none = d.join("none");
     assert_eq!(
-        dsv3(&[
-            "check",
-            "act_quant",
-            "--inputs",
-            s(&f),
-            "--outputs",
-            s(&f),
-            "--save-failures",
-            s(&none)
-        ])
-        .0,
+        check_file("act_quant", &f, &["--save-failures", s(&none)]).0,
         0
     );
     assert!(!none.exists());
@@ -202,7 +142,7 @@ fn save_failures_writes_a_reproducible_case() {
 fn verify_writes_junit_and_a_report_with_fixture_digests() {
     let d = scratch("verify");
     let (junit, report) = (d.join("verify.xml"), d.join("verify.json"));
-    let (code, out, err) = dsv3(&[
+    let (code, out, err) = run(&[
         "verify",
         "--filter",
         "act_quant",

@@ -23,9 +23,8 @@ use dsv3::registry;
 use dsv3::rng::Rng;
 use serde_json::{json, Value};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
+mod common;
+use common::{fixtures, scratch};
 
 /// A fixture case usable as a seed: (op, file bytes, config).
 struct Seed {
@@ -79,14 +78,7 @@ fn split(bytes: &[u8]) -> (Value, Vec<u8>) {
 }
 
 fn join(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend(h);
-    out.extend(data);
-    out
+    common::safetensors_bytes(header, data)
 }
 
 /// A hostile integer: 0, small, off-by-one of a real value, huge, overflowing.
@@ -246,13 +238,6 @@ fn mutate_config(rng: &mut Rng, config: &Value) -> Value {
         _ => hostile_int(rng, real),
     };
     c
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dsv3-fuzz-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn env_usize(name: &str, default: usize) -> usize {

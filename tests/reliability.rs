@@ -1,50 +1,13 @@
 //! Regressions of issue 10 (faults found by fuzzing the CLI as a hostile user would): each test
 //! is the exact reproduction, asserting the exit code and the culprit named in the message.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
+use common::{check_file, fixture, run, s, scratch};
 use dsv3::io::{self, TensorMap};
-
-fn dsv3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsv3"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run dsv3")
-}
-
-/// (exit code, stdout, stderr) of `dsv3 ARGS`; a panic or a signal fails the test.
-fn run(args: &[&str]) -> (i32, String, String) {
-    let o = dsv3(args);
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(!err.contains("panicked"), "dsv3 {args:?} panicked: {err}");
-    let code = o
-        .status
-        .code()
-        .unwrap_or_else(|| panic!("dsv3 {args:?} died of a signal: {:?}\n{err}", o.status));
-    (code, out, err)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dsv3-rel-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A fixture file with some tensors edited, saved under `name`.
 fn edited(fixture_rel: &str, name: &str, edit: impl FnOnce(&mut TensorMap)) -> PathBuf {
@@ -62,16 +25,7 @@ const MOE_GATE_V3_CONFIG: &str = r#"{"top_k":8,"n_group":8,"topk_group":4}"#;
 fn moe_gate_ids_swapped_within_a_row_fail_through_their_weights() {
     let (code, out, _) = {
         let f = fixture(MOE_GATE_V3);
-        run(&[
-            "check",
-            "moe_gate",
-            "--inputs",
-            s(&f),
-            "--outputs",
-            s(&f),
-            "--config",
-            MOE_GATE_V3_CONFIG,
-        ])
+        check_file("moe_gate", &f, &["--config", MOE_GATE_V3_CONFIG])
     };
     assert_eq!(code, 0, "the oracle's outputs pass: {out}");
     // swap topk_ids[t, 0] and [t, 1] of 5 tokens, weights untouched: each moved weight now
@@ -85,16 +39,7 @@ fn moe_gate_ids_swapped_within_a_row_fail_through_their_weights() {
             ids.data.copy_within(b..b + 8, a);
             ids.data[b..b + 8].copy_from_slice(&first);
         });
-        let (code, out, _) = run(&[
-            "check",
-            "moe_gate",
-            "--inputs",
-            s(&p),
-            "--outputs",
-            s(&p),
-            "--config",
-            MOE_GATE_V3_CONFIG,
-        ]);
+        let (code, out, _) = check_file("moe_gate", &p, &["--config", MOE_GATE_V3_CONFIG]);
         assert_eq!(code, 1, "token {t}: {out}");
         assert!(
             out.contains(&format!("topk_weights: violation at [{t}, 0]"))
@@ -302,16 +247,14 @@ fn huge_counts_in_configs_and_arguments_exit_2() {
     assert_eq!(code, 2, "{err}");
     // an integer config is range-checked in its own type, never truncated (2^32 + 13 ≠ 13)
     let f = fixture("fp8_gemm/bf16_randn.safetensors");
-    let (code, _, err) = run(&[
-        "check",
+    let (code, _, err) = check_file(
         "fp8_gemm",
-        "--inputs",
-        s(&f),
-        "--outputs",
-        s(&f),
-        "--config",
-        r#"{"accumulation":"tensor_core","acc_frac_bits":4294967309}"#,
-    ]);
+        &f,
+        &[
+            "--config",
+            r#"{"accumulation":"tensor_core","acc_frac_bits":4294967309}"#,
+        ],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("acc_frac_bits") && err.contains("4294967309") && err.contains("1..=64"),
@@ -387,14 +330,7 @@ fn copy_model(name: &str, tag: &str, edit: impl FnOnce(&mut serde_json::Value)) 
 
 /// A safetensors file from a raw header (padded to 8 bytes) and data.
 fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
-    let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
-    bytes.extend(h);
-    bytes.extend(data);
-    std::fs::write(path, bytes).unwrap();
+    std::fs::write(path, common::safetensors_bytes(header, data)).unwrap();
 }
 
 #[test]
@@ -455,16 +391,7 @@ fn silently_accepted_inputs_are_refused() {
         };
         x.data[i..i + nan.len()].copy_from_slice(&nan);
     });
-    let (code, _, err) = run(&[
-        "check",
-        "moe_gate",
-        "--inputs",
-        s(&p),
-        "--outputs",
-        s(&p),
-        "--config",
-        MOE_GATE_V3_CONFIG,
-    ]);
+    let (code, _, err) = check_file("moe_gate", &p, &["--config", MOE_GATE_V3_CONFIG]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("x[1, 3] is NaN"), "{err}");
 }
