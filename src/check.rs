@@ -240,6 +240,12 @@ pub fn render(report: &CheckReport) -> String {
             "  {}: policy {}; {} differing elements allowed by it\n",
             r.name, r.policy, r.allowed
         );
+        if let Some(b) = &r.bound_use {
+            out += &format!(
+                "  {}: the worst element uses {:.4} of its bound (at {:?}), the median {:.4}\n",
+                r.name, b.max, b.max_index, b.median
+            );
+        }
         for (reason, n) in &r.allowed_by {
             out += &format!("  {}: {n} allowed as {reason}\n", r.name);
         }

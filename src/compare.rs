@@ -44,6 +44,14 @@ pub enum Policy<'a> {
         why: &'static str,
         judge: Box<dyn Fn(usize) -> Option<&'static str> + 'a>,
     },
+    /// Every element (bit-identical ones included) is measured against its own tolerance:
+    /// `measure(flat index)` is the fraction of the tolerance it uses, above 1 a violation. The
+    /// report carries the largest and the median fraction ([`TensorReport::bound_use`]), so a
+    /// user sees the margin (`tensor_core_bound`).
+    Bounded {
+        why: &'static str,
+        measure: Box<dyn Fn(usize) -> f64 + 'a>,
+    },
     /// `inner` on the elements `judged(flat index)` accepts; the others are undefined by the
     /// op's contract (DeepGEMM's padding rows) and are neither judged nor measured.
     Partial {
@@ -61,7 +69,9 @@ impl<'a> Policy<'a> {
             Policy::Ulps { max, why } => format!("≤ {max} ulp ({why})"),
             Policy::Close { atol, rtol, why } => format!("|Δ| ≤ {atol:e} + {rtol:e}·|ref| ({why})"),
             Policy::ExactUnless { why, .. } => format!("exact, except {why}"),
-            Policy::Judged { why, .. } | Policy::Relational { why, .. } => why.to_string(),
+            Policy::Judged { why, .. }
+            | Policy::Relational { why, .. }
+            | Policy::Bounded { why, .. } => why.to_string(),
             Policy::Partial { why, inner, .. } => {
                 format!("{}; not judged: {why}", inner.describe())
             }
@@ -133,7 +143,19 @@ pub struct TensorReport {
     pub worst: Option<Element>,
     /// The first few violations in index order.
     pub first_violations: Vec<Element>,
+    /// [`Policy::Bounded`] only: how much of their tolerance the elements use.
+    pub bound_use: Option<BoundUse>,
     pub pass: bool,
+}
+
+/// The fractions of their tolerance that the judged elements use (1 = at the bound).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BoundUse {
+    /// The largest fraction, and where.
+    pub max: f64,
+    pub max_index: Vec<usize>,
+    /// The median fraction.
+    pub median: f64,
 }
 
 /// Judge `got` against `want` (same dtype and shape, checked by the caller) under `policy`.
@@ -167,6 +189,7 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
         similarity_diff: 0.0,
         worst: None,
         first_violations: Vec::new(),
+        bound_use: None,
         pass: true,
     };
     let (mut sxy, mut sxx_yy) = (0f64, 0f64);
@@ -176,6 +199,8 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
         Policy::Partial { judged, inner, .. } => (inner.as_ref(), Some(judged)),
         other => (other, None),
     };
+    // Bounded: every judged element's fraction of its tolerance (f32 is plenty for a report)
+    let mut uses: Vec<(f32, usize)> = Vec::new();
     for i in 0..n {
         if judged.is_some_and(|j| !j(i)) {
             r.ignored += 1;
@@ -221,7 +246,16 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
             r.max_ulp = u64::MAX;
         }
         r.ulp_counts[ulp.min(3) as usize] += 1;
-        let ok = if bit_equal {
+        let ok = if let Policy::Bounded { measure, .. } = policy {
+            // measured even when bit-identical (to the exact mode's output, here)
+            let u = measure(i);
+            uses.push((if u.is_nan() { f32::INFINITY } else { u as f32 }, i));
+            if bit_equal && u <= 1.0 {
+                r.exact += 1;
+                continue;
+            }
+            u <= 1.0
+        } else if bit_equal {
             // a relational judge must see the element even when its bits match
             let Policy::Relational { judge, .. } = policy else {
                 r.exact += 1;
@@ -251,6 +285,7 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
                     }
                 }
                 Policy::ExactUnless { allow, .. } => allow(i),
+                Policy::Bounded { .. } => unreachable!("measured above"),
                 Policy::Partial { .. } => unreachable!("nested Partial policies"),
             }
         };
@@ -282,6 +317,19 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, policy: &Policy) -> Tens
         0.0
     };
     r.worst = worst.map(|(_, ulp, abs, i)| element(got, want, i, abs, ulp));
+    if matches!(policy, Policy::Bounded { .. }) && !uses.is_empty() {
+        let &(max, at) = uses
+            .iter()
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .expect("non-empty");
+        let mid = uses.len() / 2;
+        let (_, median, _) = uses.select_nth_unstable_by(mid, |a, b| a.0.total_cmp(&b.0));
+        r.bound_use = Some(BoundUse {
+            max: f64::from(max),
+            max_index: unravel(at, &got.shape),
+            median: f64::from(median.0),
+        });
+    }
     r.pass = r.violations == 0;
     r
 }

@@ -287,6 +287,7 @@ enum AttnArg {
 enum TermCutArg {
     TowardZero,
     Floor,
+    Nearest,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -568,6 +569,7 @@ fn run(cli: Cli) -> Result<bool> {
                     term_cut: match term_cut {
                         TermCutArg::TowardZero => TermCut::TowardZero,
                         TermCutArg::Floor => TermCut::Floor,
+                        TermCutArg::Nearest => TermCut::Nearest,
                     },
                     out_frac_bits,
                     out_round: match out_round {
@@ -598,7 +600,7 @@ fn run(cli: Cli) -> Result<bool> {
             let bindings =
                 op.contract()
                     .check_inputs(&ins, &cfg, &format!(" in {}", inputs.display()))?;
-            let outs = op.run_reference(&ins, &cfg, &bindings)?;
+            let outs = registry::without_aux(op.run_reference(&ins, &cfg, &bindings)?);
             io::save(&out, &outs, None)?;
             for (name, t) in &outs {
                 println!("{name}: {} {:?}", t.dtype, t.shape);

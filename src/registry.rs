@@ -151,7 +151,8 @@ impl OpEntry {
     /// Run the reference on contract-checked `inputs` (`bindings` from
     /// [`Contract::check_inputs`]) and check that its outputs have the contract's names, dtypes
     /// and shapes, so that an adapter's mistake is an [`Error::Internal`], never a wrong-shaped
-    /// file or a panic later on.
+    /// file or a panic later on. The map may also hold auxiliary tensors ([`is_aux`] names)
+    /// that the op's policy reuses; [`without_aux`] removes them before anything is written.
     pub fn run_reference(
         &self,
         inputs: &TensorMap,
@@ -164,6 +165,7 @@ impl OpEntry {
             contract.output_bytes(bindings, config),
         )?;
         let outputs = (self.reference)(inputs, config)?;
+        let contract_outputs = outputs.keys().filter(|k| !is_aux(k)).count();
         for spec in self.outputs {
             let Some(t) = outputs.get(spec.name) else {
                 return Err(Error::Internal(format!(
@@ -186,7 +188,7 @@ impl OpEntry {
                 )));
             }
         }
-        if outputs.len() != self.outputs.len() {
+        if contract_outputs != self.outputs.len() {
             return Err(Error::Internal(format!(
                 "{}: the reference returned {} tensors for {} outputs",
                 self.name,
@@ -314,6 +316,17 @@ impl OpEntry {
             .map(|set| set.iter().copied().collect())
             .collect()
     }
+}
+
+/// Whether a reference tensor is auxiliary (for the op's policy, not an output): `aux:` names.
+pub fn is_aux(name: &str) -> bool {
+    name.starts_with("aux:")
+}
+
+/// The contract outputs of a reference map (its auxiliary tensors removed).
+pub fn without_aux(mut map: TensorMap) -> TensorMap {
+    map.retain(|k, _| !is_aux(k));
+    map
 }
 
 /// Every op, in listing order.

@@ -5,7 +5,10 @@
 //! 2^4, both scale layouts, both accumulation modes.
 
 use dsv3::fast;
-use dsv3_reference::fp8::fp8_gemm::{gemm, Accumulation, ScaleLayout, OFF_NAMES};
+use dsv3_reference::fp8::fp8_gemm::{
+    e4m3_values, gemm, scaled_dot, Accumulation, ScaleLayout, OFF_NAMES,
+};
+use dsv3_reference::fp8::tc_bound::TensorCoreBound;
 use dsv3_reference::fp8::{
     m_grouped_fp8_gemm_contiguous, m_grouped_fp8_gemm_masked, TensorCoreModel, TermCut, WriteBack,
     HOPPER_FP8_WGMMA,
@@ -72,7 +75,17 @@ fn scales(s: &mut Stream, rows: usize, cols: usize, row_constant: bool) -> Array
 
 /// The accumulation to test and whether it needs row-constant scales.
 fn accumulation(s: &mut Stream, block: usize) -> (Accumulation, bool) {
-    match s.below(4) {
+    match s.below(5) {
+        4 => (
+            Accumulation::TensorCoreBound {
+                bound: TensorCoreBound {
+                    frac_bits: 13,
+                    group: 32,
+                },
+                promote_interval: block,
+            },
+            false,
+        ),
         0 | 1 => (Accumulation::Exact, false),
         2 => (
             Accumulation::TensorCore {
@@ -103,6 +116,46 @@ fn bits(a: &Array2<f32>) -> Vec<u32> {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// `tensor_core_bound`: the fast path's accumulators, magnitudes, window magnitudes and
+    /// slacks equal the readable `scaled_dot` of every element, bit for bit, whatever the block,
+    /// promotion interval (windows inside, across or equal to blocks) and step.
+    #[test]
+    fn bound_mode_fast_path_is_bit_identical_to_scaled_dot(seed in 1u64.., row_layout in any::<bool>()) {
+        let mut s = Stream(seed);
+        let block = [128usize, 32, 16][s.below(3) as usize];
+        let m = 1 + s.below(70) as usize;
+        let n = 1 + s.below(600) as usize;
+        let k = 1 + s.below(3 * block as u64 + 40) as usize;
+        let promote_interval = [block, block, 0, 64, 96, 2 * block][s.below(6) as usize];
+        let bound = TensorCoreBound { frac_bits: 10 + s.below(8) as u32, group: [8, 16, 32, 48][s.below(4) as usize] };
+        let acc = Accumulation::TensorCoreBound { bound, promote_interval };
+        let uniform = promote_interval == 0 || block % promote_interval != 0;
+        let kb = k.div_ceil(block);
+        let (layout, b_rows) = if row_layout { (ScaleLayout::Row, n) } else { (ScaleLayout::Block, n.div_ceil(block)) };
+        let a = codes(&mut s, m, k, block);
+        let b = codes(&mut s, n, k, block);
+        let a_s = scales(&mut s, m, kb, uniform);
+        let b_s = scales(&mut s, b_rows, kb, uniform);
+        let out = fast::gemm(a.view(), a_s.view(), b.view(), b_s.view(), (layout, block), &acc, true);
+        let values = e4m3_values();
+        for i in 0..m {
+            for j in 0..n {
+                let sb = match layout { ScaleLayout::Block => j / block, ScaleLayout::Row => j };
+                let d = scaled_dot(a.row(i).as_slice().unwrap(), a_s.row(i).as_slice().unwrap(), b.row(j).as_slice().unwrap(), b_s.row(sb).as_slice().unwrap(), block, &acc, &values);
+                prop_assert_eq!(
+                    (out.c[[i, j]].to_bits(), out.magnitude[[i, j]].to_bits(), out.window_magnitude[[i, j]].to_bits(), out.slack[[i, j]].to_bits()),
+                    (d.c.to_bits(), d.magnitude.to_bits(), d.window_magnitude.to_bits(), d.slack.to_bits()),
+                    "[{}, {}] M={} N={} K={} B={} {:?}", i, j, m, n, k, block, acc
+                );
+            }
+        }
+        // without magnitudes: the exact mode's accumulators
+        let plain = fast::gemm(a.view(), a_s.view(), b.view(), b_s.view(), (layout, block), &acc, false);
+        let exact = fast::gemm(a.view(), a_s.view(), b.view(), b_s.view(), (layout, block), &Accumulation::Exact, false);
+        prop_assert_eq!(bits(&plain.c), bits(&exact.c));
+        prop_assert_eq!(bits(&out.c), bits(&exact.c));
+    }
 
     #[test]
     fn fp8_gemm_fast_path_is_bit_identical_to_the_readable_loop(seed in 1u64.., row_layout in any::<bool>()) {

@@ -20,6 +20,7 @@ use dsv3_gpu::fp8_gemm::Backend;
 use dsv3_gpu::Floats;
 use dsv3_reference::fp8::accumulate::{MAX_FRAC_BITS, MAX_GROUP};
 use dsv3_reference::fp8::fp8_gemm::{self as reference, Accumulation, GemmNames, ScaleLayout};
+use dsv3_reference::fp8::tc_bound::TensorCoreBound;
 use dsv3_reference::fp8::Saturation;
 use dsv3_reference::fp8::{
     grouped_gemm, TensorCoreModel, TermCut, WriteBack, E4M3, HOPPER_FP8_WGMMA,
@@ -79,12 +80,14 @@ const OUT_DTYPE_F32: ConfigField = ConfigField {
 const ACCUMULATION: ConfigField = ConfigField {
     name: "accumulation",
     kind: FieldKind::Choice {
-        values: &["exact", "tensor_core"],
+        values: &["exact", "tensor_core", "tensor_core_bound"],
         nullable: false,
     },
     default: "\"exact\"",
-    doc: "exact: exact block dot rounded once to f32 (OFF Triton); tensor_core: the T-FDPA model \
-          (acc_* fields) inside promotion windows",
+    doc: "exact: exact block dot rounded once to f32 (OFF Triton, CUDA-core kernels); \
+          tensor_core: the T-FDPA model (acc_* fields) inside promotion windows, bit for bit; \
+          tensor_core_bound: any Tensor Core kernel with at least acc_frac_bits bits and \
+          acc_group products per step, promoted every promote_interval (a derived bound)",
 };
 const PROMOTE_INTERVAL: ConfigField = ConfigField {
     name: "promote_interval",
@@ -118,11 +121,11 @@ const ACC_GROUP: ConfigField = ConfigField {
 const TERM_CUT: ConfigField = ConfigField {
     name: "term_cut",
     kind: FieldKind::Choice {
-        values: &["toward_zero", "floor"],
+        values: &["toward_zero", "floor", "nearest"],
         nullable: false,
     },
     default: "\"toward_zero\"",
-    doc: "tensor_core: how aligned terms drop bits (MMA-Sim: toward_zero; \"sign-fill\": floor)",
+    doc: "tensor_core: how aligned terms drop bits (MMA-Sim: toward_zero; \"sign-fill\": floor; nearest)",
 };
 const ACC_OUT_FRAC_BITS: ConfigField = ConfigField {
     name: "acc_out_frac_bits",
@@ -173,6 +176,8 @@ const TEST_CONFIGS: &[&str] = &[
     r#"{"accumulation":"tensor_core","out_dtype":"f32"}"#,
     r#"{"accumulation":"tensor_core","promote_interval":0,"out_dtype":"f32"}"#,
     r#"{"accumulation":"tensor_core","promote_interval":64,"acc_frac_bits":14,"acc_group":16,"term_cut":"floor","acc_out_frac_bits":23,"acc_out_round":"nearest_even"}"#,
+    r#"{"accumulation":"tensor_core_bound"}"#,
+    r#"{"accumulation":"tensor_core_bound","acc_group":16,"promote_interval":64,"out_dtype":"f32"}"#,
 ];
 
 /// The accumulation a config asks for.
@@ -184,6 +189,7 @@ pub(crate) fn accumulation(cfg: &Config) -> Accumulation {
                 group: cfg.usize("acc_group"),
                 term_cut: match cfg.choice("term_cut") {
                     Some("floor") => TermCut::Floor,
+                    Some("nearest") => TermCut::Nearest,
                     _ => TermCut::TowardZero,
                 },
                 out_frac_bits: cfg.u32("acc_out_frac_bits"),
@@ -194,18 +200,33 @@ pub(crate) fn accumulation(cfg: &Config) -> Accumulation {
             },
             promote_interval: cfg.usize("promote_interval"),
         },
+        Some("tensor_core_bound") => Accumulation::TensorCoreBound {
+            bound: TensorCoreBound {
+                frac_bits: cfg.u32("acc_frac_bits"),
+                group: cfg.usize("acc_group"),
+            },
+            promote_interval: cfg.usize("promote_interval"),
+        },
         _ => Accumulation::Exact,
     }
 }
 
-/// The number of promoted partials per output element over a reduction of length `k`.
+/// The number of promoted partials per output element over a reduction of length `k`: the
+/// reference's (K-blocks in exact and bound mode, windows in tensor_core mode).
 fn partials(cfg: &Config, k: usize) -> usize {
     match accumulation(cfg) {
-        Accumulation::Exact => k.div_ceil(cfg.usize("block_size")),
+        Accumulation::Exact | Accumulation::TensorCoreBound { .. } => {
+            k.div_ceil(cfg.usize("block_size"))
+        }
         Accumulation::TensorCore {
             promote_interval, ..
         } => k.div_ceil(reference::window_len(promote_interval, k)),
     }
+}
+
+/// The promotion windows a Tensor Core kernel has over a reduction of length `k`.
+fn windows(promote_interval: usize, k: usize) -> usize {
+    k.div_ceil(reference::window_len(promote_interval, k))
 }
 
 // ---- the tolerance policy
@@ -251,6 +272,88 @@ pub fn within_bound(got: f64, r: f32, magnitude: f64, partials: usize, bf16_out:
     }
 }
 
+/// `tensor_core_bound`: the tolerance of one element around the exact mode's accumulator
+/// (SPEC.md "Tensor Core bound"): the reference's own f32 evaluation over `w_b` K-blocks
+/// (`γ_{W_b+3}·M_b`, one more rounding than exact mode's for the f32 block dots), the
+/// kernel's f32 promotion of `w_w` window partials no larger than `|P_w| + Δ_w`
+/// (`γ_{W_w+2}·(M_w + D)`), the Tensor Core slack itself (`D`) and underflow, all times
+/// `1 + 2^-40` for the f64 evaluation of this sum.
+pub fn tc_bound_tolerance(
+    magnitude: f64,
+    window_magnitude: f64,
+    slack: f64,
+    (w_b, w_w): (usize, usize),
+) -> f64 {
+    let e = gamma((w_b + 3) as f64) * magnitude
+        + gamma((w_w + 2) as f64) * (window_magnitude + slack)
+        + slack
+        + (w_b + w_w + 4) as f64 * 2f64.powi(-147);
+    e * (1.0 + 2f64.powi(-40))
+}
+
+/// The fraction of its tolerance that `got` (an f32 or bf16 value) uses around the reference
+/// accumulator `r`; above 1 is a violation, non-finite values are infinitely far.
+pub fn bound_use(got: f64, r: f32, tolerance: f64, bf16_out: bool) -> f64 {
+    let r = f64::from(r);
+    if !got.is_finite() || !r.is_finite() {
+        return f64::INFINITY;
+    }
+    let allowance = tolerance
+        + if bf16_out {
+            bf16_half_gap_toward(got, r)
+        } else {
+            0.0
+        };
+    (got - r).abs() / allowance
+}
+
+/// Names of the auxiliary tensors a bound-mode reference hands its policy.
+const AUX_ACCUMULATOR: &str = "aux:accumulator";
+const AUX_TOLERANCE: &str = "aux:tolerance";
+
+/// The reference outputs of a GEMM op: `name` of `shape` under `out_dtype`; in bound mode also
+/// the f32 accumulators and each element's tolerance as auxiliary tensors (the policy reads
+/// them instead of computing everything again).
+fn gemm_ref(
+    inputs: &TensorMap,
+    cfg: &Config,
+    compute: Compute,
+    k: usize,
+    (name, shape): (&str, Vec<usize>),
+) -> Result<TensorMap> {
+    let Accumulation::TensorCoreBound {
+        promote_interval, ..
+    } = accumulation(cfg)
+    else {
+        let out = compute(inputs, cfg, false)?;
+        return Ok(outputs([(name, out_tensor(cfg, shape, &out.c))]));
+    };
+    let out = compute(inputs, cfg, true)?;
+    let w = (partials(cfg, k), windows(promote_interval, k));
+    let tolerance: Vec<f64> = out
+        .magnitude
+        .iter()
+        .zip(&out.window_magnitude)
+        .zip(&out.slack)
+        .map(|((&m, &mw), &d)| tc_bound_tolerance(m, mw, d, w))
+        .collect();
+    let flat = vec![out.c.nrows(), out.c.ncols()];
+    let aux_tolerance = Tensor::from_bytes(
+        DType::F64,
+        flat.clone(),
+        tolerance.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+    .expect("one f64 per element");
+    Ok(outputs([
+        (name, out_tensor(cfg, shape, &out.c)),
+        (
+            AUX_ACCUMULATOR,
+            Tensor::from_f32(flat, &out.c.iter().copied().collect::<Vec<_>>()),
+        ),
+        (AUX_TOLERANCE, aux_tolerance),
+    ]))
+}
+
 /// `compute(inputs, config, with_magnitude)`: an op's f32 accumulators in output order.
 type Compute = fn(&TensorMap, &Config, bool) -> Result<GemmOut>;
 
@@ -267,6 +370,53 @@ fn gemm_policy<'a>(
     let bf16_out = candidate.dtype == DType::BF16;
     let w = partials(cfg, k);
     let n = *candidate.shape.last().unwrap_or(&1);
+    if let Accumulation::TensorCoreBound {
+        promote_interval, ..
+    } = accumulation(cfg)
+    {
+        // the reference handed over its accumulators and tolerances (else: compute them)
+        let (acc, tol) = match (
+            ctx.reference.get(AUX_ACCUMULATOR),
+            ctx.reference.get(AUX_TOLERANCE),
+        ) {
+            (Some(a), Some(t)) => (
+                a.to_f32().unwrap_or_default(),
+                (0..t.numel()).map(|i| t.value(i)).collect(),
+            ),
+            _ => match compute(inputs, cfg, true) {
+                Ok(out) => {
+                    let w = (w, windows(promote_interval, k));
+                    let tol: Vec<f64> = out
+                        .magnitude
+                        .iter()
+                        .zip(&out.window_magnitude)
+                        .zip(&out.slack)
+                        .map(|((&m, &mw), &d)| tc_bound_tolerance(m, mw, d, w))
+                        .collect();
+                    (out.c.iter().copied().collect(), tol)
+                }
+                Err(_) => (Vec::new(), Vec::new()),
+            },
+        };
+        let inner = Policy::Bounded {
+            why: "tensor_core_bound: the out_dtype rounding of a value within the Tensor Core \
+                  bound of the exact accumulator (SPEC.md \"Tensor Core bound\")",
+            measure: Box::new(move |i| {
+                let (Some(&r), Some(&t)) = (acc.get(i), tol.get(i)) else {
+                    return f64::INFINITY;
+                };
+                bound_use(candidate.value(i), r, t, bf16_out)
+            }),
+        };
+        return match judged_rows {
+            None => inner,
+            Some(rows) => Policy::Partial {
+                why: "padding rows (m_indices = −1, rows past masked_m): undefined, as in DeepGEMM",
+                judged: Box::new(move |i| rows[i / n.max(1)]),
+                inner: Box::new(inner),
+            },
+        };
+    }
     // the reference accumulators and magnitudes, computed once, only if some element differs
     let bounds: OnceCell<Option<GemmOut>> = OnceCell::new();
     let inner = Policy::ExactUnless {
@@ -416,11 +566,11 @@ fn fp8_gemm_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> R
 }
 
 fn fp8_gemm_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    let out = fp8_gemm_compute(inputs, cfg, false)?;
     let a = get(inputs, "a");
     let mut shape = a.shape[..a.shape.len() - 1].to_vec();
     shape.push(get(inputs, "b").shape[0]);
-    Ok(outputs([("c", out_tensor(cfg, shape, &out.c))]))
+    let k = *a.shape.last().unwrap_or(&0);
+    gemm_ref(inputs, cfg, fp8_gemm_compute, k, ("c", shape))
 }
 
 fn fp8_gemm_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
@@ -433,11 +583,11 @@ fn fp8_gemm_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 /// Whether a config forces the scales of a row to be equal along K (a promotion window that
 /// spans several blocks).
 fn row_constant_scales(cfg: &Config) -> bool {
-    match accumulation(cfg) {
-        Accumulation::Exact => false,
-        Accumulation::TensorCore {
-            promote_interval, ..
-        } => promote_interval == 0 || cfg.usize("block_size") % promote_interval != 0,
+    match accumulation(cfg).promote_interval() {
+        None => false,
+        Some(promote_interval) => {
+            promote_interval == 0 || cfg.usize("block_size") % promote_interval != 0
+        }
     }
 }
 
@@ -615,9 +765,9 @@ fn contiguous_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) ->
 }
 
 fn contiguous_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    let out = contiguous_compute(inputs, cfg, false)?;
-    let shape = vec![out.c.nrows(), out.c.ncols()];
-    Ok(outputs([("c", out_tensor(cfg, shape, &out.c))]))
+    let a = get(inputs, "a");
+    let shape = vec![a.shape[0], get(inputs, "b").shape[1]];
+    gemm_ref(inputs, cfg, contiguous_compute, a.shape[1], ("c", shape))
 }
 
 fn contiguous_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
@@ -753,10 +903,9 @@ fn masked_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Res
 }
 
 fn masked_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    let out = masked_compute(inputs, cfg, false)?;
     let a = get(inputs, "a");
-    let shape = vec![a.shape[0], a.shape[1], out.c.ncols()];
-    Ok(outputs([("c", out_tensor(cfg, shape, &out.c))]))
+    let shape = vec![a.shape[0], a.shape[1], get(inputs, "b").shape[1]];
+    gemm_ref(inputs, cfg, masked_compute, a.shape[2], ("c", shape))
 }
 
 fn masked_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
@@ -920,12 +1069,6 @@ fn training_compute(
     ))
 }
 
-fn training_ref(t: &Training, out: &str, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    let c = training_compute(t, inputs, cfg, false)?.c;
-    let shape = vec![c.nrows(), c.ncols()];
-    Ok(outputs([(out, out_tensor(cfg, shape, &c))]))
-}
-
 /// Training operands: codes `[rows, cols]` quantized along `tile` (1×B: along cols; B×1:
 /// along rows) with scales of the matching grid.
 fn training_operand(
@@ -1030,7 +1173,9 @@ fn fprop_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Resu
 }
 
 fn fprop_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    training_ref(&FPROP, "y", inputs, cfg)
+    // y [M, N] over K
+    let (x, w) = (&get(inputs, "x").shape, &get(inputs, "w").shape);
+    gemm_ref(inputs, cfg, fprop_compute, x[1], ("y", vec![x[0], w[0]]))
 }
 
 fn fprop_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
@@ -1110,7 +1255,9 @@ fn dgrad_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Resu
 }
 
 fn dgrad_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    training_ref(&DGRAD, "dx", inputs, cfg)
+    // dx [M, K] over N
+    let (dy, w) = (&get(inputs, "dy").shape, &get(inputs, "w").shape);
+    gemm_ref(inputs, cfg, dgrad_compute, dy[1], ("dx", vec![dy[0], w[1]]))
 }
 
 fn dgrad_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
@@ -1180,7 +1327,9 @@ fn wgrad_compute(inputs: &TensorMap, cfg: &Config, with_magnitude: bool) -> Resu
 }
 
 fn wgrad_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    training_ref(&WGRAD, "dw", inputs, cfg)
+    // dw [N, K] over M
+    let (dy, x) = (&get(inputs, "dy").shape, &get(inputs, "x").shape);
+    gemm_ref(inputs, cfg, wgrad_compute, x[0], ("dw", vec![dy[1], x[1]]))
 }
 
 fn wgrad_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
@@ -1216,7 +1365,8 @@ const WGMMA_KERNEL: &str = "gpu/kernels/fp8_gemm_wgmma.cu";
 /// `simt` computes exact block dots on the CUDA cores: it is the exact mode, any block size.
 fn simt_supports(cfg: &Config) -> std::result::Result<(), &'static str> {
     match accumulation(cfg) {
-        Accumulation::Exact => Ok(()),
+        // exact block dots: the exact mode, and inside every Tensor Core bound
+        Accumulation::Exact | Accumulation::TensorCoreBound { .. } => Ok(()),
         Accumulation::TensorCore { .. } => {
             Err("tensor_core config: its block dots are exact, not a Tensor Core's")
         }
@@ -1238,6 +1388,20 @@ fn wgmma_supports(cfg: &Config) -> std::result::Result<(), &'static str> {
                 Err("promote_interval ≠ 128 (the kernel promotes every 4 k32 steps)")
             } else if model != HOPPER_FP8_WGMMA {
                 Err("model parameters ≠ HOPPER_FP8_WGMMA (they do not describe this hardware)")
+            } else {
+                Ok(())
+            }
+        }
+        Accumulation::TensorCoreBound {
+            bound,
+            promote_interval,
+        } => {
+            if cfg.usize("block_size") != 128 || promote_interval != 128 {
+                Err("block_size or promote_interval ≠ 128 (the kernel's tiles and promotion)")
+            } else if bound.group != HOPPER_FP8_WGMMA.group
+                || bound.frac_bits > HOPPER_FP8_WGMMA.frac_bits
+            {
+                Err("the bound's acc_group ≠ 32 or acc_frac_bits > 13: Hopper's wgmma is outside it")
             } else {
                 Ok(())
             }

@@ -17,8 +17,9 @@
 //!    subnormal). Zero terms take no part in the alignment.
 //! 2. `emax` = the largest nominal exponent; the quantum is `2^(emax − F)` (F = `frac_bits`, 13
 //!    on Hopper: "14 bits" counting the leading bit).
-//! 3. Every term is cut to a multiple of the quantum: toward zero (MMA-Sim's NVIDIA model) or
-//!    toward −∞ ([`TermCut::Floor`], the literal reading of the paper's "sign-fill right shift").
+//! 3. Every term is cut to a multiple of the quantum: toward zero (MMA-Sim's NVIDIA model),
+//!    toward −∞ ([`TermCut::Floor`], the literal reading of the paper's "sign-fill right shift")
+//!    or to nearest ([`TermCut::Nearest`]).
 //! 4. The cut terms are summed exactly; the sum is written back to the accumulator register
 //!    with `out_frac_bits` fraction bits (13 on Hopper, "e8m13") by [`WriteBack`]; values below
 //!    the normal range keep the quantum `2^(−126 − out_frac_bits)`. A zero result is `+0`.
@@ -40,6 +41,9 @@ pub enum TermCut {
     /// Two's-complement arithmetic right shift ("sign-fill right shift"): negative terms move
     /// one quantum away from zero when bits are dropped.
     Floor,
+    /// Round to the nearest multiple of the quantum, ties to even (a hypothetical kernel that
+    /// rounds while aligning; the error bound of `tensor_core_bound` covers it).
+    Nearest,
 }
 
 /// How the exact sum of a step is rounded into the accumulator register (step 4).
@@ -210,6 +214,19 @@ impl TensorCoreModel {
             }
             // arithmetic shift of the two's-complement integer: rounds toward −∞
             TermCut::Floor => sig >> drop,
+            TermCut::Nearest => {
+                // drop ∈ 1..=127, |sig| < 2^64: exact in u128
+                let magnitude = sig.unsigned_abs();
+                let (whole, rest) = (magnitude >> drop, magnitude & ((1u128 << drop) - 1));
+                let half = 1u128 << (drop - 1);
+                let up = rest > half || (rest == half && whole % 2 == 1);
+                let rounded = (whole + u128::from(up)) as i128;
+                if sig < 0 {
+                    -rounded
+                } else {
+                    rounded
+                }
+            }
         }
     }
 

@@ -29,6 +29,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use super::accumulate::TensorCoreModel;
 use super::format::E4M3;
+use super::tc_bound::TensorCoreBound;
 use crate::error::{Error, Result};
 
 /// How the block dots are accumulated (module docs).
@@ -42,6 +43,28 @@ pub enum Accumulation {
         model: TensorCoreModel,
         promote_interval: usize,
     },
+    /// The exact mode's result, with the bound of [`tc_bound`](super::tc_bound) on what any
+    /// Tensor Core kernel with at least `bound.frac_bits` fraction bits and `bound.group`
+    /// products per step may produce around it, windows of `promote_interval` (0 = all of K).
+    TensorCoreBound {
+        bound: TensorCoreBound,
+        promote_interval: usize,
+    },
+}
+
+impl Accumulation {
+    /// The promotion interval of a Tensor Core mode (`None` in exact mode).
+    pub fn promote_interval(&self) -> Option<usize> {
+        match self {
+            Accumulation::Exact => None,
+            Accumulation::TensorCore {
+                promote_interval, ..
+            }
+            | Accumulation::TensorCoreBound {
+                promote_interval, ..
+            } => Some(*promote_interval),
+        }
+    }
 }
 
 /// Which scale row a row `n` of `b` uses.
@@ -80,6 +103,10 @@ pub struct ScaledDot {
     pub c: f32,
     /// `Σ |p|·a_s·b_s` over the promoted partials `p`, in f64: the tolerance policy's scale.
     pub magnitude: f64,
+    /// `tensor_core_bound` only (else 0): `Σ_w |P_w|·a_s·b_s` over the exact window dots.
+    pub window_magnitude: f64,
+    /// `tensor_core_bound` only (else 0): `D = Σ_w Δ_w·a_s·b_s`, the Tensor Core's slack.
+    pub slack: f64,
 }
 
 /// The exact value of every E4M3 code (NaN codes decode to NaN; callers reject them first).
@@ -104,8 +131,9 @@ pub fn scaled_dot(
     let k = a.len();
     let mut acc = 0f32;
     let mut magnitude = 0f64;
+    let (mut window_magnitude, mut slack) = (0f64, 0f64);
     match accumulation {
-        Accumulation::Exact => {
+        Accumulation::Exact | Accumulation::TensorCoreBound { .. } => {
             for kb in 0..a_s.len() {
                 let (k0, k1) = (kb * block_size, ((kb + 1) * block_size).min(k));
                 // the block dot, exact in f64 whatever the order (≤ 43 significant bits)
@@ -117,6 +145,22 @@ pub fn scaled_dot(
                 let p = dot as f32;
                 acc += p * a_s[kb] * b_s[kb];
                 magnitude += f64::from(p.abs()) * f64::from(a_s[kb]) * f64::from(b_s[kb]);
+            }
+            if let Accumulation::TensorCoreBound {
+                bound,
+                promote_interval,
+            } = accumulation
+            {
+                let window = window_len(*promote_interval, k);
+                for w0 in (0..k).step_by(window) {
+                    let w1 = (w0 + window).min(k);
+                    let wb = bound.window(&a[w0..w1], &b[w0..w1], values);
+                    // the window's scale pair (one K-block's), exact in f64
+                    let kb = w0 / block_size;
+                    let s = f64::from(a_s[kb]) * f64::from(b_s[kb]);
+                    window_magnitude += wb.exact.abs() * s;
+                    slack += wb.delta * s;
+                }
             }
         }
         Accumulation::TensorCore {
@@ -135,7 +179,12 @@ pub fn scaled_dot(
             }
         }
     }
-    ScaledDot { c: acc, magnitude }
+    ScaledDot {
+        c: acc,
+        magnitude,
+        window_magnitude,
+        slack,
+    }
 }
 
 /// Products per promotion window: `promote_interval`, or all of K (at least 1) when it is 0.
@@ -329,6 +378,9 @@ pub fn check_setup(op: &'static str, block_size: usize, accumulation: &Accumulat
     if let Accumulation::TensorCore { model, .. } = accumulation {
         model.validate(op)?;
     }
+    if let Accumulation::TensorCoreBound { bound, .. } = accumulation {
+        bound.validate(op)?;
+    }
     Ok(())
 }
 
@@ -390,11 +442,20 @@ pub fn check_scales(
             why: "scales must be finite and positive",
         });
     }
-    if let Accumulation::TensorCore {
-        promote_interval, ..
-    } = accumulation
-    {
-        let window = window_len(*promote_interval, k);
+    if let Some(promote_interval) = accumulation.promote_interval() {
+        let window = window_len(promote_interval, k);
+        if matches!(accumulation, Accumulation::TensorCoreBound { .. }) && window > MAX_EXACT_BLOCK
+        {
+            return Err(Error::Argument {
+                op,
+                name: "promote_interval",
+                value: promote_interval.to_string(),
+                why: format!(
+                    "a promotion window of {window} products: the bound needs exact window dots \
+                     (at most {MAX_EXACT_BLOCK} products)"
+                ),
+            });
+        }
         for w0 in (0..k).step_by(window) {
             let w1 = (w0 + window).min(k);
             let first = w0 / block_size;

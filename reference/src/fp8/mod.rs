@@ -7,6 +7,7 @@
 //! - [`weight_quant`] / [`weight_dequant`]: 128×128 weight blocks.
 //! - [`fp8_gemm`]: the block-scaled GEMM (exact or through [`accumulate`]'s Tensor Core model),
 //!   [`grouped_gemm`] its MoE variants, [`linear_fp8`] the three training GEMMs.
+//! - [`tc_bound`]: the model-free bound on any Tensor Core kernel's window partials.
 
 pub mod accumulate;
 pub mod act_quant;
@@ -15,6 +16,7 @@ pub mod fp8_gemm;
 pub mod grouped_gemm;
 pub mod linear_fp8;
 pub mod scale;
+pub mod tc_bound;
 mod tile;
 pub mod ue8m0;
 pub mod weight_dequant;
@@ -27,6 +29,7 @@ pub use fp8_gemm::{fp8_gemm, Accumulation, ScaleLayout};
 pub use grouped_gemm::{m_grouped_fp8_gemm_contiguous, m_grouped_fp8_gemm_masked};
 pub use linear_fp8::{LinearFp8, LinearFp8Cache};
 pub use scale::{tile_scale, ScaleFmt, AMAX_FLOOR, E4M3_MAX};
+pub use tc_bound::{TensorCoreBound, HOPPER_FP8_BOUND};
 pub use tile::Quantized;
 pub use weight_dequant::weight_dequant;
 pub use weight_quant::weight_quant;
