@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use dsv3_reference::fp8::fp8_gemm::{
     e4m3_values, scaled_dot, window_len, Accumulation, ScaleLayout,
 };
-use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound, WindowBound};
+use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound};
 
 /// Rows of the output per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -210,46 +210,56 @@ fn segments(k: usize, block_size: usize, steps: Option<(usize, usize)>) -> Vec<S
         .collect()
 }
 
-/// The nominal exponent of every code as i8, zero codes as [`ZERO_EXPONENT`].
-fn exponents(codes: ArrayView2<u8>) -> Vec<i8> {
+/// The nominal exponent of every code as i8, zero codes as `zero`.
+fn exponents(codes: ArrayView2<u8>, zero: i8) -> Vec<i8> {
     codes
         .iter()
-        .map(|&c| e4m3_exponent(c).map_or(ZERO_EXPONENT, |e| e as i8))
+        .map(|&c| e4m3_exponent(c).map_or(zero, |e| e as i8))
         .collect()
 }
 
-/// The exponent given to a zero code: a pair with a zero sums to at most −56, below every
-/// nonzero pair (≥ −12) and below [`PAIR_FLOOR`].
-const ZERO_EXPONENT: i8 = -64;
-/// Pair sums above it are nonzero products.
+/// The exponents of `codes [N, K]` transposed to `[K, N]`, zeros encoded for the max and for
+/// the count (64×64 tiles: both sides stay in cache).
+fn exponents_transposed(codes: ArrayView2<u8>) -> (Vec<i8>, Vec<i8>) {
+    let (n, k) = codes.dim();
+    let table: Vec<(i8, i8)> = (0..=255u8)
+        .map(|c| e4m3_exponent(c).map_or((ZERO_FOR_MAX, ZERO_FOR_COUNT), |e| (e as i8, e as i8)))
+        .collect();
+    let (mut for_max, mut for_count) = (vec![0i8; n * k], vec![0i8; n * k]);
+    let codes = codes.as_standard_layout();
+    let codes = codes.as_slice().expect("standard layout");
+    const T: usize = 64;
+    for j0 in (0..n).step_by(T) {
+        for k0 in (0..k).step_by(T) {
+            for j in j0..(j0 + T).min(n) {
+                for kk in k0..(k0 + T).min(k) {
+                    let (x, y) = table[usize::from(codes[j * k + kk])];
+                    for_max[kk * n + j] = x;
+                    for_count[kk * n + j] = y;
+                }
+            }
+        }
+    }
+    (for_max, for_count)
+}
+
+/// The exponent given to a zero code when looking for a step's largest pair: a pair with a
+/// zero sums to at most −56, below every nonzero pair (≥ −12) and below [`PAIR_FLOOR`].
+const ZERO_FOR_MAX: i8 = -64;
+/// Pair sums above it are nonzero products (with [`ZERO_FOR_MAX`]).
 const PAIR_FLOOR: i8 = -40;
-
-/// The largest nominal exponent `ea + eb` of the nonzero products of a step (`None`: all zero).
-fn pair_max(ea: &[i8], eb: &[i8]) -> Option<i32> {
-    let m = ea
-        .iter()
-        .zip(eb)
-        .map(|(&x, &y)| x + y)
-        .fold(i8::MIN, i8::max);
-    (m > PAIR_FLOOR).then_some(i32::from(m))
-}
-
-/// The nonzero products of a step whose nominal exponent is below `threshold`.
-fn pair_count_below(ea: &[i8], eb: &[i8], threshold: i32) -> usize {
-    let t = threshold.clamp(i32::from(PAIR_FLOOR), 127) as i8;
-    ea.iter()
-        .zip(eb)
-        .map(|(&x, &y)| {
-            let e = x + y;
-            usize::from(e > PAIR_FLOOR && e < t)
-        })
-        .sum()
-}
+/// The exponent given to a zero code when counting the pairs below a threshold: a pair with a
+/// zero sums to at least 54, above every nonzero pair (≤ 16) and every threshold (clamped to
+/// [`PAIR_CEILING`]).
+const ZERO_FOR_COUNT: i8 = 60;
+/// Thresholds are clamped to it: every nonzero pair (≤ 16) is below it, every zero pair above.
+const PAIR_CEILING: i8 = 50;
 
 /// Exact mode: f64 block dots from a blocked GEMM, then the reference's promotion per element.
 /// With a [`BoundJob`], the GEMM runs over the bound's steps and each element's window bounds
-/// are computed with the reference's own step functions ([`TensorCoreBound::step_exponents`],
-/// [`TensorCoreBound::step_finish`]): bit-identical to `scaled_dot`.
+/// are computed by [`lanes::step_row`], the reference's step
+/// ([`TensorCoreBound::step_exponents`], [`TensorCoreBound::step_finish`]) for a run of columns
+/// at once: bit-identical to `scaled_dot` (`tests/fp8_gemm_fast.rs`).
 fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) {
     let values = e4m3_values();
     let (k, n) = (ops.a.ncols(), ops.b.nrows());
@@ -261,11 +271,15 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
     let plan = segments(k, bs, bound.map(|(b, window)| (window, b.group)));
     // every code of b decoded once: [N, K] f64 (and its exponents in bound mode)
     let b64: Vec<f64> = ops.b.iter().map(|&x| values[usize::from(x)]).collect();
-    let eb: Vec<i8> = if bound.is_some() {
-        exponents(ops.b)
+    // b's exponents transposed, [K, N]: a step of one row of a meets a run of columns
+    let (ebt_max, ebt_count) = if bound.is_some() {
+        exponents_transposed(ops.b)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
+    // every step inside one block and every block made of steps: a step's dot is added to its
+    // block's at the step's end
+    let simple = plan.iter().all(|s| s.ends_step);
     let with_magnitude = !magnitude.is_empty();
     let chunk = ROWS_PER_TASK * n;
     let mut mags = magnitude.chunks_mut(chunk);
@@ -290,37 +304,46 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
             let a_rows = ops.a.slice(ndarray::s![r0..r0 + rows, ..]);
             // this task's rows of a, decoded: [rows, K] f64
             let a64: Vec<f64> = a_rows.iter().map(|&x| values[usize::from(x)]).collect();
-            let ea: Vec<i8> = if bound.is_some() {
-                exponents(a_rows)
+            let (ea_max, ea_count) = if bound.is_some() {
+                (
+                    exponents(a_rows, ZERO_FOR_MAX),
+                    exponents(a_rows, ZERO_FOR_COUNT),
+                )
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             let mut dots = vec![0f64; rows * COLS_PER_TILE];
             let mut block_dot = vec![0f64; rows * COLS_PER_TILE];
             // bound mode: the step's dot and the window so far, per element
-            let mut step_dot = vec![
-                0f64;
-                if bound.is_some() {
-                    rows * COLS_PER_TILE
-                } else {
-                    0
-                }
-            ];
-            let mut window = vec![
-                WindowBound {
-                    exact: 0.0,
-                    delta: 0.0
-                };
-                step_dot.len()
-            ];
+            let lanes_len = if bound.is_some() {
+                rows * COLS_PER_TILE
+            } else {
+                0
+            };
+            let mut step_dot = vec![0f64; lanes_len];
+            let mut window_exact = vec![0f64; lanes_len];
+            let mut window_delta = vec![0f64; lanes_len];
+            let mut scratch = lanes::Scratch::new(COLS_PER_TILE);
+            // the tile's b scales of one K-block, per column
+            let mut sb = vec![0f32; COLS_PER_TILE];
             for n0 in (0..n).step_by(COLS_PER_TILE) {
                 let cols = COLS_PER_TILE.min(n - n0);
                 for seg in &plan {
                     let (k0, k1) = (seg.k0, seg.k1);
-                    // dots[i, j] = Σ_{k∈seg} a[r0+i, k]·b[n0+j, k], exact in f64 in any order
+                    // where this segment's dots go: straight into the block's (exact mode) or
+                    // the step's (bound mode, steps inside blocks) running sums, else through
+                    // `dots` into both
+                    let (target, beta): (&mut Vec<f64>, f64) = match bound {
+                        None => (&mut block_dot, 1.0),
+                        Some(_) if simple => (&mut step_dot, 1.0),
+                        Some(_) => (&mut dots, 0.0),
+                    };
+                    // target[i, j] (+)= Σ_{k∈seg} a[r0+i, k]·b[n0+j, k], exact in f64 in any
+                    // order, and so are the running sums of a block's or step's products
                     // SAFETY: a64 is [rows, k] row-major, b64 is [n, k] row-major; the views
                     // (rows × (k1−k0) from a64[.., k0..], (k1−k0) × cols from b64[n0.., k0..] read
-                    // transposed) and dots ([rows, cols], row stride cols) lie inside their buffers.
+                    // transposed) and the target ([rows, cols], row stride cols) lie inside
+                    // their buffers.
                     unsafe {
                         matrixmultiply::dgemm(
                             rows,
@@ -333,64 +356,70 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
                             b64.as_ptr().add(n0 * k + k0),
                             1,
                             k as isize,
-                            0.0,
-                            dots.as_mut_ptr(),
+                            beta,
+                            target.as_mut_ptr(),
                             cols as isize,
                             1,
                         );
                     }
-                    // partial sums of one block's (or step's) products: exact in f64
-                    for (d, &x) in block_dot.iter_mut().zip(&dots).take(rows * cols) {
-                        *d += x;
-                    }
                     if let Some((b, _)) = bound {
-                        for (d, &x) in step_dot.iter_mut().zip(&dots).take(rows * cols) {
-                            *d += x;
+                        if !simple {
+                            for (d, &x) in block_dot.iter_mut().zip(&dots).take(rows * cols) {
+                                *d += x;
+                            }
+                            for (d, &x) in step_dot.iter_mut().zip(&dots).take(rows * cols) {
+                                *d += x;
+                            }
                         }
                         if seg.ends_step {
                             let has_c = seg.step_k0 > seg.window_k0;
+                            let steps = seg.step_k0..k1;
                             for i in 0..rows {
-                                let ea_step = &ea[i * k + seg.step_k0..i * k + k1];
-                                for j in 0..cols {
-                                    let jb = (n0 + j) * k;
-                                    let eb_step = &eb[jb + seg.step_k0..jb + k1];
-                                    let w = &mut window[i * cols + j];
-                                    let dot = std::mem::take(&mut step_dot[i * cols + j]);
-                                    *w = match b.step_exponents(
-                                        *w,
-                                        pair_max(ea_step, eb_step),
-                                        has_c,
-                                    ) {
-                                        None => WindowBound {
-                                            exact: w.exact + dot,
-                                            delta: w.delta,
-                                        },
-                                        Some(e) => {
-                                            let inexact =
-                                                pair_count_below(ea_step, eb_step, e.threshold);
-                                            b.step_finish(*w, &e, inexact, dot)
-                                        }
-                                    };
-                                }
+                                let row = i * cols..(i + 1) * cols;
+                                lanes::step_row(
+                                    b.frac_bits as i32,
+                                    has_c,
+                                    (
+                                        &ea_max[i * k + steps.start..i * k + steps.end],
+                                        &ea_count[i * k + steps.start..i * k + steps.end],
+                                    ),
+                                    (
+                                        &ebt_max[steps.start * n + n0..],
+                                        &ebt_count[steps.start * n + n0..],
+                                        n,
+                                        cols,
+                                    ),
+                                    (
+                                        &mut window_exact[row.clone()],
+                                        &mut window_delta[row.clone()],
+                                    ),
+                                    (
+                                        &mut step_dot[row.clone()],
+                                        simple.then_some(&mut block_dot[row]),
+                                    ),
+                                    &mut scratch,
+                                );
                             }
                         }
                         if seg.ends_window {
                             let kb = seg.window_k0 / bs;
+                            for (j, x) in sb.iter_mut().enumerate().take(cols) {
+                                *x = ops.b_s[[ops.b_scale_row(n0 + j), kb]];
+                            }
                             let out = bound_rows.as_deref_mut().expect("bound mode");
                             for i in 0..rows {
                                 let sa = f64::from(ops.a_s[[r0 + i, kb]]);
-                                for j in 0..cols {
-                                    let sb = f64::from(ops.b_s[[ops.b_scale_row(n0 + j), kb]]);
-                                    let w = std::mem::replace(
-                                        &mut window[i * cols + j],
-                                        WindowBound {
-                                            exact: 0.0,
-                                            delta: 0.0,
-                                        },
-                                    );
-                                    let o = &mut out[i * n + n0 + j];
-                                    o.0 += w.exact.abs() * (sa * sb);
-                                    o.1 += w.delta * (sa * sb);
+                                let row = i * cols..(i + 1) * cols;
+                                let o = &mut out[i * n + n0..i * n + n0 + cols];
+                                for (((o, x), d), &sbj) in o
+                                    .iter_mut()
+                                    .zip(&mut window_exact[row.clone()])
+                                    .zip(&mut window_delta[row])
+                                    .zip(&sb)
+                                {
+                                    let s = sa * f64::from(sbj);
+                                    o.0 += std::mem::take(x).abs() * s;
+                                    o.1 += std::mem::take(d) * s;
                                 }
                             }
                         }
@@ -400,16 +429,29 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
                     }
                     // the reference's promotion, element by element, blocks in ascending order
                     let kb = seg.block;
+                    for (j, x) in sb.iter_mut().enumerate().take(cols) {
+                        *x = ops.b_s[[ops.b_scale_row(n0 + j), kb]];
+                    }
                     for i in 0..rows {
                         let sa = ops.a_s[[r0 + i, kb]];
                         let out = &mut c_rows[i * n + n0..i * n + n0 + cols];
-                        for (j, acc) in out.iter_mut().enumerate() {
-                            let p = std::mem::take(&mut block_dot[i * cols + j]) as f32;
-                            let sb = ops.b_s[[ops.b_scale_row(n0 + j), kb]];
-                            *acc += p * sa * sb;
-                            if let Some(mag) = mag_rows.as_deref_mut() {
-                                mag[i * n + n0 + j] +=
-                                    f64::from(p.abs()) * f64::from(sa) * f64::from(sb);
+                        let dots = &mut block_dot[i * cols..(i + 1) * cols];
+                        match mag_rows.as_deref_mut() {
+                            None => {
+                                for ((acc, d), &sbj) in out.iter_mut().zip(dots).zip(&sb) {
+                                    let p = std::mem::take(d) as f32;
+                                    *acc += p * sa * sbj;
+                                }
+                            }
+                            Some(mag) => {
+                                let mag = &mut mag[i * n + n0..i * n + n0 + cols];
+                                for (((acc, m), d), &sbj) in
+                                    out.iter_mut().zip(mag).zip(dots).zip(&sb)
+                                {
+                                    let p = std::mem::take(d) as f32;
+                                    *acc += p * sa * sbj;
+                                    *m += f64::from(p.abs()) * f64::from(sa) * f64::from(sbj);
+                                }
                             }
                         }
                     }
@@ -537,4 +579,257 @@ pub fn m_grouped_masked(
         }
     }
     out
+}
+
+/// The bound's Tensor Core step for one row of a tile and a run of its columns (lanes), in the
+/// form a compiler vectorizes: every quantity of [`TensorCoreBound::step_exponents`] and
+/// [`TensorCoreBound::step_finish`] computed lane by lane with the same IEEE operations
+/// (exponents from the f64 bits, which equals `floor_log2` for the normal values that occur:
+/// every nonzero partial and bound is a multiple of at least 2^-190), `None` as a very negative
+/// sentinel. `tests/fp8_gemm_fast.rs` checks it against `scaled_dot` bit for bit.
+mod lanes {
+    /// `None` for an exponent: below every real one, and `max` with it is the `Option` max.
+    const NONE: i32 = i32::MIN / 2;
+    /// Lanes whose i8 running maximum or count stays in one register (AVX-512: 64 bytes).
+    const CHUNK: usize = 64;
+
+    /// Per-lane temporaries, allocated once per task.
+    pub struct Scratch {
+        emax: Vec<i8>,
+        count: Vec<u8>,
+        e_p: Vec<i32>,
+        e_u: Vec<i32>,
+        e_max_lower: Vec<i32>,
+        has_c: Vec<bool>,
+        threshold: Vec<i8>,
+    }
+
+    impl Scratch {
+        pub fn new(lanes: usize) -> Self {
+            Scratch {
+                emax: vec![0; lanes],
+                count: vec![0; lanes],
+                e_p: vec![0; lanes],
+                e_u: vec![0; lanes],
+                e_max_lower: vec![0; lanes],
+                has_c: vec![false; lanes],
+                threshold: vec![0; lanes],
+            }
+        }
+    }
+
+    /// `⌊log2 x⌋` of a positive normal f64.
+    #[inline(always)]
+    fn log2_normal(x: f64) -> i32 {
+        ((x.to_bits() >> 52) & 0x7FF) as i32 - 1023
+    }
+
+    /// `2^e`, e in the normal range.
+    #[inline(always)]
+    fn pow2(e: i32) -> f64 {
+        f64::from_bits(((e + 1023) as u64) << 52)
+    }
+
+    /// The row's exponents over the step, zeros encoded for the max and for the count.
+    pub type Row<'a> = (&'a [i8], &'a [i8]);
+    /// The columns' exponents of one step, `[step][stride]` for the max and for the count,
+    /// `cols` lanes used.
+    pub type Columns<'a> = (&'a [i8], &'a [i8], usize, usize);
+    /// The windows so far (`exact`, `delta`), one per lane.
+    pub type Windows<'a> = (&'a mut [f64], &'a mut [f64]);
+    /// The step dots (taken), and the block dots they are added to (when steps lie in blocks).
+    pub type Dots<'a> = (&'a mut [f64], Option<&'a mut [f64]>);
+
+    /// One step for `cols` lanes, the windows updated, the step dots taken.
+    pub fn step_row(
+        f: i32,
+        has_c: bool,
+        ea: Row,
+        eb: Columns,
+        window: Windows,
+        dots: Dots,
+        s: &mut Scratch,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq") {
+                // SAFETY: the CPU has every feature the function is compiled for.
+                return unsafe { step_row_avx512(f, has_c, ea, eb, window, dots, s) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: as above.
+                return unsafe { step_row_avx2(f, has_c, ea, eb, window, dots, s) };
+            }
+        }
+        step_row_generic(f, has_c, ea, eb, window, dots, s)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,bmi1,bmi2,lzcnt,popcnt")]
+    unsafe fn step_row_avx512(
+        f: i32,
+        has_c: bool,
+        ea: Row,
+        eb: Columns,
+        window: Windows,
+        dots: Dots,
+        s: &mut Scratch,
+    ) {
+        step_row_generic(f, has_c, ea, eb, window, dots, s)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,bmi1,bmi2,lzcnt,popcnt")]
+    unsafe fn step_row_avx2(
+        f: i32,
+        has_c: bool,
+        ea: Row,
+        eb: Columns,
+        window: Windows,
+        dots: Dots,
+        s: &mut Scratch,
+    ) {
+        step_row_generic(f, has_c, ea, eb, window, dots, s)
+    }
+
+    #[inline(always)]
+    fn step_row_generic(
+        f: i32,
+        has_c: bool,
+        (ea_max, ea_count): Row,
+        (ebt_max, ebt_count, stride, cols): Columns,
+        (exact, delta): Windows,
+        (dots, block): Dots,
+        s: &mut Scratch,
+    ) {
+        let (exact, delta, dots) = (&mut exact[..cols], &mut delta[..cols], &mut dots[..cols]);
+        // the largest pair exponent of every lane (pairs with a zero sum to ≤ −56), a chunk of
+        // lanes at a time so that the running maxima stay in a register
+        let emax = &mut s.emax[..cols];
+        for c0 in (0..cols).step_by(CHUNK) {
+            let mut m = [i8::MIN; CHUNK];
+            if c0 + CHUNK <= cols {
+                for (k, &a) in ea_max.iter().enumerate() {
+                    let row: &[i8; CHUNK] = ebt_max[k * stride + c0..][..CHUNK]
+                        .try_into()
+                        .expect("a full chunk");
+                    for l in 0..CHUNK {
+                        m[l] = m[l].max(a.wrapping_add(row[l]));
+                    }
+                }
+                emax[c0..c0 + CHUNK].copy_from_slice(&m);
+            } else {
+                let width = cols - c0;
+                for (k, &a) in ea_max.iter().enumerate() {
+                    let row = &ebt_max[k * stride + c0..k * stride + c0 + width];
+                    for (m, &b) in m.iter_mut().zip(row) {
+                        *m = (*m).max(a.wrapping_add(b));
+                    }
+                }
+                emax[c0..].copy_from_slice(&m[..width]);
+            }
+        }
+        // step_exponents
+        let (e_p, e_u, e_ml, hc, thr) = (
+            &mut s.e_p[..cols],
+            &mut s.e_u[..cols],
+            &mut s.e_max_lower[..cols],
+            &mut s.has_c[..cols],
+            &mut s.threshold[..cols],
+        );
+        for j in 0..cols {
+            let ep = if emax[j] > super::PAIR_FLOOR {
+                i32::from(emax[j])
+            } else {
+                NONE
+            };
+            let (x, d) = (exact[j], delta[j]);
+            let c_upper = x.abs() + d;
+            let e_c = if has_c && c_upper > 0.0 {
+                log2_normal(c_upper).max(-126)
+            } else {
+                NONE
+            };
+            let c_lower = x.abs() - d;
+            let e_cl = if has_c && c_lower > 0.0 {
+                log2_normal(c_lower).max(-126)
+            } else {
+                NONE
+            };
+            let eu = ep.max(e_c);
+            e_p[j] = ep;
+            e_u[j] = eu;
+            e_ml[j] = ep.max(e_cl);
+            hc[j] = e_c != NONE;
+            // every nonzero pair (≤ 16) is below the ceiling, every zero pair (≥ 54) above
+            thr[j] = (eu - f + 6).clamp(-128, i32::from(super::PAIR_CEILING)) as i8;
+        }
+        // the nonzero products of every lane that may be cut inexactly
+        let count = &mut s.count[..cols];
+        for c0 in (0..cols).step_by(CHUNK) {
+            let mut n = [0u8; CHUNK];
+            let mut t = [i8::MIN; CHUNK];
+            if c0 + CHUNK <= cols {
+                t.copy_from_slice(&thr[c0..c0 + CHUNK]);
+                for (k, &a) in ea_count.iter().enumerate() {
+                    let row: &[i8; CHUNK] = ebt_count[k * stride + c0..][..CHUNK]
+                        .try_into()
+                        .expect("a full chunk");
+                    for l in 0..CHUNK {
+                        n[l] += u8::from(a.wrapping_add(row[l]) < t[l]);
+                    }
+                }
+                count[c0..c0 + CHUNK].copy_from_slice(&n);
+            } else {
+                let width = cols - c0;
+                t[..width].copy_from_slice(&thr[c0..]);
+                for (k, &a) in ea_count.iter().enumerate() {
+                    let row = &ebt_count[k * stride + c0..k * stride + c0 + width];
+                    for ((n, &b), &t) in n.iter_mut().zip(row).zip(t.iter()) {
+                        *n += u8::from(a.wrapping_add(b) < t);
+                    }
+                }
+                count[c0..].copy_from_slice(&n[..width]);
+            }
+        }
+        // the step's dots into their blocks'
+        if let Some(block) = block {
+            for (b, &d) in block[..cols].iter_mut().zip(dots.iter()) {
+                *b += d;
+            }
+        }
+        // step_finish
+        for j in 0..cols {
+            let (x, d) = (exact[j], delta[j]);
+            let new_exact = x + std::mem::take(&mut dots[j]);
+            exact[j] = new_exact;
+            if e_u[j] == NONE {
+                continue;
+            }
+            let q = pow2(e_u[j] - f);
+            let cut = (usize::from(count[j]) + usize::from(hc[j])) as f64 * q;
+            let write_back = if e_p[j] == NONE {
+                0.0
+            } else if d + cut == 0.0 {
+                if new_exact == 0.0 {
+                    0.0
+                } else {
+                    let e_s = log2_normal(new_exact.abs()).max(-126);
+                    if (new_exact * pow2(f - e_s)).fract() == 0.0 {
+                        0.0
+                    } else {
+                        pow2(e_s - f)
+                    }
+                }
+            } else {
+                let e_s = log2_normal(new_exact.abs() + d + cut).max(-126);
+                if e_ml[j] != NONE && e_s <= e_ml[j] {
+                    0.0
+                } else {
+                    pow2(e_s - f)
+                }
+            };
+            delta[j] = d + cut + write_back;
+        }
+    }
 }

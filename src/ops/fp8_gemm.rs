@@ -292,19 +292,20 @@ pub fn tc_bound_tolerance(
 }
 
 /// The fraction of its tolerance that `got` (an f32 or bf16 value) uses around the reference
-/// accumulator `r`; above 1 is a violation, non-finite values are infinitely far.
+/// accumulator `r`: the distance from `r` to the reals that round to `got` (for bf16, `got`
+/// less half the gap to its neighbour towards `r`), over the tolerance. Above 1 is a
+/// violation; non-finite values are infinitely far. An exact-mode bf16 output uses 0.
 pub fn bound_use(got: f64, r: f32, tolerance: f64, bf16_out: bool) -> f64 {
     let r = f64::from(r);
     if !got.is_finite() || !r.is_finite() {
         return f64::INFINITY;
     }
-    let allowance = tolerance
-        + if bf16_out {
-            bf16_half_gap_toward(got, r)
-        } else {
-            0.0
-        };
-    (got - r).abs() / allowance
+    let rounding = if bf16_out {
+        bf16_half_gap_toward(got, r)
+    } else {
+        0.0
+    };
+    ((got - r).abs() - rounding).max(0.0) / tolerance
 }
 
 /// Names of the auxiliary tensors a bound-mode reference hands its policy.
