@@ -20,7 +20,9 @@ use std::path::PathBuf;
 
 use rayon::prelude::*;
 
-use dsv3_reference::fp8::{tile_scale, Saturation, ScaleFmt, TensorCoreModel, E4M3};
+use dsv3_reference::fp8::{
+    tile_scale, Saturation, ScaleFmt, TensorCoreBound, TensorCoreModel, E4M3,
+};
 
 use crate::error::{Error, Result};
 use crate::plot::{LineChart, Scale, Series};
@@ -95,6 +97,9 @@ impl Errors {
 pub struct StudyResult {
     pub columns: Vec<String>,
     pub rows: Vec<(Dist, usize, Vec<Errors>)>,
+    /// The same metrics of the `tensor_core_bound` tolerance relative to the exact value
+    /// (what a rigorous check allows), per row and column.
+    pub bounds: Vec<(Dist, usize, Vec<Errors>)>,
 }
 
 /// Per-tensor E4M3 quantization of values: codes with one scale `max|x|/448`.
@@ -116,15 +121,53 @@ fn draw(rng: &mut Rng, dist: Dist, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Errors of the model over all outputs for one K, each promotion choice (0 = never).
-fn errors_for_k(study: &Study, dist: Dist, k: usize, rng: &mut Rng) -> Vec<Errors> {
+/// The metrics of relative values `d / |exact|` over all outputs.
+fn metrics(pairs: impl Iterator<Item = (f64, f64)>) -> Errors {
+    let mut rel: Vec<f64> = Vec::new();
+    let (mut signed, mut err2, mut ref2) = (0.0, 0.0, 0.0);
+    for (exact, d) in pairs {
+        err2 += d * d;
+        ref2 += exact * exact;
+        if exact != 0.0 {
+            rel.push(d.abs() / exact.abs());
+            signed += d / exact.abs();
+        }
+    }
+    rel.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        rel.get(((rel.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Errors {
+        max: rel.last().copied().unwrap_or(0.0),
+        p99: pick(0.99),
+        median: pick(0.5),
+        norm: if ref2 > 0.0 {
+            (err2 / ref2).sqrt()
+        } else {
+            0.0
+        },
+        mean: signed / rel.len().max(1) as f64,
+    }
+}
+
+/// Errors of the model over all outputs for one K, each promotion choice (0 = never), and the
+/// `tensor_core_bound` tolerance of the same outputs: `D + γ_{W+2}·(Σ|P_w| + D)` with the
+/// bound's F and L the model's (SPEC.md "Tensor Core bound"; the scales are per tensor and
+/// factor out).
+fn errors_for_k(study: &Study, dist: Dist, k: usize, rng: &mut Rng) -> (Vec<Errors>, Vec<Errors>) {
+    let bound = TensorCoreBound {
+        frac_bits: study.model.frac_bits,
+        group: study.model.group,
+    };
     let a = quantize(&draw(rng, dist, study.m * k));
     let b = quantize(&draw(rng, dist, study.n * k));
     let values = dsv3_reference::fp8::fp8_gemm::e4m3_values();
     let mut promotions = vec![0usize];
     promotions.extend(&study.intervals);
-    // (exact, model result per promotion) for every output, rows in parallel
-    let outputs: Vec<(f64, Vec<f64>)> = (0..study.m)
+    // (exact, (model result, bound) per promotion) for every output, rows in parallel
+    let outputs: Vec<(f64, Vec<(f64, f64)>)> = (0..study.m)
         .into_par_iter()
         .flat_map_iter(|i| {
             let a_row = &a[i * k..(i + 1) * k];
@@ -142,49 +185,37 @@ fn errors_for_k(study: &Study, dist: Dist, k: usize, rng: &mut Rng) -> Vec<Error
                     .map(|&nc| {
                         let window = if nc == 0 { k } else { nc };
                         let mut acc = 0f32;
+                        let (mut magnitude, mut slack) = (0f64, 0f64);
                         for w0 in (0..k).step_by(window) {
                             let w1 = (w0 + window).min(k);
                             acc += study.model.accumulate_e4m3(&a_row[w0..w1], &b_row[w0..w1]);
+                            let w = bound.window(&a_row[w0..w1], &b_row[w0..w1], &values);
+                            magnitude += w.exact.abs();
+                            slack += w.delta;
                         }
-                        f64::from(acc)
+                        let windows = k.div_ceil(window) as f64;
+                        let gamma = |n: f64| n * 2f64.powi(-24) / (1.0 - n * 2f64.powi(-24));
+                        let tolerance = slack + gamma(windows + 2.0) * (magnitude + slack);
+                        (f64::from(acc), tolerance)
                     })
                     .collect();
                 (exact, got)
             })
         })
         .collect();
-    (0..promotions.len())
+    let errors = (0..promotions.len())
         .map(|p| {
-            let mut rel: Vec<f64> = Vec::new();
-            let (mut signed, mut err2, mut ref2) = (0.0, 0.0, 0.0);
-            for (exact, got) in &outputs {
-                let d = got[p] - exact;
-                err2 += d * d;
-                ref2 += exact * exact;
-                if *exact != 0.0 {
-                    rel.push(d.abs() / exact.abs());
-                    signed += d / exact.abs();
-                }
-            }
-            rel.sort_by(f64::total_cmp);
-            let pick = |q: f64| {
-                rel.get(((rel.len() as f64 - 1.0) * q).round() as usize)
-                    .copied()
-                    .unwrap_or(0.0)
-            };
-            Errors {
-                max: rel.last().copied().unwrap_or(0.0),
-                p99: pick(0.99),
-                median: pick(0.5),
-                norm: if ref2 > 0.0 {
-                    (err2 / ref2).sqrt()
-                } else {
-                    0.0
-                },
-                mean: signed / rel.len().max(1) as f64,
-            }
+            metrics(
+                outputs
+                    .iter()
+                    .map(|(exact, got)| (*exact, got[p].0 - exact)),
+            )
         })
-        .collect()
+        .collect();
+    let bounds = (0..promotions.len())
+        .map(|p| metrics(outputs.iter().map(|(exact, got)| (*exact, got[p].1))))
+        .collect();
+    (errors, bounds)
 }
 
 fn dist_name(d: Dist) -> &'static str {
@@ -241,32 +272,47 @@ pub fn run(study: &Study, out: &mut dyn Write) -> Result<StudyResult> {
     let mut result = StudyResult {
         columns: columns.clone(),
         rows: Vec::new(),
+        bounds: Vec::new(),
     };
     for &dist in &study.dists {
         let mut rng = Rng::new(study.seed ^ (dist as u64 + 1).wrapping_mul(0x9E37_79B9));
         for &k in &study.ks {
-            let errs = errors_for_k(study, dist, k, &mut rng);
+            let (errs, bounds) = errors_for_k(study, dist, k, &mut rng);
             result.rows.push((dist, k, errs));
+            result.bounds.push((dist, k, bounds));
         }
         let rows: Vec<&(Dist, usize, Vec<Errors>)> =
             result.rows.iter().filter(|(d, _, _)| *d == dist).collect();
+        let bound_rows: Vec<&(Dist, usize, Vec<Errors>)> = result
+            .bounds
+            .iter()
+            .filter(|(d, _, _)| *d == dist)
+            .collect();
         for &metric in &study.metrics {
             let mut header = vec!["K".to_string()];
-            header.extend(columns.iter().cloned());
+            for c in &columns {
+                header.push(c.clone());
+                header.push(format!("{c}: bound"));
+            }
             let mut table = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
-            for (_, k, errs) in &rows {
+            for ((_, k, errs), (_, _, bounds)) in rows.iter().zip(&bound_rows) {
                 let mut row = vec![k.to_string()];
-                row.extend(errs.iter().map(|e| pct(e.get(metric))));
+                for (e, b) in errs.iter().zip(bounds) {
+                    row.push(pct(e.get(metric)));
+                    row.push(pct(b.get(metric)));
+                }
                 table.row(row);
             }
             let _ = writeln!(
                 out,
-                "{} inputs, {metric:?} relative error:",
-                dist_name(dist)
+                "{} inputs, {metric:?} relative error of the model, and of the tensor_core_bound tolerance (F={}, L={}) for the same outputs:",
+                dist_name(dist),
+                study.model.frac_bits,
+                study.model.group
             );
             let _ = write!(out, "{}", table.render());
             if let Some(dir) = &study.plot_dir {
-                let path = plot(study, dist, metric, &columns, &rows, dir)?;
+                let path = plot(study, dist, metric, &columns, (&rows, &bound_rows), dir)?;
                 let _ = writeln!(out, "plot: {}", path.display());
             }
             let _ = writeln!(out);
@@ -309,20 +355,26 @@ fn plot(
     dist: Dist,
     metric: Metric,
     columns: &[String],
-    rows: &[&(Dist, usize, Vec<Errors>)],
+    (rows, bounds): (
+        &[&(Dist, usize, Vec<Errors>)],
+        &[&(Dist, usize, Vec<Errors>)],
+    ),
     dir: &std::path::Path,
 ) -> Result<PathBuf> {
-    let series = columns
-        .iter()
-        .enumerate()
-        .map(|(c, label)| Series {
-            label: label.clone(),
-            points: rows
-                .iter()
-                .map(|(_, k, e)| (*k as f64, e[c].get(metric).abs()))
-                .collect(),
-        })
-        .collect();
+    let line = |label: String, rows: &[&(Dist, usize, Vec<Errors>)], c: usize| Series {
+        label,
+        points: rows
+            .iter()
+            .map(|(_, k, e)| (*k as f64, e[c].get(metric).abs()))
+            .collect(),
+    };
+    let mut series: Vec<Series> = Vec::new();
+    for (c, label) in columns.iter().enumerate() {
+        series.push(line(label.clone(), rows, c));
+    }
+    for (c, label) in columns.iter().enumerate() {
+        series.push(line(format!("{label}: bound"), bounds, c));
+    }
     let chart = LineChart {
         title: format!(
             "FP8 Tensor Core accumulation model (F={}, L={}), {} inputs",

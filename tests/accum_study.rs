@@ -89,7 +89,32 @@ fn accum_study_cli_prints_the_k4096_row_and_writes_plots() {
     for metric in ["max", "p99"] {
         let svg =
             std::fs::read_to_string(dir.join(format!("accum_study_uniform_{metric}.svg"))).unwrap();
-        assert_eq!(svg.matches("<polyline").count(), 2, "{metric}");
+        // the model and its bound, for no promotion and N_C = 128
+        assert_eq!(svg.matches("<polyline").count(), 4, "{metric}");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn accum_study_bound_covers_the_model_and_separates_no_promotion() {
+    let r = run(&study(HOPPER_FP8_WGMMA, vec![512, 4096]), &mut Vec::new()).unwrap();
+    // the bound dominates every output's error, so every order statistic of it
+    for ((_, k, errs), (_, _, bounds)) in r.rows.iter().zip(&r.bounds) {
+        for (e, b) in errs.iter().zip(bounds) {
+            assert!(
+                e.max <= b.max && e.median <= b.median && e.p99 <= b.p99,
+                "K={k}: {e:?} vs {b:?}"
+            );
+        }
+    }
+    // U[0,1), K = 4096: a kernel that never promotes errs far beyond the bound of one that
+    // promotes every 128 (column 2)
+    let (_, _, errs) = r.rows.iter().find(|(_, k, _)| *k == 4096).unwrap();
+    let (_, _, bounds) = r.bounds.iter().find(|(_, k, _)| *k == 4096).unwrap();
+    assert!(
+        errs[0].median > 10.0 * bounds[2].max,
+        "{:?} vs {:?}",
+        errs[0],
+        bounds[2]
+    );
 }
