@@ -46,6 +46,17 @@ pub struct Case {
     pub oracle: String,
     #[serde(default)]
     pub note: Option<String>,
+    /// `"fail"`: the outputs hold a planted bug (a kernel that never promotes, a wrong scale)
+    /// and the case passes when `check` rejects them; absent or `"pass"`: they must pass.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+impl Case {
+    /// Whether `check` must reject the case's outputs.
+    pub fn expects_failure(&self) -> bool {
+        self.expect.as_deref() == Some("fail")
+    }
 }
 
 /// Tensors of one file: contract name → name in the file.
@@ -239,7 +250,9 @@ pub fn verify(
                 r.max_ulp.to_string()
             },
             if r.pass {
-                "PASS".to_string()
+                r.detail
+                    .as_ref()
+                    .map_or("PASS".to_string(), |d| format!("PASS ({d})"))
             } else {
                 format!("FAIL {}", r.detail.clone().unwrap_or_default())
             },
@@ -303,8 +316,16 @@ fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResu
     };
     r.max_abs = report.tensors.iter().map(|t| t.max_abs).fold(0.0, f64::max);
     r.max_ulp = report.tensors.iter().map(|t| t.max_ulp).max().unwrap_or(0);
-    r.pass = report.pass;
-    if !report.pass {
+    r.pass = report.pass != case.expects_failure();
+    if case.expects_failure() {
+        let bad: usize = report.tensors.iter().map(|t| t.violations).sum();
+        r.detail = Some(if report.pass {
+            "a planted bug passed: the check must reject these outputs".to_string()
+        } else {
+            format!("planted bug rejected as expected ({bad} bad elements)")
+        });
+        r.compare = format!("{} (expect fail)", r.compare);
+    } else if !report.pass {
         let bad: Vec<String> = report
             .tensors
             .iter()
