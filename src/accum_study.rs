@@ -92,6 +92,9 @@ impl Errors {
     }
 }
 
+/// One row of a table: the distribution, K, and a metric set per column.
+pub type Row = (Dist, usize, Vec<Errors>);
+
 /// Results: for each distribution, for each K, the errors per column (no promotion first).
 #[derive(Debug, Clone)]
 pub struct StudyResult {
@@ -355,13 +358,10 @@ fn plot(
     dist: Dist,
     metric: Metric,
     columns: &[String],
-    (rows, bounds): (
-        &[&(Dist, usize, Vec<Errors>)],
-        &[&(Dist, usize, Vec<Errors>)],
-    ),
+    (rows, bounds): (&[&Row], &[&Row]),
     dir: &std::path::Path,
 ) -> Result<PathBuf> {
-    let line = |label: String, rows: &[&(Dist, usize, Vec<Errors>)], c: usize| Series {
+    let line = |label: String, rows: &[&Row], c: usize| Series {
         label,
         points: rows
             .iter()
