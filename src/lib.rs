@@ -5,6 +5,7 @@
 //! implementation, tolerance policy, input generator) and judges outputs against it.
 
 pub mod accum_study;
+pub mod adapt;
 pub mod check;
 pub mod checkpoint;
 pub mod compare;

@@ -596,10 +596,10 @@ fn run(cli: Cli) -> Result<bool> {
         } => {
             let op = registry::find(&op)?;
             let cfg = check::read_config(op, config.as_deref())?;
-            let ins = io::load(&inputs)?;
-            let bindings =
-                op.contract()
-                    .check_inputs(&ins, &cfg, &format!(" in {}", inputs.display()))?;
+            let place = format!(" in {}", inputs.display());
+            let loaded = io::load(&inputs)?;
+            let ins = dsv3::adapt::adapt_inputs(op, &loaded, &cfg, &place)?.unwrap_or(loaded);
+            let bindings = op.contract().check_inputs(&ins, &cfg, &place)?;
             let outs = registry::without_aux(op.run_reference(&ins, &cfg, &bindings)?);
             io::save(&out, &outs, None)?;
             for (name, t) in &outs {

@@ -143,6 +143,18 @@ const ACC_OUT_ROUND: ConfigField = ConfigField {
     doc: "tensor_core: rounding of each step's sum into the register",
 };
 
+/// Scale tensors stored MN-major (DeepGEMM's TMA-aligned layout), read by `src/adapt.rs`.
+const MN_MAJOR_SCALES: ConfigField = ConfigField {
+    name: "mn_major_scales",
+    kind: FieldKind::Choice {
+        values: &["none", "lhs", "rhs", "both"],
+        nullable: false,
+    },
+    default: "\"none\"",
+    doc: "scale inputs stored MN-major (transposed, MN padding allowed), as DeepGEMM's \
+          TMA-aligned layout: lhs = the first scale input (a_s, x_s, dy_s), rhs = the second; \
+          int32 scale inputs are DeepGEMM's packed UE8M0 (README \"Kernel layouts\")",
+};
 const GEMM_FIELDS: &[ConfigField] = &[
     BLOCK_SIZE,
     OUT_DTYPE,
@@ -153,6 +165,7 @@ const GEMM_FIELDS: &[ConfigField] = &[
     TERM_CUT,
     ACC_OUT_FRAC_BITS,
     ACC_OUT_ROUND,
+    MN_MAJOR_SCALES,
 ];
 const WGRAD_FIELDS: &[ConfigField] = &[
     BLOCK_SIZE,
@@ -164,6 +177,7 @@ const WGRAD_FIELDS: &[ConfigField] = &[
     TERM_CUT,
     ACC_OUT_FRAC_BITS,
     ACC_OUT_ROUND,
+    MN_MAJOR_SCALES,
 ];
 
 /// One config per branch: output dtype, block size, the model with its defaults (the Hopper
