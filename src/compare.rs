@@ -105,6 +105,9 @@ pub struct Element {
     pub index: Vec<usize>,
     pub got: String,
     pub want: String,
+    /// The values of `got` and `want` (FP8 codes decoded, integers as numbers).
+    pub got_value: f64,
+    pub want_value: f64,
     pub abs_err: f64,
     pub ulp: Option<u64>,
 }
@@ -339,6 +342,8 @@ fn element(got: &Tensor, want: &Tensor, i: usize, abs: f64, ulp: u64) -> Element
         index: unravel(i, &got.shape),
         got: show(got, i),
         want: show(want, i),
+        got_value: got.value(i),
+        want_value: want.value(i),
         abs_err: abs,
         ulp: (ulp != u64::MAX).then_some(ulp),
     }

@@ -302,6 +302,13 @@ fn parse_size(s: &str) -> std::result::Result<(String, usize), String> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so a closed pipe (`dsv3 ops --json | head`) would make `println!`
+    // panic; with the default disposition the process ends quietly, like any Unix filter.
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,

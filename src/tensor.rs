@@ -28,6 +28,26 @@ pub enum DType {
     F8E8M0,
 }
 
+/// Every dtype, for lookups by name.
+const ALL: [DType; 16] = [
+    DType::Bool,
+    DType::U8,
+    DType::I8,
+    DType::U16,
+    DType::I16,
+    DType::U32,
+    DType::I32,
+    DType::U64,
+    DType::I64,
+    DType::F16,
+    DType::BF16,
+    DType::F32,
+    DType::F64,
+    DType::F8E4M3,
+    DType::F8E5M2,
+    DType::F8E8M0,
+];
+
 impl DType {
     /// The safetensors spelling (`F8_E4M3`, `BF16`, ...).
     pub fn name(self) -> &'static str {
@@ -49,6 +69,11 @@ impl DType {
             DType::F8E5M2 => "F8_E5M2",
             DType::F8E8M0 => "F8_E8M0",
         }
+    }
+
+    /// The dtype of a safetensors name (`"F8_E4M3"`), the inverse of [`DType::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        ALL.iter().copied().find(|d| d.name() == name)
     }
 
     /// Bytes per element.

@@ -218,3 +218,23 @@ fn completions_help_examples_and_no_progress_in_logs() {
     let (_, _, err) = dsv3(&["check", "fp8_gemm", "--inputs", s(&f), "--outputs", s(&f)]);
     assert!(!err.contains('\r'), "{err:?}");
 }
+
+/// `dsv3 ops --json | head -c 100`: the reader closes the pipe early and dsv3 ends quietly
+/// (SIGPIPE's default), not with a "failed printing to stdout" panic.
+#[test]
+fn a_closed_pipe_ends_output_without_a_panic() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsv3"))
+        .args(["ops", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // dropped: the pipe closes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(String::from_utf8_lossy(&first).contains("dsv3_version"));
+}
