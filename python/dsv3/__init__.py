@@ -235,22 +235,24 @@ class Report:
                          f"({100.0 * t['violations'] / max(judged, 1):.4f}%)")
             worst = t.get("worst") or {}
             if worst:
-                lines.append(f"Greatest difference at index {tuple(worst['index'])}: "
-                             f"actual {worst['got']} vs expected {worst['want']} "
-                             f"(|Δ| {worst['abs_err']:.6g}{_ulps(worst)})")
+                lines.append(f"Worst violation at index {_element(worst)}")
             first = (t.get("first_violations") or [None])[0]
             if first and first["index"] != worst.get("index"):
-                lines.append(f"First violation at index {tuple(first['index'])}: "
-                             f"actual {first['got']} vs expected {first['want']} "
-                             f"(|Δ| {first['abs_err']:.6g}{_ulps(first)})")
+                lines.append(f"First violation at index {_element(first)}")
             lines.append(f"Policy: {t['policy']}")
         if self.saved:
             lines.append(f"The failing case is saved; reproduce it with:\n  {self.saved}")
         return "\n".join(lines)
 
 
-def _ulps(element):
-    return "" if element.get("ulp") is None else f", {element['ulp']} ulp"
+def _element(e):
+    """`(i, j): actual A vs expected B (|Δ| d, u ulp)` for one element of a report."""
+    diff = "NaN" if e.get("abs_err") is None else f"{e['abs_err']:.6g}"
+    ulp = "" if e.get("ulp") is None else f", {e['ulp']} ulp"
+    text = f"{tuple(e['index'])}: actual {e['got']} vs expected {e['want']} (|Δ| {diff}{ulp})"
+    if e["got"] == e["want"]:
+        text += " -- the reference's bits, wrong under the policy (judged through another output: see Policy)"
+    return text
 
 
 def check(op, inputs, outputs, config=None, exact=False, save_to=None):

@@ -1,0 +1,100 @@
+"""Every bad input raises dsv3.InputError (a ValueError) whose message names the culprit; none
+crashes the interpreter."""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import dsv3
+
+X = np.ones((2, 256), np.float32)
+
+
+def ok_outputs():
+    return dsv3.reference("act_quant", {"x": X})
+
+
+def raises(culprits, f, *args, **kwargs):
+    with pytest.raises(dsv3.InputError) as e:
+        f(*args, **kwargs)
+    for c in culprits:
+        assert c in str(e.value), f"{c!r} not named in: {e.value}"
+    return str(e.value)
+
+
+def test_input_error_is_a_value_error():
+    assert issubclass(dsv3.InputError, ValueError)
+
+
+def test_unknown_op():
+    raises(["act_quantt"], dsv3.describe, "act_quantt")
+    raises(["act_quantt"], dsv3.reference, "act_quantt", {"x": X})
+    raises(["act_quantt"], dsv3.check, "act_quantt", {"x": X}, ok_outputs())
+
+
+def test_missing_and_extra_tensors():
+    raises(["`x`"], dsv3.reference, "act_quant", {})
+    raises(["`z`"], dsv3.reference, "act_quant", {"x": X, "z": X})
+    out = ok_outputs()
+    raises(["`s`"], dsv3.check, "act_quant", {"x": X}, {"y": out["y"]})
+
+
+def test_wrong_dtype():
+    raises(["`x`", "I8"], dsv3.reference, "act_quant", {"x": X.astype(np.int8)})
+    raises(["`x`", "F16"], dsv3.reference, "act_quant", {"x": X.astype(np.float16)})
+    raises(["`x`", "complex64"], dsv3.reference, "act_quant", {"x": X.astype(np.complex64)})
+    out = ok_outputs()
+    raises(["`y`", "F32"], dsv3.check, "act_quant", {"x": X}, {"y": X, "s": out["s"]})
+
+
+def test_wrong_shape():
+    raises(["`x`", "100"], dsv3.reference, "act_quant", {"x": np.ones((2, 100), np.float32)})
+    out = ok_outputs()
+    raises(["`y`"], dsv3.check, "act_quant", {"x": X}, {"y": out["y"][:1], "s": out["s"]})
+
+
+def test_empty_dimension():
+    # no experts to route to: an error naming the size; no tokens: an empty, valid answer
+    inputs = {"x": np.ones((3, 8), np.float32), "weight": np.ones((0, 8), np.float32),
+              "e_score_correction_bias": np.ones(0, np.float32)}
+    raises(["E"], dsv3.reference, "moe_gate", inputs, config={"top_k": 1, "n_group": 1, "topk_group": 1})
+    out = dsv3.reference("act_quant", {"x": np.ones((0, 256), np.float32)})
+    assert out["y"].shape == (0, 256) and out["s"].shape == (0, 2)
+    assert dsv3.check("act_quant", {"x": np.ones((0, 256), np.float32)}, out).passed
+
+
+def test_nan_where_forbidden_is_named_with_its_position():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    x[1, 5] = math.nan
+    inputs = {"x": x, "weight": rng.standard_normal((4, 8)).astype(np.float32),
+              "e_score_correction_bias": np.zeros(4, np.float32)}
+    raises(["x[1, 5]", "NaN"], dsv3.reference, "moe_gate", inputs, config={"top_k": 2, "n_group": 1, "topk_group": 1})
+
+
+def test_invalid_config():
+    raises(["blok_size"], dsv3.reference, "act_quant", {"x": X}, config={"blok_size": 128})
+    raises(["block_size"], dsv3.reference, "act_quant", {"x": X}, config={"block_size": 0})
+    raises(["scale_fmt"], dsv3.reference, "act_quant", {"x": X}, config={"scale_fmt": "ue8m1"})
+    raises(["config", "JSON"], dsv3.reference, "act_quant", {"x": X}, config="{block_size: 128")
+    raises(["config", "list"], dsv3.reference, "act_quant", {"x": X}, config=[128])
+
+
+def test_not_tensors():
+    raises(["inputs", "list"], dsv3.reference, "act_quant", [X])
+    raises(["`x`", "list"], dsv3.reference, "act_quant", {"x": [[1.0] * 256]})
+    raises(["outputs"], dsv3.check, "act_quant", {"x": X}, None)
+    raises(["names"], dsv3.reference, "act_quant", {0: X})
+
+
+def test_more_memory_than_allowed(monkeypatch):
+    monkeypatch.setenv("DSV3_MEMORY_LIMIT", "4096")
+    raises(["DSV3_MEMORY_LIMIT"], dsv3.reference, "act_quant", {"x": np.ones((64, 256), np.float32)})
+
+
+def test_fp8_outputs_of_the_wrong_format():
+    out = ok_outputs()
+    raises(["`y`", "F8_E5M2"], dsv3.check, "act_quant", {"x": X},
+           {"y": out["y"].astype(ml_dtypes.float8_e5m2), "s": out["s"]})
