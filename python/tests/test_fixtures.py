@@ -3,6 +3,7 @@
 code and per-tensor counts must agree, as must the case's expectation (planted bugs fail)."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -27,6 +28,10 @@ def test_same_verdict_as_the_cli(case, cli, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode in (0, 1), run.stderr
     assert report.exit_code == run.returncode, f"python {report.exit_code}, CLI {run.returncode}:\n{run.stdout}"
+
+    # str(report) is the CLI's table (the reference's timing aside)
+    timing = re.compile(r"reference [0-9.]+s")
+    assert timing.sub("", str(report)).strip() == timing.sub("", run.stdout).strip()
 
     cli_report = json.loads((tmp_path / "report.json").read_text())
     assert cli_report["pass"] == report.passed
