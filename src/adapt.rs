@@ -37,8 +37,13 @@ fn mn_major(op: &OpEntry, config: &Config) -> (bool, bool) {
     }
 }
 
-/// The scale inputs of an op: specs that accept UE8M0 codes, in input order.
+/// The scale inputs of a block-scaled GEMM (an op with the `mn_major_scales` field): specs
+/// that accept UE8M0 codes, in input order. Other ops have none: `fp8_decode`'s `y` accepts
+/// UE8M0 codes too, but an int32 `y` is a wrong dtype there, not a packed layout.
 fn scale_specs(op: &OpEntry) -> Vec<&TensorSpec> {
+    if !op.config.iter().any(|f| f.name == "mn_major_scales") {
+        return Vec::new();
+    }
     op.inputs
         .iter()
         .filter(|s| s.dtypes.contains(&DType::F8E8M0))
@@ -308,6 +313,23 @@ mod tests {
         assert!(
             e.contains("`a_s`") && e.contains("[3, 2]") && e.contains("packed UE8M0"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn only_gemm_scales_are_unpacked() {
+        // fp8_decode's `y` accepts UE8M0 codes, but an int32 `y` is not a packed layout: the
+        // adapter leaves it alone and the contract refuses its dtype (found by the Python
+        // package's random-input test: a rank-0 int32 `y` was "unpacked" to zero bytes)
+        let op = registry::find("fp8_decode").unwrap();
+        let y = Tensor::from_bytes(DType::I32, vec![], vec![0; 4]).unwrap();
+        let inputs: TensorMap = [("y".to_string(), y)].into_iter().collect();
+        let cfg = op.parse_config(&serde_json::Value::Null).unwrap();
+        assert!(adapt_inputs(op, &inputs, &cfg, "").unwrap().is_none());
+        let err = op.contract().check_inputs(&inputs, &cfg, "").unwrap_err();
+        assert!(
+            err.to_string().contains("`y`") && err.to_string().contains("I32"),
+            "{err}"
         );
     }
 

@@ -163,7 +163,7 @@ fn reference(
     inputs: Vec<TensorArg>,
     config: Option<&str>,
 ) -> PyResult<Vec<TensorOut>> {
-    let inputs = to_map(py, "input", inputs)?;
+    let inputs = guarded(|| to_map(py, "input", inputs))?;
     py.detach(|| {
         guarded(|| {
             let (op, cfg) = op_and_config(op, config)?;
@@ -192,8 +192,8 @@ fn check(
     exact: bool,
     save_to: Option<String>,
 ) -> PyResult<(String, String, bool, Option<String>)> {
-    let inputs = to_map(py, "input", inputs)?;
-    let outputs = to_map(py, "output", outputs)?;
+    let inputs = guarded(|| to_map(py, "input", inputs))?;
+    let outputs = guarded(|| to_map(py, "output", outputs))?;
     py.detach(|| {
         guarded(|| {
             let (op, cfg) = op_and_config(op, config)?;
