@@ -119,3 +119,35 @@ def test_mn_major_storage_with_mn_major_scales():
     # storage too narrow for M
     with pytest.raises(dsv3.InputError, match="a_s"):
         dsv3.check("fp8_gemm", with_(inputs, a_s=a_storage[:, :4]), out, config={"mn_major_scales": "lhs"})
+
+
+def test_the_cli_accepts_the_same_layouts(cli, tmp_path):
+    import json
+    import subprocess
+
+    from conftest import read_safetensors, write_safetensors
+
+    inputs, out = gemm_case()
+    _, a_storage = deepgemm_packed_ue8m0(inputs["a_s"])  # packed and MN-major: [2, 8] int32
+    b_s, _ = deepgemm_packed_ue8m0(inputs["b_s"])  # packed, canonical orientation
+    good = with_(inputs, a_s=a_storage, b_s=np.ascontiguousarray(b_s))
+    bad = with_(good, b_s=np.ascontiguousarray(b_s).byteswap())
+
+    def cli_check(case, name):
+        write_safetensors(tmp_path / f"{name}.safetensors", {**case, **out})
+        f = str(tmp_path / f"{name}.safetensors")
+        return subprocess.run([cli, "check", "fp8_gemm", "--inputs", f, "--outputs", f,
+                               "--config", json.dumps({"mn_major_scales": "lhs"})], capture_output=True, text=True)
+
+    ok = cli_check(good, "good")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    wrong = cli_check(bad, "bad")
+    assert wrong.returncode == 1 and "FAIL" in wrong.stdout, wrong.stdout + wrong.stderr
+    # dsv3 run writes the reference from the same packed, MN-major inputs
+    write_safetensors(tmp_path / "in.safetensors", good)
+    run = subprocess.run([cli, "run", "fp8_gemm", "--inputs", str(tmp_path / "in.safetensors"), "--out",
+                          str(tmp_path / "ref.safetensors"), "--config", '{"mn_major_scales":"lhs"}'],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    ref = read_safetensors(tmp_path / "ref.safetensors")
+    np.testing.assert_array_equal(ref["c"].view(np.uint16), out["c"].view(np.uint16))
