@@ -13,13 +13,23 @@ use crate::registry::{OpEntry, PolicyCtx};
 use crate::table::Table;
 
 /// How outputs are judged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Each output under its op's tolerance policy.
     Policy,
     /// Every output bit-identical to the reference.
     Exact,
+}
+
+impl Mode {
+    /// The manifest's and the JSON report's spelling (`"policy"`, `"exact"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Policy => "policy",
+            Mode::Exact => "exact",
+        }
+    }
 }
 
 /// The verdict on one set of outputs.

@@ -664,6 +664,9 @@ mod lanes {
         step_row_generic(f, has_c, ea, eb, window, dots, s)
     }
 
+    /// [`step_row_generic`] compiled for AVX-512.
+    ///
+    /// SAFETY (for callers): the CPU must support every feature enabled here.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,bmi1,bmi2,lzcnt,popcnt")]
     unsafe fn step_row_avx512(
@@ -678,6 +681,9 @@ mod lanes {
         step_row_generic(f, has_c, ea, eb, window, dots, s)
     }
 
+    /// [`step_row_generic`] compiled for AVX2.
+    ///
+    /// SAFETY (for callers): the CPU must support every feature enabled here.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,bmi1,bmi2,lzcnt,popcnt")]
     unsafe fn step_row_avx2(

@@ -27,5 +27,6 @@ pub mod sim;
 pub mod table;
 pub mod tensor;
 pub mod verify;
+pub mod verify_models;
 
 pub use error::{Error, Result};

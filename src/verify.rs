@@ -14,6 +14,7 @@ use crate::gpu::{self, GpuMode};
 use crate::io::{SafeFile, TensorMap};
 use crate::registry::{self, REGISTRY};
 use crate::table::Table;
+use crate::verify_models::{run_model_case, ModelCase};
 
 /// The manifest format this build reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -32,6 +33,9 @@ pub struct Manifest {
     /// Relative path → sha256.
     pub files: BTreeMap<String, String>,
     pub cases: Vec<Case>,
+    /// The model fixtures (checkpoints with transformers' logits): [`crate::verify_models`].
+    #[serde(default)]
+    pub models: Vec<ModelCase>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -42,7 +46,7 @@ pub struct Case {
     pub inputs: FileRef,
     pub outputs: FileRef,
     /// `"exact"` (bitwise against the oracle) or `"policy"` (the op's tolerance policy).
-    pub compare: String,
+    pub compare: Mode,
     pub oracle: String,
     #[serde(default)]
     pub note: Option<String>,
@@ -203,10 +207,18 @@ pub fn verify(
         }
     }
     let oracles: Vec<String> = m.oracles.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let models: Vec<&ModelCase> = m
+        .models
+        .iter()
+        .filter(|c| {
+            filter.is_none_or(|f| format!("model/{}", c.name).contains(f) || f == "forward")
+        })
+        .collect();
     let _ = writeln!(
         out,
-        "dsv3 verify: {} cases from {} (oracles: {})",
+        "dsv3 verify: {} cases and {} models from {} (oracles: {})",
         m.cases.len(),
+        m.models.len(),
         dir.display(),
         oracles.join(", ")
     );
@@ -230,12 +242,13 @@ pub fn verify(
     ];
     let _ = writeln!(out, "{}", header.join(" | "));
     let mut results = Vec::new();
-    for case in m
+    let op_rows = m
         .cases
         .iter()
         .filter(|c| filter.is_none_or(|f| c.name.contains(f) || c.op == f))
-    {
-        let r = run_case(dir, case, device.as_ref().ok().copied());
+        .map(|case| vec![run_case(dir, case, device.as_ref().ok().copied())]);
+    let model_rows = models.into_iter().map(|c| run_model_case(dir, c));
+    for r in op_rows.chain(model_rows).flatten() {
         let _ = writeln!(
             out,
             "{} | {} | {} | {:.6}% | {} | {} | {} | {}",
@@ -276,7 +289,7 @@ fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResu
         case: case.name.clone(),
         op: case.op.clone(),
         oracle: case.oracle.clone(),
-        compare: case.compare.clone(),
+        compare: case.compare.name().to_string(),
         elements: 0,
         exact_fraction: 0.0,
         max_abs: 0.0,
@@ -291,12 +304,7 @@ fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResu
         let config = op.parse_config(&case.config)?;
         let inputs = case_tensors(dir, &case.inputs)?;
         let outputs = case_tensors(dir, &case.outputs)?;
-        let mode = if case.compare == "exact" {
-            Mode::Exact
-        } else {
-            Mode::Policy
-        };
-        let report = check(op, &inputs, &outputs, &config, mode, ("", ""))?;
+        let report = check(op, &inputs, &outputs, &config, case.compare, ("", ""))?;
         Ok((config, inputs, report))
     })();
     let (config, inputs, report) = match outcome {

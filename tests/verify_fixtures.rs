@@ -94,3 +94,29 @@ fn a_modified_fixture_is_refused_with_a_hint() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `dsv3 verify` covers every oracle we ship: each model fixture gives prefill (both MLA forms)
+/// and decode rows, and each with an MTP layer four MTP rows (prefill and decode, `h^0` before
+/// and after the final norm), all within the model fixtures' bar.
+#[test]
+fn verify_runs_the_model_and_mtp_fixtures() {
+    let m = load_manifest(&fixtures()).unwrap();
+    let mut log = Vec::new();
+    let r = verify(&fixtures(), Some("model/"), GpuMode::Off, &mut log).unwrap();
+    let with_mtp = m.models.iter().filter(|c| c.mtp.is_some()).count();
+    assert!(m.models.len() >= 5 && with_mtp >= 2);
+    assert_eq!(r.cases.len(), 3 * m.models.len() + 4 * with_mtp);
+    for c in &r.cases {
+        assert!(c.pass && c.elements > 0, "{}: {:?}", c.case, c.detail);
+        assert!(
+            c.max_abs > 0.0,
+            "{}: f32 rounding differs somewhere",
+            c.case
+        );
+    }
+    assert!(r
+        .cases
+        .iter()
+        .any(|c| c.case == "model/fp8_sharded/mtp_decode/mtp_logits"));
+    assert!(r.pass);
+}

@@ -216,6 +216,19 @@ pub fn include_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// An NVRTC program owned by [`compile`]: destroyed exactly once when dropped, whichever way
+/// `compile` returns (an early `?` used to leak it).
+struct ProgramGuard(nvrtc_sys::nvrtcProgram);
+
+impl Drop for ProgramGuard {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from a successful nvrtcCreateProgram and is destroyed only
+        // here; nothing uses it after the guard is dropped. A failure to destroy is ignored:
+        // the handle is gone either way.
+        let _ = unsafe { nvrtc::destroy_program(self.0) };
+    }
+}
+
 /// Compile `kernel` with NVRTC for [`ARCH`], returning PTX, CUBIN, the log and ptxas' stats.
 pub fn compile(kernel: &Kernel) -> Result<Compiled> {
     if !nvrtc_available() {
@@ -256,7 +269,8 @@ pub fn compile(kernel: &Kernel) -> Result<Compiled> {
     let name_ptrs: Vec<*const std::ffi::c_char> = header_names.iter().map(|c| c.as_ptr()).collect();
     let src_ptrs: Vec<*const std::ffi::c_char> = header_srcs.iter().map(|c| c.as_ptr()).collect();
     let mut prog = std::mem::MaybeUninit::uninit();
-    // SAFETY: every pointer refers to a NUL-terminated string that outlives the program.
+    // SAFETY: every pointer refers to a NUL-terminated string that outlives the program (the
+    // guard below destroys it before they are dropped).
     unsafe {
         nvrtc_sys::nvrtcCreateProgram(
             prog.as_mut_ptr(),
@@ -268,27 +282,30 @@ pub fn compile(kernel: &Kernel) -> Result<Compiled> {
         )
         .result()?;
     }
-    // SAFETY: nvrtcCreateProgram succeeded, so `prog` is initialised.
-    let prog = unsafe { prog.assume_init() };
-    // SAFETY: `prog` is a live program handle created above and destroyed exactly once below.
-    let outcome = unsafe { nvrtc::compile_program(prog, &opts) };
-    let log = unsafe { nvrtc::get_program_log(prog) }
+    // SAFETY: nvrtcCreateProgram succeeded, so `prog` is initialised; the guard owns it from
+    // here and destroys it on every path out of this function, errors included.
+    let prog = ProgramGuard(unsafe { prog.assume_init() });
+    // SAFETY: `prog.0` is a live program handle (the guard destroys it only when dropped).
+    let outcome = unsafe { nvrtc::compile_program(prog.0, &opts) };
+    // SAFETY: as above; the log of a compiled or failed program.
+    let log = unsafe { nvrtc::get_program_log(prog.0) }
         .map(|v| c_chars_to_string(&v))
         .unwrap_or_default();
     if outcome.is_err() {
-        unsafe { nvrtc::destroy_program(prog) }?;
         return Err(Error::Compile {
             kernel: kernel.name,
             log,
         });
     }
-    let ptx = c_chars_to_string(&unsafe { nvrtc::get_ptx(prog) }?);
+    // SAFETY: `prog.0` is live and compiled, so its PTX exists.
+    let ptx = c_chars_to_string(&unsafe { nvrtc::get_ptx(prog.0) }?);
     let mut size = 0usize;
-    // SAFETY: `prog` compiled for a real architecture, so a CUBIN exists; the buffer has `size` bytes.
-    unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size) }.result()?;
+    // SAFETY: `prog.0` compiled for a real architecture, so a CUBIN exists.
+    unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog.0, &mut size) }.result()?;
     let mut cubin = vec![0u8; size];
-    unsafe { nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) }.result()?;
-    unsafe { nvrtc::destroy_program(prog) }?;
+    // SAFETY: the buffer has the `size` bytes NVRTC reported for this program's CUBIN.
+    unsafe { nvrtc_sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast()) }.result()?;
+    drop(prog);
     let stats = parse_ptxas_stats(&log);
     Ok(Compiled {
         kernel: kernel.name,
