@@ -2,7 +2,7 @@
 // N_C = 128 (V3 §3.3.2 "increasing accumulation precision", Figure 7b; DeepGEMM 1D2D).
 //
 // Differs from fp8_gemm.cu: the block dot runs on the Tensor Cores (4 × wgmma m64n128k32, e4m3 in,
-// f32 out), whose accumulator keeps ~14 bits (fp8-study.md: 13 fraction bits, truncated); the
+// f32 out), whose accumulator keeps ~14 bits (docs/fp8-accumulation.md §4: 13 fraction bits, truncated); the
 // partial sum of each 128-wide K block is promoted to an FP32 register accumulator on the CUDA
 // cores with the scales applied: acc = acc + (partial · a_s[m,kb]) · b_s[n/128,kb].
 // Must equal: the reference's Tensor Core accumulation model with promotion every 128 (bit-exact

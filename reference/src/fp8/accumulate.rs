@@ -7,7 +7,7 @@
 //! truncates bits exceeding this range. The accumulation of addition results into registers also
 //! employs 14-bit precision." MMA-Sim (Xie et al., arXiv 2511.10909), validated on Hopper by its
 //! authors, models one `wgmma ... k32` FP8 instruction exactly that way; [`HOPPER_FP8_WGMMA`]
-//! holds its parameters (`shared/notes/fp8-study.md` §5–6).
+//! holds its parameters (`docs/fp8-accumulation.md` §4–5).
 //!
 //! # One fused step ([`TensorCoreModel::fdpa_step`])
 //! Inputs: up to `group` (L) pairs of FP8 codes and the f32 accumulator `c`.

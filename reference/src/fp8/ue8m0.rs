@@ -10,7 +10,7 @@
 //! - [`encode_ceil`]: the *scale rounding* of DeepSeek's `scale_fmt = "ue8m0"` (OFF
 //!   `act_quant`, DeepGEMM `ceil_to_ue8m0`): the smallest power of two `≥ s`, computed on the
 //!   bits (`E + (M ≠ 0)`), never through `2^ceil(log2 s)` in f32, which returns a value below `s`
-//!   for 196 of 419M inputs on CPU (`fp8-study.md` §4).
+//!   for 196 of 419M inputs on CPU (`docs/fp8-accumulation.md` §3).
 
 /// The NaN code.
 pub const NAN_CODE: u8 = 0xFF;
