@@ -11,7 +11,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dsv3::fast;
-use dsv3_reference::fp8::{fp8_gemm, Accumulation, ScaleLayout, HOPPER_FP8_WGMMA};
+use dsv3_reference::fp8::{fp8_gemm, Accumulation, BlockScaled, HOPPER_FP8_WGMMA};
 use ndarray::Array2;
 
 /// Deterministic finite E4M3 codes (both signs, every exponent) and positive scales.
@@ -64,11 +64,9 @@ fn bench(c: &mut Criterion) {
             bench.iter(|| match mode {
                 "exact_fast" => {
                     fast::gemm(
-                        a.view(),
-                        a_s.view(),
-                        b.view(),
-                        b_s.view(),
-                        (ScaleLayout::Block, 128),
+                        BlockScaled::tiles(a.view(), a_s.view()),
+                        BlockScaled::blocks(b.view(), b_s.view()),
+                        128,
                         &Accumulation::Exact,
                         false,
                     )
@@ -85,11 +83,9 @@ fn bench(c: &mut Criterion) {
                 .unwrap(),
                 _ => {
                     fast::gemm(
-                        a.view(),
-                        a_s.view(),
-                        b.view(),
-                        b_s.view(),
-                        (ScaleLayout::Block, 128),
+                        BlockScaled::tiles(a.view(), a_s.view()),
+                        BlockScaled::blocks(b.view(), b_s.view()),
+                        128,
                         &tc,
                         false,
                     )

@@ -21,27 +21,22 @@ use crate::config::Config;
 use crate::contract::{Contract, TensorSpec};
 use crate::error::{Error, Result, Role};
 use crate::io::TensorMap;
+use crate::ops::gemm::GemmConfig;
 use crate::registry::OpEntry;
 use crate::tensor::{DType, Tensor};
 
-/// Which scale inputs are MN-major, from the op's `mn_major_scales` field (if it has one).
-fn mn_major(op: &OpEntry, config: &Config) -> (bool, bool) {
-    if !op.config.iter().any(|f| f.name == "mn_major_scales") {
-        return (false, false);
-    }
-    match config.choice("mn_major_scales") {
-        Some("lhs") => (true, false),
-        Some("rhs") => (false, true),
-        Some("both") => (true, true),
-        _ => (false, false),
-    }
+/// Which scale inputs are MN-major: the block-scaled GEMMs' `mn_major_scales` field.
+fn mn_major(config: &Config) -> (bool, bool) {
+    config
+        .try_get::<GemmConfig>()
+        .map_or((false, false), GemmConfig::mn_major)
 }
 
-/// The scale inputs of a block-scaled GEMM (an op with the `mn_major_scales` field): specs
+/// The scale inputs of a block-scaled GEMM (an op whose config is a [`GemmConfig`]): specs
 /// that accept UE8M0 codes, in input order. Other ops have none: `fp8_decode`'s `y` accepts
 /// UE8M0 codes too, but an int32 `y` is a wrong dtype there, not a packed layout.
-fn scale_specs(op: &OpEntry) -> Vec<&TensorSpec> {
-    if !op.config.iter().any(|f| f.name == "mn_major_scales") {
+fn scale_specs<'a>(op: &'a OpEntry, config: &Config) -> Vec<&'a TensorSpec> {
+    if config.try_get::<GemmConfig>().is_none() {
         return Vec::new();
     }
     op.inputs
@@ -58,8 +53,8 @@ pub fn adapt_inputs(
     config: &Config,
     place: &str,
 ) -> Result<Option<TensorMap>> {
-    let scales = scale_specs(op);
-    let (lhs_mn, rhs_mn) = mn_major(op, config);
+    let scales = scale_specs(op, config);
+    let (lhs_mn, rhs_mn) = mn_major(config);
     let transposed = |i: usize| (i == 0 && lhs_mn) || (i == 1 && rhs_mn);
     let needs = scales
         .iter()

@@ -1,7 +1,14 @@
-//! Op configuration: a JSON object validated against the op's declared fields.
+//! Op configuration: a JSON object validated against the op's declared fields, then read once
+//! into the op's typed config struct.
 //!
-//! Unknown fields, wrong types and values outside a field's domain are errors naming the field;
-//! missing fields take their defaults.
+//! Each op declares its config with [`op_config!`](crate::op_config): one definition gives the
+//! struct its functions read (`cfg.get::<QuantConfig>().block_size`: a misspelled field is a
+//! compile error), the fields `dsv3 ops OP` prints (name, domain, default, doc) and the
+//! validation. Unknown fields, wrong types and values outside a field's domain are errors
+//! naming the field; missing fields take their defaults.
+
+use std::any::Any;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -100,16 +107,235 @@ impl ConfigField {
     }
 }
 
-/// A validated config: every declared field present (defaults filled in), nothing else.
-#[derive(Debug, Clone, PartialEq)]
+impl FieldKind {
+    /// The domain of a choice field of `T`'s values.
+    pub const fn choice<T: Choice>() -> Self {
+        FieldKind::Choice {
+            values: T::VALUES,
+            nullable: false,
+        }
+    }
+
+    /// The domain of a choice field of `T`'s values or `null` (read as `Option<T>`).
+    pub const fn nullable<T: Choice>() -> Self {
+        FieldKind::Choice {
+            values: T::VALUES,
+            nullable: true,
+        }
+    }
+}
+
+/// A choice field's type: an enum whose variants are the field's strings
+/// ([`choice!`](crate::choice) declares one).
+pub trait Choice: Sized + Copy + 'static {
+    /// The strings, in variant order.
+    const VALUES: &'static [&'static str];
+    /// The variant of `VALUES[i]`.
+    fn from_index(i: usize) -> Self;
+    /// The string of this variant.
+    fn name(self) -> &'static str;
+}
+
+/// How a declared field's validated JSON is read into its Rust type.
+pub trait FieldValue: Sized {
+    fn read(v: &Value) -> Self;
+}
+
+impl FieldValue for usize {
+    fn read(v: &Value) -> Self {
+        let n = v.as_u64().expect("validated integer");
+        usize::try_from(n).expect("validated integers are within the field's range")
+    }
+}
+
+impl FieldValue for u32 {
+    fn read(v: &Value) -> Self {
+        let n = v.as_u64().expect("validated integer");
+        u32::try_from(n).expect("validated integers are within the field's range")
+    }
+}
+
+impl FieldValue for f64 {
+    fn read(v: &Value) -> Self {
+        v.as_f64().expect("validated number")
+    }
+}
+
+impl FieldValue for bool {
+    fn read(v: &Value) -> Self {
+        v.as_bool().expect("validated bool")
+    }
+}
+
+impl<T: Choice> FieldValue for T {
+    fn read(v: &Value) -> Self {
+        let s = v.as_str().expect("validated choice");
+        let i = T::VALUES
+            .iter()
+            .position(|x| *x == s)
+            .expect("validated choice");
+        T::from_index(i)
+    }
+}
+
+impl<T: Choice> FieldValue for Option<T> {
+    fn read(v: &Value) -> Self {
+        (!v.is_null()).then(|| T::read(v))
+    }
+}
+
+/// An op's typed config, declared with [`op_config!`](crate::op_config).
+pub trait OpConfig: Any + Send + Sync + Sized {
+    /// The fields, as `dsv3 ops` lists them and [`Config::parse`] validates them.
+    const FIELDS: &'static [ConfigField];
+    /// The struct from validated values (every field present).
+    fn from_values(values: &Map<String, Value>) -> Self;
+}
+
+/// What an op's config is: its fields (with any default this op sets differently) and how the
+/// validated values become its typed struct.
+#[derive(Clone, Copy)]
+pub struct ConfigSchema {
+    fields: &'static [ConfigField],
+    /// `(field, default as JSON)` for the fields whose default this op changes.
+    defaults: &'static [(&'static str, &'static str)],
+    build: fn(&Map<String, Value>) -> Arc<dyn Any + Send + Sync>,
+}
+
+fn build<T: OpConfig>(values: &Map<String, Value>) -> Arc<dyn Any + Send + Sync> {
+    Arc::new(T::from_values(values))
+}
+
+impl ConfigSchema {
+    /// The schema of `T`.
+    pub const fn of<T: OpConfig>() -> Self {
+        ConfigSchema {
+            fields: T::FIELDS,
+            defaults: &[],
+            build: build::<T>,
+        }
+    }
+
+    /// The same fields with other defaults (`linear_fp8_wgrad`'s `out_dtype` is `"f32"`); a
+    /// name that is not a field is caught by the registry's tests.
+    pub const fn with_defaults(self, defaults: &'static [(&'static str, &'static str)]) -> Self {
+        ConfigSchema { defaults, ..self }
+    }
+
+    /// The fields with this op's defaults.
+    pub fn fields(&self) -> impl Iterator<Item = ConfigField> + '_ {
+        self.fields.iter().map(|f| {
+            let default = self
+                .defaults
+                .iter()
+                .find(|(name, _)| *name == f.name)
+                .map_or(f.default, |(_, d)| *d);
+            ConfigField { default, ..*f }
+        })
+    }
+
+    /// Whether the op takes no config.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The names of the changed defaults that are not fields (an empty list when the schema is
+    /// consistent).
+    pub fn unknown_defaults(&self) -> Vec<&'static str> {
+        self.defaults
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| !self.fields.iter().any(|f| f.name == *name))
+            .collect()
+    }
+}
+
+/// Declare a choice field's enum: `choice! { pub enum OutDtype { Bf16 = "bf16", F32 = "f32" } }`.
+#[macro_export]
+macro_rules! choice {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $vis enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $crate::config::Choice for $name {
+            const VALUES: &'static [&'static str] = &[$($text),+];
+            fn from_index(i: usize) -> Self {
+                [$($name::$variant),+][i]
+            }
+            fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+    };
+}
+
+/// Declare an op's typed config: one line per field, `name: Type = "default as JSON", domain,
+/// "doc";` (the domain a [`FieldKind`]). Generates the struct (`pub` fields) and its
+/// [`OpConfig`] implementation, so the fields `dsv3 ops` prints and the ones the op reads are
+/// the same definition.
+#[macro_export]
+macro_rules! op_config {
+    ($(#[$meta:meta])* $vis:vis struct $name:ident {
+        $($field:ident : $ty:ty = $default:literal, $kind:expr, $doc:literal;)*
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq)]
+        $vis struct $name {
+            $(#[doc = $doc] pub $field: $ty,)*
+        }
+
+        impl $crate::config::OpConfig for $name {
+            const FIELDS: &'static [$crate::config::ConfigField] = &[$(
+                $crate::config::ConfigField {
+                    name: stringify!($field),
+                    kind: $kind,
+                    default: $default,
+                    doc: $doc,
+                },
+            )*];
+            #[allow(unused_variables)]
+            fn from_values(values: &serde_json::Map<String, serde_json::Value>) -> Self {
+                $name {
+                    $($field: <$ty as $crate::config::FieldValue>::read(&values[stringify!($field)]),)*
+                }
+            }
+        }
+    };
+}
+
+op_config! {
+    /// The config of an op that takes none.
+    pub struct NoConfig {}
+}
+
+/// A validated config: every declared field present (defaults filled in), nothing else, and
+/// the op's typed struct read from it.
+#[derive(Clone)]
 pub struct Config {
     op: &'static str,
     values: Map<String, Value>,
+    typed: Arc<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.op, Value::Object(self.values.clone()))
+    }
+}
+
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        self.op == other.op && self.values == other.values
+    }
 }
 
 impl Config {
-    /// Validate `raw` (a JSON object or `null`) against `fields`.
-    pub fn parse(op: &'static str, fields: &[ConfigField], raw: &Value) -> Result<Self> {
+    /// Validate `raw` (a JSON object or `null`) against `schema`.
+    pub fn parse(op: &'static str, schema: &ConfigSchema, raw: &Value) -> Result<Self> {
+        let fields: Vec<ConfigField> = schema.fields().collect();
         let given = match raw {
             Value::Null => Map::new(),
             Value::Object(m) => m.clone(),
@@ -137,7 +363,7 @@ impl Config {
             }
         }
         let mut values = Map::new();
-        for f in fields {
+        for f in &fields {
             let v = match given.get(f.name) {
                 Some(v) => v.clone(),
                 None => serde_json::from_str(f.default).expect("config defaults are valid JSON"),
@@ -145,53 +371,34 @@ impl Config {
             f.check(op, &v)?;
             values.insert(f.name.to_string(), v);
         }
-        Ok(Config { op, values })
+        let typed = (schema.build)(&values);
+        Ok(Config { op, values, typed })
     }
 
-    /// The defaults of `fields`.
-    pub fn defaults(op: &'static str, fields: &[ConfigField]) -> Self {
-        Self::parse(op, fields, &Value::Null).expect("defaults satisfy their own fields")
+    /// The defaults of `schema`.
+    pub fn defaults(op: &'static str, schema: &ConfigSchema) -> Self {
+        Self::parse(op, schema, &Value::Null).expect("defaults satisfy their own fields")
     }
 
-    pub fn usize(&self, name: &str) -> usize {
-        let v = self.get(name).as_u64().expect("validated integer");
-        usize::try_from(v).expect("validated integers are within the field's range")
+    /// The op's typed config. Panics when `T` is not the op's config type (a dsv3 bug that
+    /// every test running the op catches).
+    pub fn get<T: OpConfig>(&self) -> &T {
+        self.try_get().unwrap_or_else(|| {
+            panic!(
+                "{}: its config is not a {}",
+                self.op,
+                std::any::type_name::<T>()
+            )
+        })
     }
 
-    /// An integer field the model holds as `u32` (its range is declared within `u32`).
-    pub fn u32(&self, name: &str) -> u32 {
-        let v = self.get(name).as_u64().expect("validated integer");
-        u32::try_from(v).expect("validated integers are within the field's range")
-    }
-
-    pub fn f64(&self, name: &str) -> f64 {
-        self.get(name).as_f64().expect("validated number")
-    }
-
-    pub fn bool(&self, name: &str) -> bool {
-        self.get(name).as_bool().expect("validated bool")
-    }
-
-    /// A choice field's string, `None` for null.
-    pub fn choice(&self, name: &str) -> Option<&str> {
-        self.get(name).as_str()
-    }
-
-    /// A copy with one field replaced (validated again).
-    pub fn with(&self, fields: &[ConfigField], name: &str, value: Value) -> Result<Self> {
-        let mut raw = self.values.clone();
-        raw.insert(name.to_string(), value);
-        Self::parse(self.op, fields, &Value::Object(raw))
+    /// The op's typed config if it is a `T`.
+    pub fn try_get<T: OpConfig>(&self) -> Option<&T> {
+        self.typed.downcast_ref::<T>()
     }
 
     pub fn as_json(&self) -> Value {
         Value::Object(self.values.clone())
-    }
-
-    fn get(&self, name: &str) -> &Value {
-        self.values
-            .get(name)
-            .unwrap_or_else(|| panic!("{}: config field `{name}` is not declared", self.op))
     }
 }
 
@@ -200,37 +407,52 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const FIELDS: &[ConfigField] = &[
-        ConfigField {
-            name: "block_size",
-            kind: FieldKind::Int {
-                min: 1,
-                max: 1 << 20,
-            },
-            default: "128",
-            doc: "",
-        },
-        ConfigField {
-            name: "scale_fmt",
-            kind: FieldKind::Choice {
-                values: &["ue8m0"],
-                nullable: true,
-            },
-            default: "null",
-            doc: "",
-        },
-    ];
+    crate::choice! {
+        enum Fmt { Ue8m0 = "ue8m0" }
+    }
+
+    crate::op_config! {
+        struct Quant {
+            block_size: usize = "128", FieldKind::Int { min: 1, max: 1 << 20 }, "tile edge";
+            scale_fmt: Option<Fmt> = "null", FieldKind::nullable::<Fmt>(), "scale format";
+        }
+    }
+
+    const SCHEMA: ConfigSchema = ConfigSchema::of::<Quant>();
 
     #[test]
-    fn defaults_fill_missing_fields() {
-        let c = Config::parse("op", FIELDS, &json!({"scale_fmt": "ue8m0"})).unwrap();
-        assert_eq!(c.usize("block_size"), 128);
-        assert_eq!(c.choice("scale_fmt"), Some("ue8m0"));
+    fn defaults_fill_missing_fields_and_the_struct_reads_them() {
+        let c = Config::parse("op", &SCHEMA, &json!({"scale_fmt": "ue8m0"})).unwrap();
+        assert_eq!(
+            c.get::<Quant>(),
+            &Quant {
+                block_size: 128,
+                scale_fmt: Some(Fmt::Ue8m0)
+            }
+        );
+        assert_eq!(
+            c.as_json(),
+            json!({"block_size": 128, "scale_fmt": "ue8m0"})
+        );
+        let c = Config::defaults("op", &SCHEMA);
+        assert_eq!(c.get::<Quant>().scale_fmt, None);
+        assert!(c.try_get::<NoConfig>().is_none());
+    }
+
+    #[test]
+    fn an_op_may_change_a_default() {
+        const OTHER: ConfigSchema = SCHEMA.with_defaults(&[("block_size", "64")]);
+        assert_eq!(Config::defaults("op", &OTHER).get::<Quant>().block_size, 64);
+        let listed: Vec<String> = OTHER.fields().map(|f| f.describe()).collect();
+        assert_eq!(listed[0], "block_size: int in 1..=1048576 = 64");
+        assert!(OTHER.unknown_defaults().is_empty());
+        let bad = SCHEMA.with_defaults(&[("blocksize", "64")]);
+        assert_eq!(bad.unknown_defaults(), vec!["blocksize"]);
     }
 
     #[test]
     fn errors_name_the_field() {
-        let e = Config::parse("op", FIELDS, &json!({"block_size": 0}))
+        let e = Config::parse("op", &SCHEMA, &json!({"block_size": 0}))
             .unwrap_err()
             .to_string();
         assert!(
@@ -238,19 +460,19 @@ mod tests {
             "{e}"
         );
         // not truncated to its type: 2^32 + 13 is refused and printed whole
-        let e = Config::parse("op", FIELDS, &json!({"block_size": 4294967309u64}))
+        let e = Config::parse("op", &SCHEMA, &json!({"block_size": 4294967309u64}))
             .unwrap_err()
             .to_string();
         assert!(e.contains("4294967309") && e.contains("1..=1048576"), "{e}");
-        let e = Config::parse("op", FIELDS, &json!({"scale_fmt": "e8m0"}))
+        let e = Config::parse("op", &SCHEMA, &json!({"scale_fmt": "e8m0"}))
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"ue8m0\"|null"), "{e}");
-        let e = Config::parse("op", FIELDS, &json!({"blocksize": 64}))
+        let e = Config::parse("op", &SCHEMA, &json!({"blocksize": 64}))
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `blocksize`"), "{e}");
-        let e = Config::parse("op", FIELDS, &json!([1]))
+        let e = Config::parse("op", &SCHEMA, &json!([1]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("expected a JSON object"), "{e}");

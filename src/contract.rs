@@ -11,21 +11,35 @@ use crate::error::{Error, Result, Role};
 use crate::io::TensorMap;
 use crate::tensor::{DType, Tensor};
 
+/// An integer config field a shape rule uses (`block_size`, `top_k`): its name for messages
+/// and listings, and how to read it from the op's typed config.
+#[derive(Clone, Copy)]
+pub struct Param {
+    pub name: &'static str,
+    pub get: fn(&Config) -> usize,
+}
+
+impl std::fmt::Debug for Param {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
 /// One dimension of a shape rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Dim {
     /// Zero or more leading dimensions, all bound together (first position only).
     Batch,
     /// A named size.
     Var(&'static str),
-    /// `var / config[field]`; the division must be exact (declare a [`Constraint`]).
-    Div(&'static str, &'static str),
-    /// `⌈var / config[field]⌉`.
-    CeilDiv(&'static str, &'static str),
+    /// `var / param`; the division must be exact (declare a [`Constraint`]).
+    Div(&'static str, Param),
+    /// `⌈var / param⌉`.
+    CeilDiv(&'static str, Param),
     /// A literal size.
     Fixed(usize),
     /// The size a config field gives (`top_k`).
-    Field(&'static str),
+    Field(Param),
 }
 
 /// Name, dtypes and shape rule of one tensor.
@@ -42,8 +56,8 @@ pub struct TensorSpec {
 /// A relation between sizes and config fields.
 #[derive(Debug, Clone, Copy)]
 pub enum Constraint {
-    /// `var % config[field] == 0`.
-    MultipleOf(&'static str, &'static str),
+    /// `var % param == 0`.
+    MultipleOf(&'static str, Param),
     /// `var ≥ 1`, with the reason: a size the op cannot be empty in (experts to route to).
     /// Other sizes may be 0: the op's result is then empty too (or, for a reduction, the
     /// empty sum).
@@ -72,10 +86,10 @@ pub fn shape_rule(shape: &[Dim]) -> String {
         .map(|d| match d {
             Dim::Batch => "...".to_string(),
             Dim::Var(v) => v.to_string(),
-            Dim::Div(v, f) => format!("{v}/{f}"),
-            Dim::CeilDiv(v, f) => format!("ceil({v}/{f})"),
+            Dim::Div(v, f) => format!("{v}/{}", f.name),
+            Dim::CeilDiv(v, f) => format!("ceil({v}/{})", f.name),
             Dim::Fixed(n) => n.to_string(),
-            Dim::Field(f) => f.to_string(),
+            Dim::Field(f) => f.name.to_string(),
         })
         .collect();
     format!("[{}]", dims.join(", "))
@@ -84,7 +98,7 @@ pub fn shape_rule(shape: &[Dim]) -> String {
 impl Constraint {
     pub fn describe(&self) -> String {
         match self {
-            Constraint::MultipleOf(v, f) => format!("{v} % {f} == 0"),
+            Constraint::MultipleOf(v, f) => format!("{v} % {} == 0", f.name),
             Constraint::NonEmpty(v, _) => format!("{v} ≥ 1"),
             Constraint::EvenNonEmpty(v, _) => format!("{v} even, ≥ 2"),
         }
@@ -153,8 +167,8 @@ impl Contract<'_> {
                         .then(|| (v, format!("{}, got {v} = {n} ({why})", c.describe())))
                 }
                 Constraint::MultipleOf(v, f) => {
-                    let (n, d) = (b.get(v), config.usize(f));
-                    (n % d != 0).then(|| (v, format!("{v} = {n} a multiple of {f} = {d}")))
+                    let (n, d) = (b.get(v), (f.get)(config));
+                    (n % d != 0).then(|| (v, format!("{v} = {n} a multiple of {} = {d}", f.name)))
                 }
             };
             if let Some((v, rule)) = broken {
@@ -234,10 +248,10 @@ impl Contract<'_> {
             match *d {
                 Dim::Batch => shape.extend(b.batch.clone().unwrap_or_default()),
                 Dim::Var(v) => shape.push(b.get(v)),
-                Dim::Div(v, f) => shape.push(b.get(v) / config.usize(f)),
-                Dim::CeilDiv(v, f) => shape.push(b.get(v).div_ceil(config.usize(f))),
+                Dim::Div(v, f) => shape.push(b.get(v) / (f.get)(config)),
+                Dim::CeilDiv(v, f) => shape.push(b.get(v).div_ceil((f.get)(config))),
                 Dim::Fixed(n) => shape.push(n),
-                Dim::Field(f) => shape.push(config.usize(f)),
+                Dim::Field(f) => shape.push((f.get)(config)),
             }
         }
         shape
@@ -263,7 +277,7 @@ impl Contract<'_> {
                 format!("{} ({why}; {})", shape_rule(spec.shape), b.describe())
             },
         };
-        let has_batch = spec.shape.first() == Some(&Dim::Batch);
+        let has_batch = matches!(spec.shape.first(), Some(Dim::Batch));
         let fixed_rank = spec.shape.len() - usize::from(has_batch);
         let rank = t.shape.len();
         if (has_batch && rank < fixed_rank) || (!has_batch && rank != fixed_rank) {
@@ -300,12 +314,13 @@ impl Contract<'_> {
                     }
                     Some(&w) => (w, v.to_string()),
                 },
-                Dim::Div(v, f) => (b.get(v) / config.usize(f), format!("{v}/{f}")),
-                Dim::CeilDiv(v, f) => {
-                    (b.get(v).div_ceil(config.usize(f)), format!("ceil({v}/{f})"))
-                }
+                Dim::Div(v, f) => (b.get(v) / (f.get)(config), format!("{v}/{}", f.name)),
+                Dim::CeilDiv(v, f) => (
+                    b.get(v).div_ceil((f.get)(config)),
+                    format!("ceil({v}/{})", f.name),
+                ),
                 Dim::Fixed(w) => (w, w.to_string()),
-                Dim::Field(f) => (config.usize(f), f.to_string()),
+                Dim::Field(f) => ((f.get)(config), f.name.to_string()),
             };
             if want.0 != n {
                 return Err(err(b, format!("{} must be {}, got {n}", want.1, want.0)));

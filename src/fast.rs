@@ -15,12 +15,13 @@
 //!
 //! Callers validate inputs first with the reference's `check_*` functions.
 
-use ndarray::{Array2, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use dsv3_reference::fp8::fp8_gemm::{
-    e4m3_values, scaled_dot, window_len, Accumulation, ScaleLayout,
+    e4m3_values, scaled_dot, window_len, Accumulation, BlockScaled, ScaleLayout,
 };
+use dsv3_reference::fp8::grouped_gemm::{ExpertWeights, GroupRows};
 use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound};
 
 /// Rows of the output per parallel task.
@@ -72,30 +73,28 @@ impl GemmOut {
 
 /// `reference::fp8::fp8_gemm::gemm` (validated inputs), fast and bit-identical.
 ///
-/// Shapes: `a: [M, K]`, `a_s: [M, ⌈K/B⌉]`, `b: [N, K]`, `b_s` by `b_layout` → `[M, N]`.
+/// Shapes: `a.codes: [M, K]`, `b.codes: [N, K]`, scales by their layouts → `[M, N]`.
 pub fn gemm(
-    a: ArrayView2<u8>,
-    a_s: ArrayView2<f32>,
-    b: ArrayView2<u8>,
-    b_s: ArrayView2<f32>,
-    (b_layout, block_size): (ScaleLayout, usize),
+    a: BlockScaled,
+    b: BlockScaled,
+    block_size: usize,
     accumulation: &Accumulation,
     with_magnitude: bool,
 ) -> GemmOut {
-    let (m, n) = (a.nrows(), b.nrows());
+    let (m, n) = (a.codes.nrows(), b.codes.nrows());
     let with_bound = with_magnitude && matches!(accumulation, Accumulation::TensorCoreBound { .. });
     let mut c = vec![0f32; m * n];
     let mut magnitude = vec![0f64; if with_magnitude { m * n } else { 0 }];
     let mut bounds = vec![(0f64, 0f64); if with_bound { m * n } else { 0 }];
     if m > 0 && n > 0 {
-        let (a, a_s) = (a.as_standard_layout(), a_s.as_standard_layout());
-        let (b, b_s) = (b.as_standard_layout(), b_s.as_standard_layout());
+        let (a_codes, a_s) = (a.codes.as_standard_layout(), a.scales.as_standard_layout());
+        let (b_codes, b_s) = (b.codes.as_standard_layout(), b.scales.as_standard_layout());
         let ops = Operands {
-            a: a.view(),
+            a: a_codes.view(),
             a_s: a_s.view(),
-            b: b.view(),
+            b: b_codes.view(),
             b_s: b_s.view(),
-            b_layout,
+            layouts: (a.layout, b.layout),
             block_size,
         };
         match accumulation {
@@ -133,16 +132,27 @@ struct Operands<'a> {
     a_s: ArrayView2<'a, f32>,
     b: ArrayView2<'a, u8>,
     b_s: ArrayView2<'a, f32>,
-    b_layout: ScaleLayout,
+    /// The scale layouts of `a` and `b`.
+    layouts: (ScaleLayout, ScaleLayout),
     block_size: usize,
 }
 
 impl Operands<'_> {
-    fn b_scale_row(&self, j: usize) -> usize {
-        match self.b_layout {
-            ScaleLayout::Block => j / self.block_size,
-            ScaleLayout::Row => j,
+    fn scale_row(&self, layout: ScaleLayout, r: usize) -> usize {
+        match layout {
+            ScaleLayout::Block => r / self.block_size,
+            ScaleLayout::Row => r,
         }
+    }
+
+    /// The scale row of row `i` of `a`.
+    fn a_scale_row(&self, i: usize) -> usize {
+        self.scale_row(self.layouts.0, i)
+    }
+
+    /// The scale row of row `j` of `b`.
+    fn b_scale_row(&self, j: usize) -> usize {
+        self.scale_row(self.layouts.1, j)
     }
 }
 
@@ -408,7 +418,7 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
                             }
                             let out = bound_rows.as_deref_mut().expect("bound mode");
                             for i in 0..rows {
-                                let sa = f64::from(ops.a_s[[r0 + i, kb]]);
+                                let sa = f64::from(ops.a_s[[ops.a_scale_row(r0 + i), kb]]);
                                 let row = i * cols..(i + 1) * cols;
                                 let o = &mut out[i * n + n0..i * n + n0 + cols];
                                 for (((o, x), d), &sbj) in o
@@ -433,7 +443,7 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
                         *x = ops.b_s[[ops.b_scale_row(n0 + j), kb]];
                     }
                     for i in 0..rows {
-                        let sa = ops.a_s[[r0 + i, kb]];
+                        let sa = ops.a_s[[ops.a_scale_row(r0 + i), kb]];
                         let out = &mut c_rows[i * n + n0..i * n + n0 + cols];
                         let dots = &mut block_dot[i * cols..(i + 1) * cols];
                         match mag_rows.as_deref_mut() {
@@ -467,7 +477,7 @@ fn per_element(ops: &Operands, accumulation: &Accumulation, c: &mut [f32], magni
     let with_magnitude = !magnitude.is_empty();
     let compute_row = |i: usize, c_row: &mut [f32], mut mag_row: Option<&mut [f64]>| {
         let a = ops.a.row(i);
-        let a_s = ops.a_s.row(i);
+        let a_s = ops.a_s.row(ops.a_scale_row(i));
         let (a, a_s) = (
             a.as_slice().expect("standard layout"),
             a_s.as_slice().expect("standard layout"),
@@ -503,79 +513,41 @@ fn per_element(ops: &Operands, accumulation: &Accumulation, c: &mut [f32], magni
     }
 }
 
-/// Contiguous grouped layout (validated inputs): each expert's rows gathered, multiplied by
-/// its weight with [`gemm`], scattered back; padding rows (`m_indices = −1`) stay 0.
+/// The grouped GEMMs (validated inputs): each group's rows of `a` gathered, multiplied by the
+/// group's weight with [`gemm`], scattered back; rows of no group stay 0
+/// (`reference::fp8::grouped_gemm`, fast and bit-identical).
 ///
-/// Shapes: `a: [M, K]`, `a_s: [M, ⌈K/B⌉]`, `b: [G, N, K]`, `b_s: [G, ⌈N/B⌉, ⌈K/B⌉]`,
-/// `m_indices: [M]` → `[M, N]`.
-#[allow(clippy::too_many_arguments)]
-pub fn m_grouped_contiguous(
-    a: ArrayView2<u8>,
-    a_s: ArrayView2<f32>,
-    b: ArrayView3<u8>,
-    b_s: ArrayView3<f32>,
-    m_indices: &[i64],
+/// Shapes: `a.codes: [R, K]` (1×B tiles; the masked layout's `[G, M_max, K]` flattened),
+/// `b: [G, N, K]` → `[R, N]`.
+pub fn grouped(
+    a: BlockScaled,
+    b: ExpertWeights,
+    rows: &GroupRows,
     block_size: usize,
     accumulation: &Accumulation,
     with_magnitude: bool,
 ) -> GemmOut {
-    let (m, n) = (a.nrows(), b.shape()[1]);
+    let (m, n) = (a.codes.nrows(), b.codes.shape()[1]);
     let with_bound = with_magnitude && matches!(accumulation, Accumulation::TensorCoreBound { .. });
     let mut out = GemmOut::zeros(m, n, with_magnitude, with_bound);
-    for g in 0..b.shape()[0] {
-        let rows: Vec<usize> = (0..m).filter(|&i| m_indices[i] == g as i64).collect();
-        if rows.is_empty() {
+    for g in 0..rows.groups() {
+        let group = rows.of(g);
+        if group.is_empty() {
             continue;
         }
+        let (codes, scales) = (
+            a.codes.select(Axis(0), group),
+            a.scales.select(Axis(0), group),
+        );
         let part = gemm(
-            a.select(Axis(0), &rows).view(),
-            a_s.select(Axis(0), &rows).view(),
-            b.index_axis(Axis(0), g),
-            b_s.index_axis(Axis(0), g),
-            (ScaleLayout::Block, block_size),
+            BlockScaled::tiles(codes.view(), scales.view()),
+            b.expert(g),
+            block_size,
             accumulation,
             with_magnitude,
         );
-        for (r, &i) in rows.iter().enumerate() {
+        for (r, &i) in group.iter().enumerate() {
             out.assign_row(i, &part, r);
-        }
-    }
-    out
-}
-
-/// Masked grouped layout (validated inputs): group `g`'s first `masked_m[g]` rows times
-/// `b[g]`; the rest stays 0. Shapes: `a: [G, M_max, K]` … → `[G·M_max, N]` (flattened rows).
-#[allow(clippy::too_many_arguments)]
-pub fn m_grouped_masked(
-    a: ArrayView3<u8>,
-    a_s: ArrayView3<f32>,
-    b: ArrayView3<u8>,
-    b_s: ArrayView3<f32>,
-    masked_m: &[i64],
-    block_size: usize,
-    accumulation: &Accumulation,
-    with_magnitude: bool,
-) -> GemmOut {
-    let (groups, m_max, _) = a.dim();
-    let n = b.shape()[1];
-    let with_bound = with_magnitude && matches!(accumulation, Accumulation::TensorCoreBound { .. });
-    let mut out = GemmOut::zeros(groups * m_max, n, with_magnitude, with_bound);
-    for (g, &rows) in masked_m.iter().enumerate() {
-        let rows = rows as usize;
-        if rows == 0 {
-            continue;
-        }
-        let part = gemm(
-            a.slice(ndarray::s![g, ..rows, ..]),
-            a_s.slice(ndarray::s![g, ..rows, ..]),
-            b.index_axis(Axis(0), g),
-            b_s.index_axis(Axis(0), g),
-            (ScaleLayout::Block, block_size),
-            accumulation,
-            with_magnitude,
-        );
-        for r in 0..rows {
-            out.assign_row(g * m_max + r, &part, r);
         }
     }
     out

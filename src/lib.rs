@@ -26,6 +26,7 @@ pub mod rng;
 pub mod sim;
 pub mod table;
 pub mod tensor;
+pub mod tolerance;
 pub mod verify;
 pub mod verify_models;
 

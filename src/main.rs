@@ -463,7 +463,7 @@ fn run(cli: Cli) -> Result<bool> {
             for c in op.constraints {
                 println!("constraint {}", c.describe());
             }
-            for f in op.config {
+            for f in op.config.fields() {
                 println!("config {}  -- {}", f.describe(), f.doc);
             }
             println!(

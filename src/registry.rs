@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField};
+use crate::config::{Config, ConfigSchema};
 use crate::contract::{Constraint, Contract, TensorSpec};
 use crate::error::{Error, Result};
 use crate::io::TensorMap;
@@ -121,7 +121,8 @@ pub struct OpEntry {
     pub inputs: &'static [TensorSpec],
     pub outputs: &'static [TensorSpec],
     pub constraints: &'static [Constraint],
-    pub config: &'static [ConfigField],
+    /// The op's config (its typed struct and fields: [`crate::op_config!`]).
+    pub config: ConfigSchema,
     pub reference: RefFn,
     /// `path::function` of the reference implementation (SPEC.md links it).
     pub reference_fn: &'static str,
@@ -274,7 +275,7 @@ impl OpEntry {
             "inputs": tensors(self.inputs),
             "outputs": tensors(self.outputs),
             "constraints": self.constraints.iter().map(|c| c.describe()).collect::<Vec<_>>(),
-            "config": self.config.iter().map(|f| json!({
+            "config": self.config.fields().map(|f| json!({
                 "name": f.name,
                 "domain": f.describe().split_once(": ").map_or(String::new(), |(_, d)| d.split(" = ").next().unwrap_or("").to_string()),
                 "default": serde_json::from_str::<serde_json::Value>(f.default).unwrap_or(serde_json::Value::Null),
@@ -288,11 +289,11 @@ impl OpEntry {
 
     /// Parse and validate a config (`null` = all defaults).
     pub fn parse_config(&self, raw: &serde_json::Value) -> Result<Config> {
-        Config::parse(self.name, self.config, raw)
+        Config::parse(self.name, &self.config, raw)
     }
 
     pub fn default_config(&self) -> Config {
-        Config::defaults(self.name, self.config)
+        Config::defaults(self.name, &self.config)
     }
 
     /// The default config followed by every entry of `test_configs`.
@@ -343,12 +344,12 @@ pub static REGISTRY: &[&OpEntry] = &[
     &crate::ops::moe_gate::MOE_GATE,
     &crate::ops::mla::MLA,
     &crate::ops::mla::MLA_DECODE,
-    &crate::ops::fp8_gemm::FP8_GEMM,
-    &crate::ops::fp8_gemm::M_GROUPED_CONTIGUOUS,
-    &crate::ops::fp8_gemm::M_GROUPED_MASKED,
-    &crate::ops::fp8_gemm::LINEAR_FP8_FPROP,
-    &crate::ops::fp8_gemm::LINEAR_FP8_DGRAD,
-    &crate::ops::fp8_gemm::LINEAR_FP8_WGRAD,
+    &crate::ops::gemm::FP8_GEMM,
+    &crate::ops::gemm::M_GROUPED_CONTIGUOUS,
+    &crate::ops::gemm::M_GROUPED_MASKED,
+    &crate::ops::gemm::LINEAR_FP8_FPROP,
+    &crate::ops::gemm::LINEAR_FP8_DGRAD,
+    &crate::ops::gemm::LINEAR_FP8_WGRAD,
     &crate::ops::routing::NODE_LIMITED_ROUTING,
     &crate::ops::routing::BIAS_UPDATE,
     &crate::ops::balance_loss::BALANCE_LOSS,

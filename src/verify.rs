@@ -395,7 +395,7 @@ pub fn ops_table() -> String {
     for op in REGISTRY {
         let ins: Vec<String> = op.inputs.iter().map(|s| s.describe()).collect();
         let outs: Vec<String> = op.outputs.iter().map(|s| s.describe()).collect();
-        let mut cfg: Vec<String> = op.config.iter().map(|f| f.describe()).collect();
+        let mut cfg: Vec<String> = op.config.fields().map(|f| f.describe()).collect();
         cfg.extend(op.constraints.iter().map(|c| c.describe()));
         t.row(vec![
             op.name.into(),

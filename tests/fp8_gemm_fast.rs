@@ -6,8 +6,9 @@
 
 use dsv3::fast;
 use dsv3_reference::fp8::fp8_gemm::{
-    e4m3_values, gemm, scaled_dot, Accumulation, ScaleLayout, OFF_NAMES,
+    e4m3_values, gemm, scaled_dot, Accumulation, BlockScaled, ScaleLayout, OFF_NAMES,
 };
+use dsv3_reference::fp8::grouped_gemm::{flatten, ExpertWeights, GroupRows};
 use dsv3_reference::fp8::tc_bound::TensorCoreBound;
 use dsv3_reference::fp8::{
     m_grouped_fp8_gemm_contiguous, m_grouped_fp8_gemm_masked, TensorCoreModel, TermCut, WriteBack,
@@ -137,7 +138,7 @@ proptest! {
         let b = codes(&mut s, n, k, block);
         let a_s = scales(&mut s, m, kb, uniform);
         let b_s = scales(&mut s, b_rows, kb, uniform);
-        let out = fast::gemm(a.view(), a_s.view(), b.view(), b_s.view(), (layout, block), &acc, true);
+        let out = fast::gemm(BlockScaled::tiles(a.view(), a_s.view()), BlockScaled { codes: b.view(), scales: b_s.view(), layout }, block, &acc, true);
         let values = e4m3_values();
         for i in 0..m {
             for j in 0..n {
@@ -151,8 +152,8 @@ proptest! {
             }
         }
         // without magnitudes: the exact mode's accumulators
-        let plain = fast::gemm(a.view(), a_s.view(), b.view(), b_s.view(), (layout, block), &acc, false);
-        let exact = fast::gemm(a.view(), a_s.view(), b.view(), b_s.view(), (layout, block), &Accumulation::Exact, false);
+        let plain = fast::gemm(BlockScaled::tiles(a.view(), a_s.view()), BlockScaled { codes: b.view(), scales: b_s.view(), layout }, block, &acc, false);
+        let exact = fast::gemm(BlockScaled::tiles(a.view(), a_s.view()), BlockScaled { codes: b.view(), scales: b_s.view(), layout }, block, &Accumulation::Exact, false);
         prop_assert_eq!(bits(&plain.c), bits(&exact.c));
         prop_assert_eq!(bits(&out.c), bits(&exact.c));
     }
@@ -171,12 +172,12 @@ proptest! {
         let b = codes(&mut s, n, k, block);
         let a_s = scales(&mut s, m, kb, uniform);
         let b_s = scales(&mut s, b_rows, kb, uniform);
-        let readable = gemm("fp8_gemm", &OFF_NAMES, a.view(), a_s.view(), b.view(), b_s.view(), layout, block, &acc).unwrap();
-        let out = fast::gemm(a.view(), a_s.view(), b.view(), b_s.view(), (layout, block), &acc, true);
+        let readable = gemm("fp8_gemm", &OFF_NAMES, BlockScaled::tiles(a.view(), a_s.view()), BlockScaled { codes: b.view(), scales: b_s.view(), layout }, block, &acc).unwrap();
+        let out = fast::gemm(BlockScaled::tiles(a.view(), a_s.view()), BlockScaled { codes: b.view(), scales: b_s.view(), layout }, block, &acc, true);
         prop_assert_eq!(bits(&out.c), bits(&readable), "M={} N={} K={} B={} {:?}", m, n, k, block, acc);
         prop_assert_eq!(out.magnitude.dim(), (m, n));
         // the fast path without magnitudes computes the same accumulators
-        let plain = fast::gemm(a.view(), a_s.view(), b.view(), b_s.view(), (layout, block), &acc, false);
+        let plain = fast::gemm(BlockScaled::tiles(a.view(), a_s.view()), BlockScaled { codes: b.view(), scales: b_s.view(), layout }, block, &acc, false);
         prop_assert_eq!(bits(&plain.c), bits(&readable));
     }
 
@@ -196,16 +197,20 @@ proptest! {
         let m_indices: Vec<i64> = (0..m).map(|_| s.below(groups as u64 + 1) as i64 - 1).collect();
         let a = codes(&mut s, m, k, block);
         let a_s = scales(&mut s, m, kb, uniform);
-        let readable = m_grouped_fp8_gemm_contiguous(a.view(), a_s.view(), b.view(), b_s.view(), &m_indices, block, &acc).unwrap();
-        let out = fast::m_grouped_contiguous(a.view(), a_s.view(), b.view(), b_s.view(), &m_indices, block, &acc, false);
+        let w = ExpertWeights::new(b.view(), b_s.view());
+        let tiles = BlockScaled::tiles(a.view(), a_s.view());
+        let readable = m_grouped_fp8_gemm_contiguous(tiles, w, &m_indices, block, &acc).unwrap();
+        let out = fast::grouped(tiles, w, &GroupRows::contiguous(&m_indices, groups), block, &acc, false);
         prop_assert_eq!(bits(&out.c), bits(&readable));
         // masked
         let m_max = 1 + s.below(20) as usize;
         let masked_m: Vec<i64> = (0..groups).map(|_| s.below(m_max as u64 + 1) as i64).collect();
         let a3 = Array3::from_shape_vec((groups, m_max, k), codes(&mut s, groups * m_max, k, block).into_raw_vec_and_offset().0).unwrap();
         let a_s3 = Array3::from_shape_vec((groups, m_max, kb), scales(&mut s, groups * m_max, kb, uniform).into_raw_vec_and_offset().0).unwrap();
-        let readable = m_grouped_fp8_gemm_masked(a3.view(), a_s3.view(), b.view(), b_s.view(), &masked_m, block, &acc).unwrap();
-        let out = fast::m_grouped_masked(a3.view(), a_s3.view(), b.view(), b_s.view(), &masked_m, block, &acc, false);
+        let readable = m_grouped_fp8_gemm_masked(a3.view(), a_s3.view(), w, &masked_m, block, &acc).unwrap();
+        let (a2, a_s2) = (flatten(a3.view()), flatten(a_s3.view()));
+        let rows = GroupRows::masked(&masked_m, m_max);
+        let out = fast::grouped(BlockScaled::tiles(a2.view(), a_s2.view()), w, &rows, block, &acc, false);
         let flat: Vec<u32> = readable.iter().map(|v| v.to_bits()).collect();
         prop_assert_eq!(bits(&out.c), flat);
     }

@@ -20,14 +20,11 @@ pub enum Backend {
 /// `c[m,n] = Σ_kb (Σ_{k∈kb} a[m,k]·b[n,k]) · a_s[m,kb] · b_s[n/B,kb]` for E4M3 codes
 /// `a: [M, K]`, `b: [N, K]`, `a_s: [M, ⌈K/B⌉]`, `b_s: [⌈N/B⌉, ⌈K/B⌉]`, `B = block_size`
 /// (any `B` for [`Backend::Simt`], 128 for [`Backend::Wgmma`]).
-#[allow(clippy::too_many_arguments)]
 pub fn fp8_gemm(
     gpu: &Gpu,
     backend: Backend,
-    a: &[u8],
-    a_s: &[f32],
-    b: &[u8],
-    b_s: &[f32],
+    (a, a_s): (&[u8], &[f32]),
+    (b, b_s): (&[u8], &[f32]),
     (m, n, k): (usize, usize, usize),
     block_size: usize,
     bf16_out: bool,
@@ -90,8 +87,7 @@ pub fn fp8_gemm(
         gpu,
         backend,
         &operands,
-        &mut d_f32,
-        &mut d_bf16,
+        (&mut d_f32, &mut d_bf16),
         (m, n, k),
         block_size,
         bf16_out,
@@ -114,13 +110,11 @@ pub struct Operands<'a> {
 /// Launch one backend on device buffers (sizes checked by the caller, `block_size` 128 for
 /// [`Backend::Wgmma`]; `c_f32` or `c_bf16` holds M·N elements, the other at least one); nothing
 /// is copied.
-#[allow(clippy::too_many_arguments)]
 pub fn fp8_gemm_launch(
     gpu: &Gpu,
     backend: Backend,
     x: &Operands<'_>,
-    c_f32: &mut CudaSlice<f32>,
-    c_bf16: &mut CudaSlice<u16>,
+    (c_f32, c_bf16): (&mut CudaSlice<f32>, &mut CudaSlice<u16>),
     (m, n, k): (usize, usize, usize),
     block_size: usize,
     bf16_out: bool,

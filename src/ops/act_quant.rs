@@ -5,11 +5,11 @@ use dsv3_reference::fp8;
 use super::gen_fits;
 use super::quant_policy::quant_policy;
 use super::{
-    codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, scale_fmt,
-    BLOCK_SIZE, SCALE_FMT,
+    codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, QuantConfig,
+    QUANT_BLOCK,
 };
 use crate::compare::Policy;
-use crate::config::Config;
+use crate::config::{Config, ConfigSchema};
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
@@ -43,12 +43,12 @@ pub static ACT_QUANT: OpEntry = OpEntry {
         TensorSpec {
             name: "s",
             dtypes: &[DType::F32],
-            shape: &[Dim::Batch, Dim::Div("K", "block_size")],
+            shape: &[Dim::Batch, Dim::Div("K", QUANT_BLOCK)],
             doc: "one scale per tile",
         },
     ],
-    constraints: &[Constraint::MultipleOf("K", "block_size")],
-    config: &[BLOCK_SIZE, SCALE_FMT],
+    constraints: &[Constraint::MultipleOf("K", QUANT_BLOCK)],
+    config: ConfigSchema::of::<QuantConfig>(),
     reference: act_quant_ref,
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant",
     gpu: &[GpuImpl {
@@ -78,11 +78,11 @@ fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
     let q = fp8::act_quant(
         matrix_f32(x).view(),
-        cfg.usize("block_size"),
-        scale_fmt(cfg),
+        cfg.get::<QuantConfig>().block_size,
+        cfg.get::<QuantConfig>().scale_fmt,
     )?;
     let mut s_shape = x.shape.clone();
-    *s_shape.last_mut().expect("rank ≥ 1") /= cfg.usize("block_size");
+    *s_shape.last_mut().expect("rank ≥ 1") /= cfg.get::<QuantConfig>().block_size;
     Ok(outputs([
         (
             "y",
@@ -96,8 +96,8 @@ fn act_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Resul
     use dsv3_gpu::{act_quant::act_quant, HostFloats};
     let x = get(inputs, "x");
     let (m, k) = x.rows_cols();
-    let block = cfg.usize("block_size");
-    let ue8m0 = scale_fmt(cfg) == fp8::ScaleFmt::Ue8m0;
+    let block = cfg.get::<QuantConfig>().block_size;
+    let ue8m0 = cfg.get::<QuantConfig>().scale_fmt == fp8::ScaleFmt::Ue8m0;
     let out = match x.dtype {
         DType::BF16 => act_quant(gpu, HostFloats::Bf16(&x.to_u16_bits()), m, k, block, ue8m0)?,
         _ => act_quant(
@@ -121,11 +121,11 @@ fn act_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Resul
 }
 
 fn act_quant_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
-    quant_policy(ctx, "x", 1, ctx.config.usize("block_size"))
+    quant_policy(ctx, "x", 1, ctx.config.get::<QuantConfig>().block_size)
 }
 
 fn act_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let block = cfg.usize("block_size");
+    let block = cfg.get::<QuantConfig>().block_size;
     let m = sizes.get("M").copied().unwrap_or_else(|| rng.range(1, 9));
     let k = sizes
         .get("K")
@@ -143,10 +143,10 @@ pub static ACT_QUANT_128X1: OpEntry = OpEntry {
     inputs: &[TensorSpec { name: "x", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("M"), Dim::Var("K")], doc: "activations or activation gradients" }],
     outputs: &[
         TensorSpec { name: "y", dtypes: &[DType::F8E4M3], shape: &[Dim::Var("M"), Dim::Var("K")], doc: "E4M3 codes" },
-        TensorSpec { name: "s", dtypes: &[DType::F32], shape: &[Dim::CeilDiv("M", "block_size"), Dim::Var("K")], doc: "one scale per tile" },
+        TensorSpec { name: "s", dtypes: &[DType::F32], shape: &[Dim::CeilDiv("M", QUANT_BLOCK), Dim::Var("K")], doc: "one scale per tile" },
     ],
     constraints: &[],
-    config: &[BLOCK_SIZE, SCALE_FMT],
+    config: ConfigSchema::of::<QuantConfig>(),
     reference: act_quant_128x1_ref,
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant_128x1",
     gpu: &[],
@@ -161,8 +161,8 @@ fn act_quant_128x1_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
     let q = fp8::act_quant_128x1(
         matrix_f32(x).view(),
-        cfg.usize("block_size"),
-        scale_fmt(cfg),
+        cfg.get::<QuantConfig>().block_size,
+        cfg.get::<QuantConfig>().scale_fmt,
     )?;
     Ok(outputs([
         (
@@ -174,11 +174,11 @@ fn act_quant_128x1_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
 }
 
 fn act_quant_128x1_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
-    quant_policy(ctx, "x", ctx.config.usize("block_size"), 1)
+    quant_policy(ctx, "x", ctx.config.get::<QuantConfig>().block_size, 1)
 }
 
 fn act_quant_128x1_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let block = cfg.usize("block_size");
+    let block = cfg.get::<QuantConfig>().block_size;
     let m = sizes
         .get("M")
         .copied()

@@ -5,17 +5,54 @@ use dsv3_reference::moe::{self, RoutingConfig};
 use ndarray::{Array1, Array2, ArrayView2};
 
 use super::gen_fits;
-use super::routing::{affinities, n_experts, random_bias, MAX_NODES, N_NODES, TOP_K};
+use super::routing::{affinities, n_experts, random_bias, NodeLimited, NodeLimits};
 use super::values::{bound_policy, f64_tensor, unit_roundoff};
 use super::{float_input, get, outputs};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{ceil, Config, ConfigSchema, FieldKind};
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+
+crate::choice! {
+    /// The indicator of eq. (18).
+    pub enum Selection {
+        /// the literal unbiased Topk(s, K_r)
+        Topk = "topk",
+        /// the experts the token is sent to (s + b, node-limited)
+        Routed = "routed",
+    }
+}
+
+const COUNT: FieldKind = FieldKind::Int {
+    min: 1,
+    max: ceil::COUNT,
+};
+
+crate::op_config! {
+    /// `balance_loss`'s config.
+    pub struct BalanceLossConfig {
+        top_k: usize = "8", COUNT, "K_r, experts per token (8 in V3)";
+        alpha: f64 = "0.0001", FieldKind::NonNegativeFloat, "α (V3: 0.0001)";
+        selection: Selection = "\"topk\"", FieldKind::choice::<Selection>(),
+            "indicator of eq. (18): \"topk\" = the literal unbiased Topk(s, K_r); \"routed\" = the experts the token is sent to (s+b, node-limited)";
+        n_nodes: usize = "8", COUNT, "nodes the experts are spread over, E/n_nodes each (= n_group; 8 in V3)";
+        max_nodes: usize = "4", COUNT, "M, nodes per token (= topk_group; 4 in V3); must divide top_k";
+    }
+}
+
+impl NodeLimited for BalanceLossConfig {
+    fn limits(&self) -> NodeLimits {
+        NodeLimits {
+            top_k: self.top_k,
+            n_nodes: self.n_nodes,
+            max_nodes: self.max_nodes,
+        }
+    }
+}
 
 pub static BALANCE_LOSS: OpEntry = OpEntry {
     name: "balance_loss",
@@ -33,18 +70,7 @@ pub static BALANCE_LOSS: OpEntry = OpEntry {
         Constraint::NonEmpty("T", "P_i averages over the sequence's tokens"),
         Constraint::NonEmpty("E", "top_k experts are chosen among them"),
     ],
-    config: &[
-        TOP_K,
-        ConfigField { name: "alpha", kind: FieldKind::NonNegativeFloat, default: "0.0001", doc: "α (V3: 0.0001)" },
-        ConfigField {
-            name: "selection",
-            kind: FieldKind::Choice { values: &["topk", "routed"], nullable: false },
-            default: "\"topk\"",
-            doc: "indicator of eq. (18): \"topk\" = the literal unbiased Topk(s, K_r); \"routed\" = the experts the token is sent to (s+b, node-limited)",
-        },
-        N_NODES,
-        MAX_NODES,
-    ],
+    config: ConfigSchema::of::<BalanceLossConfig>(),
     reference: balance_loss_ref,
     reference_fn: "reference/src/moe/balance_loss.rs::balance_loss",
     gpu: &[],
@@ -63,24 +89,25 @@ fn sequence(scores: &Tensor, q: usize) -> Array2<f32> {
 }
 
 /// The indicator's selection for one sequence under `cfg`.
-fn selection(s: ArrayView2<f32>, bias: &Array1<f32>, cfg: &Config) -> Result<Array2<usize>> {
-    let k = cfg.usize("top_k");
-    Ok(match cfg.choice("selection") {
-        Some("routed") => moe::node_limited_topk(
-            s,
-            Some(bias.view()),
-            k,
-            cfg.usize("n_nodes"),
-            cfg.usize("max_nodes"),
-        )?,
-        _ => moe::group_limited_topk(s, None, &RoutingConfig::plain(k))?,
+fn selection(
+    s: ArrayView2<f32>,
+    bias: &Array1<f32>,
+    cfg: &BalanceLossConfig,
+) -> Result<Array2<usize>> {
+    let k = cfg.top_k;
+    Ok(match cfg.selection {
+        Selection::Routed => {
+            moe::node_limited_topk(s, Some(bias.view()), k, cfg.n_nodes, cfg.max_nodes)?
+        }
+        Selection::Topk => moe::group_limited_topk(s, None, &RoutingConfig::plain(k))?,
     })
 }
 
 fn balance_loss_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let scores = get(inputs, "scores");
     let bias = Array1::from(get(inputs, "bias").to_f32().expect("F32 or BF16"));
-    let alpha = cfg.f64("alpha");
+    let cfg = cfg.get::<BalanceLossConfig>();
+    let alpha = cfg.alpha;
     let mut loss = Vec::new();
     let mut grad = Vec::new();
     for q in 0..scores.shape[0] {
@@ -103,7 +130,8 @@ fn balance_loss_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let u = unit_roundoff(DType::F64);
     let scores = get(ctx.inputs, "scores");
     let (n_seq, t_len, e) = (scores.shape[0], scores.shape[1], scores.shape[2]);
-    let alpha = ctx.config.f64("alpha");
+    let cfg = ctx.config.get::<BalanceLossConfig>();
+    let alpha = cfg.alpha;
     let bias = Array1::from(get(ctx.inputs, "bias").to_f32().expect("F32 or BF16"));
     let reference = get(ctx.reference, ctx.output);
     let mut bound = Vec::new();
@@ -114,7 +142,7 @@ fn balance_loss_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
             bound.push(2.0 * (2 * e + t_len + 4) as f64 * u * reference.value(q).abs());
             continue;
         }
-        let Ok(sel) = selection(s32.view(), &bias, ctx.config) else {
+        let Ok(sel) = selection(s32.view(), &bias, cfg) else {
             bound.extend(std::iter::repeat_n(0.0, t_len * e));
             continue;
         };
@@ -144,7 +172,7 @@ fn balance_loss_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 fn balance_loss_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let n_seq = sizes.get("S").copied().unwrap_or_else(|| rng.range(1, 3));
     let t = sizes.get("T").copied().unwrap_or_else(|| rng.range(1, 10));
-    let e = n_experts(rng, cfg, sizes);
+    let e = n_experts(rng, cfg.get::<BalanceLossConfig>().limits(), sizes);
     gen_fits(&[&[n_seq, t, e], &[e]])?;
     let s = affinities(rng, n_seq * t * e);
     Ok(outputs([

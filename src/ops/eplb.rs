@@ -6,13 +6,35 @@ use super::gen_fits;
 use super::values::{i64_tensor, values};
 use super::{get, outputs};
 use crate::compare::Policy;
-use crate::config::{ceil, Config, ConfigField, FieldKind};
+use crate::config::{ceil, Config, ConfigSchema, FieldKind};
+use crate::contract::Param;
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+
+const COUNT: FieldKind = FieldKind::Int {
+    min: 1,
+    max: ceil::COUNT,
+};
+
+crate::op_config! {
+    /// `eplb`'s config (deepseek-ai/EPLB `rebalance_experts`' arguments).
+    pub struct EplbConfig {
+        num_replicas: usize = "288", COUNT, "physical experts P (V3 prefill: 256 + 32 redundant)";
+        num_groups: usize = "8", COUNT, "expert groups";
+        num_nodes: usize = "4", COUNT, "server nodes (V3 prefill unit: 4)";
+        num_gpus: usize = "32", COUNT, "GPUs, a multiple of num_nodes (V3 prefill unit: 32)";
+    }
+}
+
+/// `num_replicas`, the width of the placement outputs.
+const NUM_REPLICAS: Param = Param {
+    name: "num_replicas",
+    get: |c| c.get::<EplbConfig>().num_replicas,
+};
 
 pub static EPLB: OpEntry = OpEntry {
     name: "eplb",
@@ -25,17 +47,12 @@ pub static EPLB: OpEntry = OpEntry {
         doc: "estimated load of each logical expert, per MoE layer",
     }],
     outputs: &[
-        TensorSpec { name: "phy2log", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Field("num_replicas")], doc: "logical expert of each physical slot (slot s on GPU s / (P/num_gpus))" },
-        TensorSpec { name: "phyrank", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Field("num_replicas")], doc: "replica index of each slot" },
+        TensorSpec { name: "phy2log", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Field(NUM_REPLICAS)], doc: "logical expert of each physical slot (slot s on GPU s / (P/num_gpus))" },
+        TensorSpec { name: "phyrank", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Field(NUM_REPLICAS)], doc: "replica index of each slot" },
         TensorSpec { name: "logcnt", dtypes: &[DType::I64], shape: &[Dim::Var("L"), Dim::Var("E")], doc: "replicas per logical expert" },
     ],
     constraints: &[Constraint::NonEmpty("E", "logical experts to replicate")],
-    config: &[
-        ConfigField { name: "num_replicas", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "288", doc: "physical experts P (V3 prefill: 256 + 32 redundant)" },
-        ConfigField { name: "num_groups", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "8", doc: "expert groups" },
-        ConfigField { name: "num_nodes", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "4", doc: "server nodes (V3 prefill unit: 4)" },
-        ConfigField { name: "num_gpus", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "32", doc: "GPUs, a multiple of num_nodes (V3 prefill unit: 32)" },
-    ],
+    config: ConfigSchema::of::<EplbConfig>(),
     reference: eplb_ref,
     reference_fn: "reference/src/moe/eplb.rs::rebalance_experts",
     gpu: &[],
@@ -53,15 +70,16 @@ fn eplb_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let w = get(inputs, "weight");
     let (layers, e) = (w.shape[0], w.shape[1]);
     let all = values(w);
-    let p = cfg.usize("num_replicas");
+    let cfg = cfg.get::<EplbConfig>();
+    let p = cfg.num_replicas;
     let (mut phy2log, mut phyrank, mut logcnt) = (Vec::new(), Vec::new(), Vec::new());
     for l in 0..layers {
         let placement = eplb::rebalance_experts(
             &all[l * e..(l + 1) * e],
             p,
-            cfg.usize("num_groups"),
-            cfg.usize("num_nodes"),
-            cfg.usize("num_gpus"),
+            cfg.num_groups,
+            cfg.num_nodes,
+            cfg.num_gpus,
         )?;
         phy2log.extend(placement.phy2log.iter().map(|&i| i as i64));
         phyrank.extend(placement.phyrank.iter().map(|&i| i as i64));
@@ -81,11 +99,8 @@ fn eplb_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
 /// Loads for a config: `E` a multiple of `num_groups` (and of `num_nodes`), at most
 /// `num_replicas`; log-normal loads, sometimes integer token counts.
 fn eplb_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let (p, groups, nodes) = (
-        cfg.usize("num_replicas"),
-        cfg.usize("num_groups"),
-        cfg.usize("num_nodes"),
-    );
+    let cfg = cfg.get::<EplbConfig>();
+    let (p, groups, nodes) = (cfg.num_replicas, cfg.num_groups, cfg.num_nodes);
     // the global policy ignores groups and nodes: any E multiple of num_groups works
     let unit = if groups % nodes == 0 {
         groups

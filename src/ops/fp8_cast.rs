@@ -5,7 +5,7 @@ use dsv3_reference::fp8::{ue8m0, Format, Saturation, E4M3, E5M2, E5M6};
 use super::gen_fits;
 use super::{get, outputs};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{Config, ConfigSchema, FieldKind, NoConfig};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::{Error, Result};
 use crate::io::TensorMap;
@@ -15,6 +15,27 @@ use crate::tensor::{DType, Tensor};
 
 const CODE_DTYPES: &[DType] = &[DType::F8E4M3, DType::F8E5M2, DType::F8E8M0, DType::U16];
 
+crate::choice! {
+    /// The target format of `fp8_cast`.
+    pub enum CastFormat { E4m3 = "e4m3", E5m2 = "e5m2", E5m6 = "e5m6", Ue8m0 = "ue8m0" }
+}
+
+crate::choice! {
+    /// UE8M0 rounding: the cast's nearest power of two, or the next one up (DeepSeek's scales).
+    pub enum Ue8m0Rounding { Nearest = "nearest", Ceil = "ceil" }
+}
+
+crate::op_config! {
+    /// `fp8_cast`'s config.
+    pub struct CastConfig {
+        format: CastFormat = "\"e4m3\"", FieldKind::choice::<CastFormat>(), "target format";
+        saturate: bool = "true", FieldKind::Bool,
+            "e4m3/e5m2/e5m6: clamp overflow and ±inf to ±max (satfinite) instead of inf/NaN";
+        rounding: Ue8m0Rounding = "\"nearest\"", FieldKind::choice::<Ue8m0Rounding>(),
+            "ue8m0 only: nearest power of two (the ml_dtypes/torch cast) or the next one up (scale rounding)";
+    }
+}
+
 pub static FP8_CAST: OpEntry = OpEntry {
     name: "fp8_cast",
     source: "OCP FP8 (E4M3 \"FN\", E5M2), OCP MX E8M0, V3 §3.3.3 E5M6 (our 12-bit definition, SPEC.md)",
@@ -23,26 +44,7 @@ ue8m0 rounding nearest (the cast) or ceil (DeepSeek's scale rounding); E5M6 code
     inputs: &[TensorSpec { name: "x", dtypes: &[DType::F32], shape: &[Dim::Batch], doc: "values" }],
     outputs: &[TensorSpec { name: "y", dtypes: CODE_DTYPES, shape: &[Dim::Batch], doc: "codes (dtype from format)" }],
     constraints: &[],
-    config: &[
-        ConfigField {
-            name: "format",
-            kind: FieldKind::Choice { values: &["e4m3", "e5m2", "e5m6", "ue8m0"], nullable: false },
-            default: "\"e4m3\"",
-            doc: "target format",
-        },
-        ConfigField {
-            name: "saturate",
-            kind: FieldKind::Bool,
-            default: "true",
-            doc: "e4m3/e5m2/e5m6: clamp overflow and ±inf to ±max (satfinite) instead of inf/NaN",
-        },
-        ConfigField {
-            name: "rounding",
-            kind: FieldKind::Choice { values: &["nearest", "ceil"], nullable: false },
-            default: "\"nearest\"",
-            doc: "ue8m0 only: nearest power of two (the ml_dtypes/torch cast) or the next one up (scale rounding)",
-        },
-    ],
+    config: ConfigSchema::of::<CastConfig>(),
     reference: fp8_cast_ref,
     reference_fn: "reference/src/fp8/format.rs::Format::encode",
     gpu: &[],
@@ -61,12 +63,13 @@ ue8m0 rounding nearest (the cast) or ceil (DeepSeek's scale rounding); E5M6 code
     v3_sizes: &[],
 };
 
-fn format_of(name: Option<&str>) -> Option<(Format, DType)> {
-    match name {
-        Some("e4m3") => Some((E4M3, DType::F8E4M3)),
-        Some("e5m2") => Some((E5M2, DType::F8E5M2)),
-        Some("e5m6") => Some((E5M6, DType::U16)),
-        _ => None,
+/// The format and code dtype of a minifloat target (`None`: UE8M0, which has its own rounding).
+fn format_of(format: CastFormat) -> Option<(Format, DType)> {
+    match format {
+        CastFormat::E4m3 => Some((E4M3, DType::F8E4M3)),
+        CastFormat::E5m2 => Some((E5M2, DType::F8E5M2)),
+        CastFormat::E5m6 => Some((E5M6, DType::U16)),
+        CastFormat::Ue8m0 => None,
     }
 }
 
@@ -74,15 +77,16 @@ fn fp8_cast_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
     let v = x.to_f32().expect("F32");
     let shape = x.shape.clone();
-    let y = match format_of(cfg.choice("format")) {
+    let cfg = cfg.get::<CastConfig>();
+    let y = match format_of(cfg.format) {
         Some((format, dtype)) => {
-            if cfg.choice("rounding") != Some("nearest") {
+            if cfg.rounding != Ue8m0Rounding::Nearest {
                 return Err(Error::Config {
                     op: "fp8_cast",
                     msg: "`rounding` = \"ceil\" applies to ue8m0 only".into(),
                 });
             }
-            let sat = if cfg.bool("saturate") {
+            let sat = if cfg.saturate {
                 Saturation::SatFinite
             } else {
                 Saturation::NonSat
@@ -95,12 +99,12 @@ fn fp8_cast_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
             }
         }
         None => {
-            let codes = match cfg.choice("rounding") {
-                Some("ceil") => v
+            let codes = match cfg.rounding {
+                Ue8m0Rounding::Ceil => v
                     .iter()
                     .map(|&x| ue8m0::encode_ceil(x).unwrap_or(ue8m0::NAN_CODE))
                     .collect(),
-                _ => v.iter().map(|&x| ue8m0::encode_nearest(x)).collect(),
+                Ue8m0Rounding::Nearest => v.iter().map(|&x| ue8m0::encode_nearest(x)).collect(),
             };
             Tensor::from_codes(DType::F8E8M0, shape, codes)
         }
@@ -147,7 +151,7 @@ pub static FP8_DECODE: OpEntry = OpEntry {
     inputs: &[TensorSpec { name: "y", dtypes: CODE_DTYPES, shape: &[Dim::Batch], doc: "codes" }],
     outputs: &[TensorSpec { name: "x", dtypes: &[DType::F32], shape: &[Dim::Batch], doc: "values" }],
     constraints: &[],
-    config: &[],
+    config: ConfigSchema::of::<NoConfig>(),
     reference: fp8_decode_ref,
     reference_fn: "reference/src/fp8/format.rs::Format::decode",
     gpu: &[],

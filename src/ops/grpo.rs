@@ -10,7 +10,7 @@ use super::values::{
 };
 use super::{get, outputs};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{Choice, Config, ConfigSchema, FieldKind};
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
@@ -20,6 +20,30 @@ use crate::tensor::{DType, Tensor};
 
 const LOGP: &[DType] = &[DType::F32, DType::F64];
 const QGL: &[Dim] = &[Dim::Var("Q"), Dim::Var("G"), Dim::Var("L")];
+
+/// `std`: the standard deviation of eq. (28).
+impl Choice for RewardStd {
+    const VALUES: &'static [&'static str] = &["sample", "population"];
+    fn from_index(i: usize) -> Self {
+        [RewardStd::Sample, RewardStd::Population][i]
+    }
+    fn name(self) -> &'static str {
+        match self {
+            RewardStd::Sample => "sample",
+            RewardStd::Population => "population",
+        }
+    }
+}
+
+crate::op_config! {
+    /// `grpo_loss`'s config.
+    pub struct GrpoLossConfig {
+        clip_eps: f64 = "0.2", FieldKind::PositiveFloat, "ε of the clipped ratio (not stated in V3)";
+        kl_beta: f64 = "0.04", FieldKind::NonNegativeFloat, "β (DeepSeekMath: 0.04; not stated in V3)";
+        std: RewardStd = "\"sample\"", FieldKind::choice::<RewardStd>(),
+            "std of eq. (28): sample (G−1, torch.std) or population (G); all-equal rewards give A = 0";
+    }
+}
 
 pub static GRPO_LOSS: OpEntry = OpEntry {
     name: "grpo_loss",
@@ -46,16 +70,7 @@ pub static GRPO_LOSS: OpEntry = OpEntry {
         Constraint::NonEmpty("G", "the advantages normalise over the group's outputs"),
         Constraint::NonEmpty("L", "every output needs a token: J divides by |o_i|"),
     ],
-    config: &[
-        ConfigField { name: "clip_eps", kind: FieldKind::PositiveFloat, default: "0.2", doc: "ε of the clipped ratio (not stated in V3)" },
-        ConfigField { name: "kl_beta", kind: FieldKind::NonNegativeFloat, default: "0.04", doc: "β (DeepSeekMath: 0.04; not stated in V3)" },
-        ConfigField {
-            name: "std",
-            kind: FieldKind::Choice { values: &["sample", "population"], nullable: false },
-            default: "\"sample\"",
-            doc: "std of eq. (28): sample (G−1, torch.std) or population (G); all-equal rewards give A = 0",
-        },
-    ],
+    config: ConfigSchema::of::<GrpoLossConfig>(),
     reference: grpo_loss_ref,
     reference_fn: "reference/src/train/grpo.rs::grpo_loss",
     gpu: &[],
@@ -66,15 +81,13 @@ pub static GRPO_LOSS: OpEntry = OpEntry {
     v3_sizes: &[&[("Q", 2), ("G", 64), ("L", 1024)]],
 };
 
+/// The reference's config of the op's.
 fn config(cfg: &Config) -> GrpoConfig {
+    let c = cfg.get::<GrpoLossConfig>();
     GrpoConfig {
-        clip_eps: cfg.f64("clip_eps"),
-        kl_beta: cfg.f64("kl_beta"),
-        std: if cfg.choice("std") == Some("population") {
-            RewardStd::Population
-        } else {
-            RewardStd::Sample
-        },
+        clip_eps: c.clip_eps,
+        kl_beta: c.kl_beta,
+        std: c.std,
     }
 }
 

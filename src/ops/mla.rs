@@ -29,7 +29,7 @@ use super::{
     float_like, floats_tensor, gamma, get, half_bf16_ulp, kernel_values, outputs, values_f32, U32,
 };
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{Config, ConfigSchema, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::{Error, Result};
 use crate::io::TensorMap;
@@ -37,18 +37,16 @@ use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
-const SOFTMAX_SCALE: ConfigField = ConfigField {
-    name: "softmax_scale",
-    kind: FieldKind::PositiveFloat,
-    default: "0.1352337788608801",
-    doc: "V3: 192^-1/2 · (0.1·ln 40 + 1)² (the absorbed form keeps the 192-dim scale)",
-};
-const CAUSAL: ConfigField = ConfigField {
-    name: "causal",
-    kind: FieldKind::Bool,
-    default: "true",
-    doc: "query s of S_q sees keys t ≤ T − S_q + s (the queries are the last positions)",
-};
+crate::op_config! {
+    /// The attention ops' config (`mla`, `mla_decode`).
+    pub struct AttentionConfig {
+        softmax_scale: f64 = "0.1352337788608801", FieldKind::PositiveFloat,
+            "V3: 192^-1/2 · (0.1·ln 40 + 1)² (the absorbed form keeps the 192-dim scale)";
+        causal: bool = "true", FieldKind::Bool,
+            "query s of S_q sees keys t ≤ T − S_q + s (the queries are the last positions)";
+    }
+}
+
 const POLICY_DOC: &str = "per query row (T visible keys, R = T − 1 rescales, u = 2^-24): \
 |Δout| ≤ V·(2·L̄·e^{2Λ} + 2γ_{T+R}/(1 − γ_{T+R}) + 3u) [+ 2^-8·V + 1 bf16 ulp for BF16], \
 |Δlse| ≤ L̄·e^{2Λ} + γ_{T+R}/(1 − γ_{T+R}) + 2u(ln T + 1) + 2u|lse|, with L̄ = (1+4u)δσ + (2 ln T + 4(1+R))u, \
@@ -71,7 +69,7 @@ causal: t ≤ S_k − S_q + s; a query without keys: out 0, lse +inf",
         TensorSpec { name: "lse", dtypes: &[DType::F32], shape: &[Dim::Var("B"), Dim::Var("H"), Dim::Var("Sq")], doc: "natural-log log-sum-exp of the scaled scores" },
     ],
     constraints: &[],
-    config: &[SOFTMAX_SCALE, CAUSAL],
+    config: ConfigSchema::of::<AttentionConfig>(),
     reference: mla_ref,
     reference_fn: "reference/src/mla.rs::attention",
     gpu: &[],
@@ -99,7 +97,7 @@ out = softmax(scale·q·kᵀ)·k[:, :512], lse natural log; causal (s_q > 1, MTP
         TensorSpec { name: "lse", dtypes: &[DType::F32], shape: &[Dim::Var("B"), Dim::Var("H"), Dim::Var("Sq")], doc: "natural-log log-sum-exp" },
     ],
     constraints: &[],
-    config: &[SOFTMAX_SCALE, CAUSAL],
+    config: ConfigSchema::of::<AttentionConfig>(),
     reference: mla_decode_ref,
     reference_fn: "reference/src/mla.rs::attention",
     gpu: &[GpuImpl {
@@ -225,8 +223,8 @@ fn run(batch: &Batch, q: &Tensor, dv: usize, cfg: &Config) -> Result<TensorMap> 
             batch.q[i].view(),
             batch.k[i].view(),
             batch.v[i].view(),
-            cfg.f64("softmax_scale"),
-            cfg.bool("causal"),
+            cfg.get::<AttentionConfig>().softmax_scale,
+            cfg.get::<AttentionConfig>().causal,
         )?;
         out.extend(a.out.iter().copied());
         lse.extend(a.lse.iter().copied());
@@ -276,8 +274,8 @@ fn mla_decode_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Resu
         q_values.as_host(),
         &cache,
         &dims,
-        cfg.f64("softmax_scale") as f32,
-        cfg.bool("causal"),
+        cfg.get::<AttentionConfig>().softmax_scale as f32,
+        cfg.get::<AttentionConfig>().causal,
     )?;
     let (b, s_len, h) = (dims.batch, dims.s_q, dims.heads);
     Ok(outputs([
@@ -351,7 +349,8 @@ fn attention_bounds(visible: usize, dsig: f64, vmax: f64, bf16: bool) -> (f64, f
 
 fn attention_policy<'a>(ctx: &PolicyCtx<'a>, batch: Option<Batch>) -> Policy<'a> {
     let bf16 = get(ctx.inputs, "q").dtype == DType::BF16;
-    let (scale, causal) = (ctx.config.f64("softmax_scale"), ctx.config.bool("causal"));
+    let c = ctx.config.get::<AttentionConfig>();
+    let (scale, causal) = (c.softmax_scale, c.causal);
     let batch = batch.unwrap_or(Batch {
         q: vec![],
         k: vec![],
@@ -582,7 +581,8 @@ mod tests {
                 let batch = decode_batch(&inputs).unwrap();
                 let q = get(&inputs, "q");
                 let (b, s_len, h) = (q.shape[0], q.shape[1], q.shape[2]);
-                let (scale, causal) = (cfg.f64("softmax_scale") as f32, cfg.bool("causal"));
+                let c = cfg.get::<AttentionConfig>();
+                let (scale, causal) = (c.softmax_scale as f32, c.causal);
                 let candidate = |online: bool, skip_last: bool| {
                     let (mut out, mut lse) = (Vec::new(), Vec::new());
                     for i in 0..b {

@@ -5,7 +5,7 @@ pub mod act_quant;
 pub mod balance_loss;
 pub mod eplb;
 pub mod fp8_cast;
-pub mod fp8_gemm;
+pub mod gemm;
 pub mod grpo;
 pub mod mla;
 pub mod moe_gate;
@@ -23,7 +23,8 @@ use ndarray::{Array2, ArrayView2};
 
 use dsv3_reference::fp8::ScaleFmt;
 
-use crate::config::{ceil, ConfigField, FieldKind};
+use crate::config::{ceil, FieldKind, FieldValue};
+use crate::contract::Param;
 use crate::io::TensorMap;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -92,32 +93,45 @@ pub(crate) fn outputs<const N: usize>(pairs: [(&str, Tensor); N]) -> TensorMap {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-/// The two fields every quantization op takes.
-pub(crate) const BLOCK_SIZE: ConfigField = ConfigField {
-    name: "block_size",
-    kind: FieldKind::Int {
-        min: 1,
-        max: ceil::BLOCK,
-    },
-    default: "128",
-    doc: "tile edge; 128 in DeepSeek-V3",
-};
-pub(crate) const SCALE_FMT: ConfigField = ConfigField {
-    name: "scale_fmt",
-    kind: FieldKind::Choice {
-        values: &["ue8m0"],
-        nullable: true,
-    },
-    default: "null",
-    doc: "null: s = amax/448 (V3); \"ue8m0\": s rounded up to a power of two (V3.1)",
+/// The domain of a tile edge (`block_size`).
+pub(crate) const BLOCK_KIND: FieldKind = FieldKind::Int {
+    min: 1,
+    max: ceil::BLOCK,
 };
 
-pub(crate) fn scale_fmt(cfg: &crate::config::Config) -> ScaleFmt {
-    match cfg.choice("scale_fmt") {
-        Some("ue8m0") => ScaleFmt::Ue8m0,
-        _ => ScaleFmt::F32,
+/// `scale_fmt`: `null` (an f32 scale, V3) or `"ue8m0"` (a power of two, V3.1).
+impl FieldValue for ScaleFmt {
+    fn read(v: &serde_json::Value) -> Self {
+        match v.as_str() {
+            Some("ue8m0") => ScaleFmt::Ue8m0,
+            _ => ScaleFmt::F32,
+        }
     }
 }
+
+crate::op_config! {
+    /// The config of the quantization ops (`act_quant`, `act_quant_128x1`, `weight_quant`).
+    pub struct QuantConfig {
+        block_size: usize = "128", BLOCK_KIND, "tile edge; 128 in DeepSeek-V3";
+        scale_fmt: ScaleFmt = "null", FieldKind::Choice { values: &["ue8m0"], nullable: true },
+            "null: s = amax/448 (V3); \"ue8m0\": s rounded up to a power of two (V3.1)";
+    }
+}
+
+crate::choice! {
+    /// The dtype an op writes its f32 results in.
+    pub enum OutDtype {
+        /// rounded to nearest even
+        Bf16 = "bf16",
+        F32 = "f32",
+    }
+}
+
+/// `block_size` of a quantization op, for its shape rules.
+pub(crate) const QUANT_BLOCK: Param = Param {
+    name: "block_size",
+    get: |c| c.get::<QuantConfig>().block_size,
+};
 
 /// Random values for quantization tests: Gaussian rows with a random magnitude, and with some
 /// probability a hazard tile (all zero, constant, one outlier over tiny values, below the amax

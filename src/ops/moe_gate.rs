@@ -21,13 +21,68 @@ use dsv3_reference::moe::gate::{route, token_scores, GateConfig, ScoringFunc, To
 use super::gen_fits;
 use super::{float_input, get, i64_tensor, matrix_f32, outputs, require_finite, values_f32, U32};
 use crate::compare::Policy;
-use crate::config::{ceil, Config, ConfigField, FieldKind};
+use crate::config::{ceil, Choice, Config, ConfigSchema, FieldKind};
+use crate::contract::Param;
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+
+impl Choice for ScoringFunc {
+    const VALUES: &'static [&'static str] = &["sigmoid", "softmax"];
+    fn from_index(i: usize) -> Self {
+        [ScoringFunc::Sigmoid, ScoringFunc::Softmax][i]
+    }
+    fn name(self) -> &'static str {
+        Self::VALUES[self as usize]
+    }
+}
+
+impl Choice for TopkMethod {
+    const VALUES: &'static [&'static str] = &["noaux_tc", "greedy", "group_limited_greedy"];
+    fn from_index(i: usize) -> Self {
+        [
+            TopkMethod::NoauxTc,
+            TopkMethod::Greedy,
+            TopkMethod::GroupLimitedGreedy,
+        ][i]
+    }
+    fn name(self) -> &'static str {
+        Self::VALUES[self as usize]
+    }
+}
+
+const COUNT: FieldKind = FieldKind::Int {
+    min: 1,
+    max: ceil::COUNT,
+};
+
+crate::op_config! {
+    /// `moe_gate`'s config: the checkpoint's router fields (config.json names).
+    pub struct MoeGateConfig {
+        top_k: usize = "8", COUNT, "num_experts_per_tok";
+        n_group: usize = "8", COUNT, "expert groups (nodes)";
+        topk_group: usize = "4", COUNT, "groups kept per token";
+        scoring_func: ScoringFunc = "\"sigmoid\"", FieldKind::choice::<ScoringFunc>(), "affinity";
+        topk_method: TopkMethod = "\"noaux_tc\"", FieldKind::choice::<TopkMethod>(),
+            "noaux_tc: bias + top-2-sum groups (V3); greedy: no groups; group_limited_greedy: max groups, no bias";
+        norm_topk_prob: bool = "true", FieldKind::Bool, "normalise the selected weights to sum 1";
+        routed_scaling_factor: f64 = "2.5", FieldKind::PositiveFloat, "weight multiplier";
+    }
+}
+
+/// `top_k`, the width of the outputs.
+const TOP_K: Param = Param {
+    name: "top_k",
+    get: |c| c.get::<MoeGateConfig>().top_k,
+};
+/// `n_group`, which must divide the number of experts.
+const N_GROUP: Param = Param {
+    name: "n_group",
+    get: |c| c.get::<MoeGateConfig>().n_group,
+};
 
 pub static MOE_GATE: OpEntry = OpEntry {
     name: "moe_gate",
@@ -40,19 +95,11 @@ topk_group, others −inf; ids = top_k(b); w = s[ids] (/Σ if norm_topk_prob) ·
         TensorSpec { name: "e_score_correction_bias", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("E")], doc: "selection bias (used by noaux_tc only)" },
     ],
     outputs: &[
-        TensorSpec { name: "topk_weights", dtypes: &[DType::F32], shape: &[Dim::Var("N"), Dim::Field("top_k")], doc: "gate weights, by descending selection score" },
-        TensorSpec { name: "topk_ids", dtypes: &[DType::I64], shape: &[Dim::Var("N"), Dim::Field("top_k")], doc: "expert indices (compared as sets per token)" },
+        TensorSpec { name: "topk_weights", dtypes: &[DType::F32], shape: &[Dim::Var("N"), Dim::Field(TOP_K)], doc: "gate weights, by descending selection score" },
+        TensorSpec { name: "topk_ids", dtypes: &[DType::I64], shape: &[Dim::Var("N"), Dim::Field(TOP_K)], doc: "expert indices (compared as sets per token)" },
     ],
-    constraints: &[Constraint::NonEmpty("E", "top_k experts are chosen among them"), Constraint::MultipleOf("E", "n_group")],
-    config: &[
-        ConfigField { name: "top_k", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "8", doc: "num_experts_per_tok" },
-        ConfigField { name: "n_group", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "8", doc: "expert groups (nodes)" },
-        ConfigField { name: "topk_group", kind: FieldKind::Int { min: 1, max: ceil::COUNT }, default: "4", doc: "groups kept per token" },
-        ConfigField { name: "scoring_func", kind: FieldKind::Choice { values: &["sigmoid", "softmax"], nullable: false }, default: "\"sigmoid\"", doc: "affinity" },
-        ConfigField { name: "topk_method", kind: FieldKind::Choice { values: &["noaux_tc", "greedy", "group_limited_greedy"], nullable: false }, default: "\"noaux_tc\"", doc: "noaux_tc: bias + top-2-sum groups (V3); greedy: no groups; group_limited_greedy: max groups, no bias" },
-        ConfigField { name: "norm_topk_prob", kind: FieldKind::Bool, default: "true", doc: "normalise the selected weights to sum 1" },
-        ConfigField { name: "routed_scaling_factor", kind: FieldKind::PositiveFloat, default: "2.5", doc: "weight multiplier" },
-    ],
+    constraints: &[Constraint::NonEmpty("E", "top_k experts are chosen among them"), Constraint::MultipleOf("E", N_GROUP)],
+    config: ConfigSchema::of::<MoeGateConfig>(),
     reference: moe_gate_ref,
     reference_fn: "reference/src/moe/gate.rs::route",
     gpu: &[GpuImpl {
@@ -77,22 +124,17 @@ Score bounds δs: module doc of src/ops/moe_gate.rs and SPEC.md",
     v3_sizes: &[&[("N", 4), ("D", 7168), ("E", 256)]],
 };
 
+/// The reference's router config of the op's.
 pub(crate) fn gate_config(cfg: &Config) -> GateConfig {
+    let c = cfg.get::<MoeGateConfig>();
     GateConfig {
-        top_k: cfg.usize("top_k"),
-        n_group: cfg.usize("n_group"),
-        topk_group: cfg.usize("topk_group"),
-        scoring_func: match cfg.choice("scoring_func") {
-            Some("softmax") => ScoringFunc::Softmax,
-            _ => ScoringFunc::Sigmoid,
-        },
-        topk_method: match cfg.choice("topk_method") {
-            Some("greedy") => TopkMethod::Greedy,
-            Some("group_limited_greedy") => TopkMethod::GroupLimitedGreedy,
-            _ => TopkMethod::NoauxTc,
-        },
-        norm_topk_prob: cfg.bool("norm_topk_prob"),
-        routed_scaling_factor: cfg.f64("routed_scaling_factor"),
+        top_k: c.top_k,
+        n_group: c.n_group,
+        topk_group: c.topk_group,
+        scoring_func: c.scoring_func,
+        topk_method: c.topk_method,
+        norm_topk_prob: c.norm_topk_prob,
+        routed_scaling_factor: c.routed_scaling_factor,
     }
 }
 
@@ -303,7 +345,7 @@ fn judge_tokens(ctx: &PolicyCtx) -> Option<Vec<TokenVerdict>> {
 }
 
 fn moe_gate_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
-    let k = ctx.config.usize("top_k");
+    let k = ctx.config.get::<MoeGateConfig>().top_k;
     let verdicts = judge_tokens(ctx).unwrap_or_default();
     let got = get(ctx.candidate, "topk_weights");
     let is_ids = ctx.output == "topk_ids";

@@ -8,7 +8,7 @@ use super::gen_fits;
 use super::values::{bound_policy, float_tensor, interval_policy, unit_roundoff, values};
 use super::{get, outputs};
 use crate::compare::Policy;
-use crate::config::{ceil, Config, ConfigField, FieldKind};
+use crate::config::{ceil, Config, ConfigSchema, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::{Error, Result, Role};
 use crate::io::TensorMap;
@@ -19,6 +19,32 @@ use crate::tensor::{DType, Tensor};
 const FLOATS: &[DType] = &[DType::F32, DType::F64];
 const MOMENTS: &[DType] = &[DType::F32, DType::BF16, DType::F64];
 const EMA_FLOATS: &[DType] = &[DType::F32, DType::BF16, DType::F64];
+
+crate::op_config! {
+    /// `adamw_step`'s config: the hyper-parameters of one update.
+    pub struct AdamwStepConfig {
+        lr: f64 = "0.00022", FieldKind::PositiveFloat, "learning rate of this step (peak 2.2e-4)";
+        beta1: f64 = "0.9", FieldKind::NonNegativeFloat, "β1 < 1";
+        beta2: f64 = "0.95", FieldKind::PositiveFloat, "β2 < 1";
+        eps: f64 = "1e-8", FieldKind::PositiveFloat, "ε (not stated in V3; torch default)";
+        weight_decay: f64 = "0.1", FieldKind::NonNegativeFloat, "decoupled weight decay";
+        step: usize = "1", FieldKind::Int { min: 1, max: ceil::I32 }, "t ≥ 1 of this update (bias correction)";
+    }
+}
+
+crate::op_config! {
+    /// `param_ema`'s config.
+    pub struct ParamEmaConfig {
+        decay: f64 = "0.999", FieldKind::NonNegativeFloat, "decay < 1 (not stated in V3)";
+    }
+}
+
+crate::op_config! {
+    /// `clip_grad_norm`'s config.
+    pub struct ClipGradNormConfig {
+        max_norm: f64 = "1.0", FieldKind::PositiveFloat, "V3: 1.0";
+    }
+}
 
 pub static ADAMW_STEP: OpEntry = OpEntry {
     name: "adamw_step",
@@ -36,14 +62,7 @@ pub static ADAMW_STEP: OpEntry = OpEntry {
         TensorSpec { name: "exp_avg_sq_out", dtypes: MOMENTS, shape: &[Dim::Var("N")], doc: "updated v (stored dtype)" },
     ],
     constraints: &[],
-    config: &[
-        ConfigField { name: "lr", kind: FieldKind::PositiveFloat, default: "0.00022", doc: "learning rate of this step (peak 2.2e-4)" },
-        ConfigField { name: "beta1", kind: FieldKind::NonNegativeFloat, default: "0.9", doc: "β1 < 1" },
-        ConfigField { name: "beta2", kind: FieldKind::PositiveFloat, default: "0.95", doc: "β2 < 1" },
-        ConfigField { name: "eps", kind: FieldKind::PositiveFloat, default: "1e-8", doc: "ε (not stated in V3; torch default)" },
-        ConfigField { name: "weight_decay", kind: FieldKind::NonNegativeFloat, default: "0.1", doc: "decoupled weight decay" },
-        ConfigField { name: "step", kind: FieldKind::Int { min: 1, max: ceil::I32 }, default: "1", doc: "t ≥ 1 of this update (bias correction)" },
-    ],
+    config: ConfigSchema::of::<AdamwStepConfig>(),
     reference: adamw_step_ref,
     reference_fn: "reference/src/train/adamw.rs::adamw_step_bf16",
     gpu: &[],
@@ -55,12 +74,13 @@ pub static ADAMW_STEP: OpEntry = OpEntry {
 };
 
 fn hyper(cfg: &Config) -> AdamWConfig {
+    let c = cfg.get::<AdamwStepConfig>();
     AdamWConfig {
-        lr: cfg.f64("lr"),
-        beta1: cfg.f64("beta1"),
-        beta2: cfg.f64("beta2"),
-        eps: cfg.f64("eps"),
-        weight_decay: cfg.f64("weight_decay"),
+        lr: c.lr,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        weight_decay: c.weight_decay,
     }
 }
 
@@ -101,7 +121,7 @@ fn precision(inputs: &TensorMap) -> Result<(DType, DType)> {
 fn adamw_step_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let (pd, md) = precision(inputs)?;
     let hp = hyper(cfg);
-    let step = cfg.usize("step") as u64;
+    let step = cfg.get::<AdamwStepConfig>().step as u64;
     let n = get(inputs, "param").numel();
     let [mut p, g, mut m, mut v] =
         ["param", "grad", "exp_avg", "exp_avg_sq"].map(|k| values(get(inputs, k)));
@@ -166,7 +186,10 @@ fn adamw_step_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let Ok((pd, md)) = precision(ctx.inputs) else {
         return Policy::Exact;
     };
-    let Ok(c) = StepCoefficients::new(&hyper(ctx.config), ctx.config.usize("step") as u64) else {
+    let Ok(c) = StepCoefficients::new(
+        &hyper(ctx.config),
+        ctx.config.get::<AdamwStepConfig>().step as u64,
+    ) else {
         return Policy::Exact;
     };
     // working precision: f64 for the yardstick, f32 otherwise (BF16 only for storage)
@@ -254,7 +277,7 @@ pub static PARAM_EMA: OpEntry = OpEntry {
     ],
     outputs: &[TensorSpec { name: "ema_out", dtypes: EMA_FLOATS, shape: &[Dim::Batch], doc: "updated EMA" }],
     constraints: &[],
-    config: &[ConfigField { name: "decay", kind: FieldKind::NonNegativeFloat, default: "0.999", doc: "decay < 1 (not stated in V3)" }],
+    config: ConfigSchema::of::<ParamEmaConfig>(),
     reference: param_ema_ref,
     reference_fn: "reference/src/train/ema.rs::ema_update",
     gpu: &[],
@@ -277,7 +300,7 @@ fn param_ema_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
             hint: " (ema and param must share a dtype)".into(),
         });
     }
-    let out = ema::ema_update(&values(e), &values(p), cfg.f64("decay"))?;
+    let out = ema::ema_update(&values(e), &values(p), cfg.get::<ParamEmaConfig>().decay)?;
     Ok(outputs([(
         "ema_out",
         float_tensor(e.dtype, e.shape.clone(), &out),
@@ -287,7 +310,7 @@ fn param_ema_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
 fn param_ema_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let e = get(ctx.inputs, "ema");
     let u = unit_roundoff(e.dtype);
-    let w = 1.0 - ctx.config.f64("decay");
+    let w = 1.0 - ctx.config.get::<ParamEmaConfig>().decay;
     let (ev, pv) = (values(e), values(get(ctx.inputs, "param")));
     let bound: Vec<f64> = ev
         .iter()
@@ -323,7 +346,7 @@ pub static CLIP_GRAD_NORM: OpEntry = OpEntry {
         TensorSpec { name: "total_norm", dtypes: &[DType::F32], shape: &[], doc: "the global norm before clipping" },
     ],
     constraints: &[],
-    config: &[ConfigField { name: "max_norm", kind: FieldKind::PositiveFloat, default: "1.0", doc: "V3: 1.0" }],
+    config: ConfigSchema::of::<ClipGradNormConfig>(),
     reference: clip_grad_norm_ref,
     reference_fn: "reference/src/train/clip.rs::clip_grad_norm",
     gpu: &[],
@@ -337,7 +360,7 @@ pub static CLIP_GRAD_NORM: OpEntry = OpEntry {
 fn clip_grad_norm_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let g = get(inputs, "grad");
     let mut v = g.to_f32().expect("F32");
-    let norm = clip::clip_grad_norm(&mut v, cfg.f64("max_norm"))?;
+    let norm = clip::clip_grad_norm(&mut v, cfg.get::<ClipGradNormConfig>().max_norm)?;
     Ok(outputs([
         ("grad_out", Tensor::from_f32(g.shape.clone(), &v)),
         ("total_norm", Tensor::from_f32(vec![], &[norm as f32])),

@@ -21,7 +21,7 @@ use ndarray::Array2;
 use crate::compare::Policy;
 use crate::registry::PolicyCtx;
 
-use super::{get, matrix_f32, scale_fmt};
+use super::{get, matrix_f32, QuantConfig};
 
 /// Max ulp distance of an f32 scale (approximate division of amax by 448).
 pub const SCALE_ULPS: u64 = 2;
@@ -57,10 +57,12 @@ pub(crate) fn quant_policy<'a>(
                 }),
             }
         }
-        _ if scale_fmt(ctx.config) == dsv3_reference::fp8::ScaleFmt::F32 => Policy::Ulps {
-            max: SCALE_ULPS,
-            why: "amax/448 by approximate division (div.full.f32 ≤ 2 ulp)",
-        },
+        _ if ctx.config.get::<QuantConfig>().scale_fmt == dsv3_reference::fp8::ScaleFmt::F32 => {
+            Policy::Ulps {
+                max: SCALE_ULPS,
+                why: "amax/448 by approximate division (div.full.f32 ≤ 2 ulp)",
+            }
+        }
         _ => {
             // amax per tile, to rebuild the set of admissible power-of-two scales
             let mut amax = Array2::<f32>::zeros(grid);

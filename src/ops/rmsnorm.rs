@@ -9,13 +9,20 @@ use super::{
     U32,
 };
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{Config, ConfigSchema, FieldKind};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::DType;
+
+crate::op_config! {
+    /// `rmsnorm`'s config.
+    pub struct RmsNormConfig {
+        eps: f64 = "1e-6", FieldKind::PositiveFloat, "rms_norm_eps (1e-6 in V3; q_norm and kv_norm always use 1e-6)";
+    }
+}
 
 pub static RMSNORM: OpEntry = OpEntry {
     name: "rmsnorm",
@@ -27,12 +34,7 @@ pub static RMSNORM: OpEntry = OpEntry {
     ],
     outputs: &[TensorSpec { name: "y", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Batch, Dim::Var("D")], doc: "normalized (dtype of x)" }],
     constraints: &[],
-    config: &[ConfigField {
-        name: "eps",
-        kind: FieldKind::PositiveFloat,
-        default: "1e-6",
-        doc: "rms_norm_eps (1e-6 in V3; q_norm and kv_norm always use 1e-6)",
-    }],
+    config: ConfigSchema::of::<RmsNormConfig>(),
     reference: rmsnorm_ref,
     reference_fn: "reference/src/norm.rs::rms_norm",
     gpu: &[GpuImpl {
@@ -56,7 +58,7 @@ products that underflow); BF16 y: ≤ 2 bf16 ulp (HF rounds x·r to bf16 before 
 fn rmsnorm_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
     let w = values_f32(get(inputs, "weight"));
-    let y = rms_norm(matrix_f32(x).view(), &w, cfg.f64("eps"))?;
+    let y = rms_norm(matrix_f32(x).view(), &w, cfg.get::<RmsNormConfig>().eps)?;
     let values: Vec<f32> = y.iter().copied().collect();
     Ok(outputs([(
         "y",
@@ -98,7 +100,7 @@ fn rmsnorm_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<
     let x = get(inputs, "x");
     let (rows, d) = x.rows_cols();
     let w = values_f32(get(inputs, "weight"));
-    let eps = cfg.f64("eps") as f32;
+    let eps = cfg.get::<RmsNormConfig>().eps as f32;
     let y = rmsnorm(gpu, kernel_values(x).as_host(), &w, (rows, d), eps)?;
     Ok(outputs([("y", floats_tensor(x.shape.clone(), y))]))
 }

@@ -10,13 +10,31 @@ use super::{
     U32,
 };
 use crate::compare::Policy;
-use crate::config::{ceil, Config, ConfigField, FieldKind};
+use crate::config::{ceil, Config, ConfigSchema, FieldKind};
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::{Error, Result};
 use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+
+crate::choice! {
+    /// `rope_type`: plain RoPE or YaRN (the checkpoint's `rope_scaling.type`).
+    pub enum RopeType { Default = "default", Yarn = "yarn" }
+}
+
+crate::op_config! {
+    /// `rope`'s config: the checkpoint's RoPE fields (config.json names).
+    pub struct RopeOpConfig {
+        rope_theta: f64 = "10000", FieldKind::PositiveFloat, "θ";
+        rope_type: RopeType = "\"yarn\"", FieldKind::choice::<RopeType>(), "\"default\" = plain RoPE (no rope_scaling)";
+        factor: f64 = "40", FieldKind::PositiveFloat, "YaRN s";
+        original_max_position_embeddings: usize = "4096", FieldKind::Int { min: 1, max: ceil::I32 }, "YaRN L0";
+        beta_fast: f64 = "32", FieldKind::PositiveFloat, "YaRN β_fast";
+        beta_slow: f64 = "1", FieldKind::PositiveFloat, "YaRN β_slow";
+        rope_interleave: bool = "true", FieldKind::Bool, "pairs (2i, 2i+1) (DeepSeek); false: (i, i + D/2)";
+    }
+}
 
 pub static ROPE: OpEntry = OpEntry {
     name: "rope",
@@ -28,15 +46,7 @@ pub static ROPE: OpEntry = OpEntry {
     ],
     outputs: &[TensorSpec { name: "y", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("S"), Dim::Var("H"), Dim::Var("D")], doc: "rotated (official interleaved layout)" }],
     constraints: &[Constraint::EvenNonEmpty("D", "RoPE rotates pairs of features")],
-    config: &[
-        ConfigField { name: "rope_theta", kind: FieldKind::PositiveFloat, default: "10000", doc: "θ" },
-        ConfigField { name: "rope_type", kind: FieldKind::Choice { values: &["default", "yarn"], nullable: false }, default: "\"yarn\"", doc: "\"default\" = plain RoPE (no rope_scaling)" },
-        ConfigField { name: "factor", kind: FieldKind::PositiveFloat, default: "40", doc: "YaRN s" },
-        ConfigField { name: "original_max_position_embeddings", kind: FieldKind::Int { min: 1, max: ceil::I32 }, default: "4096", doc: "YaRN L0" },
-        ConfigField { name: "beta_fast", kind: FieldKind::PositiveFloat, default: "32", doc: "YaRN β_fast" },
-        ConfigField { name: "beta_slow", kind: FieldKind::PositiveFloat, default: "1", doc: "YaRN β_slow" },
-        ConfigField { name: "rope_interleave", kind: FieldKind::Bool, default: "true", doc: "pairs (2i, 2i+1) (DeepSeek); false: (i, i + D/2)" },
-    ],
+    config: ConfigSchema::of::<RopeOpConfig>(),
     reference: rope_ref,
     reference_fn: "reference/src/rope.rs::rope",
     gpu: &[GpuImpl {
@@ -60,18 +70,20 @@ bf16",
     v3_sizes: &[&[("S", 4), ("H", 128), ("D", 64)], &[("S", 4), ("H", 1), ("D", 64)]],
 };
 
+/// The reference's RoPE config of the op's, for features of width `dim`.
 fn rope_config(cfg: &Config, dim: usize) -> RopeConfig {
+    let c = cfg.get::<RopeOpConfig>();
     RopeConfig {
         dim,
-        theta: cfg.f64("rope_theta"),
-        yarn: (cfg.choice("rope_type") == Some("yarn")).then(|| Yarn {
-            factor: cfg.f64("factor"),
-            original_max_position_embeddings: cfg.usize("original_max_position_embeddings"),
-            beta_fast: cfg.f64("beta_fast"),
-            beta_slow: cfg.f64("beta_slow"),
+        theta: c.rope_theta,
+        yarn: (c.rope_type == RopeType::Yarn).then_some(Yarn {
+            factor: c.factor,
+            original_max_position_embeddings: c.original_max_position_embeddings,
+            beta_fast: c.beta_fast,
+            beta_slow: c.beta_slow,
             mscale_all_dim: 0.0,
         }),
-        interleaved: cfg.bool("rope_interleave"),
+        interleaved: c.rope_interleave,
     }
 }
 

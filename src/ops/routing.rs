@@ -8,7 +8,8 @@ use super::gen_fits;
 use super::values::{i64_tensor, values};
 use super::{float_input, get, outputs};
 use crate::compare::Policy;
-use crate::config::{ceil, Config, ConfigField, FieldKind};
+use crate::config::{ceil, Config, ConfigSchema, FieldKind, OpConfig};
+use crate::contract::Param;
 use crate::contract::{Constraint, Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
@@ -16,33 +17,63 @@ use crate::registry::{OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
-pub(crate) const TOP_K: ConfigField = ConfigField {
-    name: "top_k",
-    kind: FieldKind::Int {
-        min: 1,
-        max: ceil::COUNT,
-    },
-    default: "8",
-    doc: "K_r, experts per token (8 in V3)",
+const COUNT: FieldKind = FieldKind::Int {
+    min: 1,
+    max: ceil::COUNT,
 };
-pub(crate) const N_NODES: ConfigField = ConfigField {
-    name: "n_nodes",
-    kind: FieldKind::Int {
-        min: 1,
-        max: ceil::COUNT,
-    },
-    default: "8",
-    doc: "nodes the experts are spread over, E/n_nodes each (= n_group; 8 in V3)",
-};
-pub(crate) const MAX_NODES: ConfigField = ConfigField {
-    name: "max_nodes",
-    kind: FieldKind::Int {
-        min: 1,
-        max: ceil::COUNT,
-    },
-    default: "4",
-    doc: "M, nodes per token (= topk_group; 4 in V3); must divide top_k",
-};
+
+crate::op_config! {
+    /// `node_limited_routing`'s config.
+    pub struct RoutingConfig {
+        top_k: usize = "8", COUNT, "K_r, experts per token (8 in V3)";
+        n_nodes: usize = "8", COUNT, "nodes the experts are spread over, E/n_nodes each (= n_group; 8 in V3)";
+        max_nodes: usize = "4", COUNT, "M, nodes per token (= topk_group; 4 in V3); must divide top_k";
+    }
+}
+
+crate::op_config! {
+    /// `bias_update`'s config: the routing's, and the update speed.
+    pub struct BiasUpdateConfig {
+        top_k: usize = "8", COUNT, "K_r, experts per token (8 in V3)";
+        n_nodes: usize = "8", COUNT, "nodes the experts are spread over, E/n_nodes each (= n_group; 8 in V3)";
+        max_nodes: usize = "4", COUNT, "M, nodes per token (= topk_group; 4 in V3); must divide top_k";
+        gamma: f64 = "0.001", FieldKind::NonNegativeFloat, "γ, the bias update speed (0.001 until 14.3T tokens)";
+    }
+}
+
+/// The node-limited routing a config asks for: K_r experts per token on at most M of the nodes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NodeLimits {
+    pub top_k: usize,
+    pub n_nodes: usize,
+    pub max_nodes: usize,
+}
+
+/// A config that routes tokens node-limited (`node_limited_routing`, `bias_update`,
+/// `balance_loss`).
+pub(crate) trait NodeLimited: OpConfig {
+    fn limits(&self) -> NodeLimits;
+}
+
+impl NodeLimited for RoutingConfig {
+    fn limits(&self) -> NodeLimits {
+        NodeLimits {
+            top_k: self.top_k,
+            n_nodes: self.n_nodes,
+            max_nodes: self.max_nodes,
+        }
+    }
+}
+
+impl NodeLimited for BiasUpdateConfig {
+    fn limits(&self) -> NodeLimits {
+        NodeLimits {
+            top_k: self.top_k,
+            n_nodes: self.n_nodes,
+            max_nodes: self.max_nodes,
+        }
+    }
+}
 
 const SCORES: TensorSpec = TensorSpec {
     name: "scores",
@@ -67,14 +98,14 @@ pub(crate) fn scores_bias(inputs: &TensorMap) -> (Array2<f32>, Array1<f32>) {
 }
 
 /// The routed selection of every token (descending score order).
-pub(crate) fn route(inputs: &TensorMap, cfg: &Config) -> Result<Array2<usize>> {
+pub(crate) fn route(inputs: &TensorMap, l: NodeLimits) -> Result<Array2<usize>> {
     let (scores, bias) = scores_bias(inputs);
     Ok(moe::node_limited_topk(
         scores.view(),
         Some(bias.view()),
-        cfg.usize("top_k"),
-        cfg.usize("n_nodes"),
-        cfg.usize("max_nodes"),
+        l.top_k,
+        l.n_nodes,
+        l.max_nodes,
     )?)
 }
 
@@ -86,17 +117,17 @@ pub static NODE_LIMITED_ROUTING: OpEntry = OpEntry {
     outputs: &[TensorSpec {
         name: "topk_idx",
         dtypes: &[DType::I64],
-        shape: &[Dim::Var("T"), Dim::Field("top_k")],
+        shape: &[Dim::Var("T"), Dim::Field(Param { name: "top_k", get: |c| c.get::<RoutingConfig>().top_k })],
         doc: "selected expert ids, ascending (a set per token)",
     }],
     constraints: &[Constraint::NonEmpty("E", "top_k experts are chosen among them")],
-    config: &[TOP_K, N_NODES, MAX_NODES],
+    config: ConfigSchema::of::<RoutingConfig>(),
     reference: node_limited_routing_ref,
     reference_fn: "reference/src/moe/node_routing.rs::node_limited_topk",
     gpu: &[],
     policy: node_limited_routing_policy,
     policy_doc: "exact; a token whose selection is not unique (an exact tie of s+b at the K-th expert, or of node scores at the M-th node) may pick any of the tied candidates",
-    generate: routing_gen,
+    generate: routing_gen::<RoutingConfig>,
     test_configs: &[
         r#"{"top_k":6,"n_nodes":6,"max_nodes":3}"#,
         r#"{"top_k":4,"n_nodes":4,"max_nodes":1}"#,
@@ -106,7 +137,7 @@ pub static NODE_LIMITED_ROUTING: OpEntry = OpEntry {
 };
 
 fn node_limited_routing_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    let sel = route(inputs, cfg)?;
+    let sel = route(inputs, cfg.get::<RoutingConfig>().limits())?;
     let (t, k) = sel.dim();
     let mut ids = Vec::with_capacity(t * k);
     for row in sel.outer_iter() {
@@ -119,12 +150,8 @@ fn node_limited_routing_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMa
 
 fn node_limited_routing_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let (scores, bias) = scores_bias(ctx.inputs);
-    let cfg = ctx.config;
-    let (k, nodes, m) = (
-        cfg.usize("top_k"),
-        cfg.usize("n_nodes"),
-        cfg.usize("max_nodes"),
-    );
+    let l = ctx.config.get::<RoutingConfig>().limits();
+    let (k, nodes, m) = (l.top_k, l.n_nodes, l.max_nodes);
     let want = values(get(ctx.reference, "topk_idx"));
     let got = values(get(ctx.candidate, "topk_idx"));
     // per token: None when the selection is unique (judged bitwise), else whether the
@@ -242,9 +269,9 @@ impl Ties {
 
 /// Random affinities; `E = n_nodes · per_node` with room for the config; sometimes a coarse grid
 /// (exact ties) and sometimes no bias.
-fn routing_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
+fn routing_gen<C: NodeLimited>(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let t = sizes.get("T").copied().unwrap_or_else(|| rng.range(1, 12));
-    let e = n_experts(rng, cfg, sizes);
+    let e = n_experts(rng, cfg.get::<C>().limits(), sizes);
     gen_fits(&[&[t, e], &[e]])?;
     let s = affinities(rng, t * e);
     Ok(outputs([
@@ -254,12 +281,8 @@ fn routing_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> 
 }
 
 /// A number of experts the routing config accepts: `n_nodes · (K/M + 0..3)` (or `sizes["E"]`).
-pub(crate) fn n_experts(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> usize {
-    let (k, nodes, m) = (
-        cfg.usize("top_k"),
-        cfg.usize("n_nodes"),
-        cfg.usize("max_nodes"),
-    );
+pub(crate) fn n_experts(rng: &mut Rng, l: NodeLimits, sizes: &Sizes) -> usize {
+    let (k, nodes, m) = (l.top_k, l.n_nodes, l.max_nodes);
     sizes
         .get("E")
         .copied()
@@ -306,29 +329,25 @@ pub static BIAS_UPDATE: OpEntry = OpEntry {
         TensorSpec { name: "bias_out", dtypes: &[DType::F32], shape: &[Dim::Var("E")], doc: "updated b_i" },
     ],
     constraints: &[Constraint::NonEmpty("E", "top_k experts are chosen among them")],
-    config: &[
-        TOP_K,
-        N_NODES,
-        MAX_NODES,
-        ConfigField { name: "gamma", kind: FieldKind::NonNegativeFloat, default: "0.001", doc: "γ, the bias update speed (0.001 until 14.3T tokens)" },
-    ],
+    config: ConfigSchema::of::<BiasUpdateConfig>(),
     reference: bias_update_ref,
     reference_fn: "reference/src/moe/bias_update.rs::bias_update",
     gpu: &[],
     policy: exact,
     policy_doc: "exact: integer counts and one f32 add of ±γ (inputs with exact selection ties are ambiguous: check their routing with node_limited_routing)",
-    generate: routing_gen,
+    generate: routing_gen::<BiasUpdateConfig>,
     test_configs: &[r#"{"top_k":2,"n_nodes":1,"max_nodes":1}"#, r#"{"gamma":0.25,"top_k":4,"n_nodes":4,"max_nodes":2}"#, r#"{"gamma":0.0}"#],
     v3_sizes: &[&[("T", 64), ("E", 256)]],
 };
 
 fn bias_update_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
-    let sel = route(inputs, cfg)?;
+    let cfg = cfg.get::<BiasUpdateConfig>();
+    let sel = route(inputs, cfg.limits())?;
     let (_, bias) = scores_bias(inputs);
     let e = bias.len();
     let load = moe::expert_load(sel.view(), e)?;
     let mut b = bias.to_vec();
-    moe::bias_update(&mut b, &load, cfg.f64("gamma"))?;
+    moe::bias_update(&mut b, &load, cfg.gamma)?;
     let load: Vec<i64> = load.iter().map(|&c| c as i64).collect();
     Ok(outputs([
         ("load", i64_tensor(vec![e], &load)),

@@ -7,7 +7,7 @@ use super::{
     float_input, float_like, floats_tensor, gamma, get, kernel_values, matrix_f32, outputs,
 };
 use crate::compare::Policy;
-use crate::config::Config;
+use crate::config::{Config, ConfigSchema, NoConfig};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
@@ -25,7 +25,7 @@ pub static SWIGLU: OpEntry = OpEntry {
     ],
     outputs: &[TensorSpec { name: "y", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Batch, Dim::Var("I")], doc: "input of w2 (dtype of gate)" }],
     constraints: &[],
-    config: &[],
+    config: ConfigSchema::of::<NoConfig>(),
     reference: swiglu_ref,
     reference_fn: "reference/src/mlp.rs::swiglu",
     gpu: &[GpuImpl {

@@ -4,15 +4,30 @@ use dsv3_reference::fp8::{self, Saturation, E4M3};
 use dsv3_reference::numeric::round_to_bf16;
 
 use super::gen_fits;
-use super::{floats_tensor, get, matrix_u8, outputs, quant_values, BLOCK_SIZE};
+use super::{floats_tensor, get, matrix_u8, outputs, quant_values, OutDtype, BLOCK_KIND};
 use crate::compare::Policy;
-use crate::config::{Config, ConfigField, FieldKind};
+use crate::config::{Config, ConfigSchema, FieldKind};
+use crate::contract::Param;
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+
+crate::op_config! {
+    /// `weight_dequant`'s config.
+    pub struct DequantConfig {
+        block_size: usize = "128", BLOCK_KIND, "tile edge; 128 in DeepSeek-V3";
+        out_dtype: OutDtype = "\"bf16\"", FieldKind::choice::<OutDtype>(),
+            "bf16 as OFF (default dtype of the official run), f32 to see the exact product";
+    }
+}
+
+const BLOCK: Param = Param {
+    name: "block_size",
+    get: |c| c.get::<DequantConfig>().block_size,
+};
 
 pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
     name: "weight_dequant",
@@ -23,21 +38,13 @@ pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
         TensorSpec {
             name: "s",
             dtypes: &[DType::F32],
-            shape: &[Dim::CeilDiv("N", "block_size"), Dim::CeilDiv("K", "block_size")],
+            shape: &[Dim::CeilDiv("N", BLOCK), Dim::CeilDiv("K", BLOCK)],
             doc: "block scales (weight_scale_inv)",
         },
     ],
     outputs: &[TensorSpec { name: "w", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("N"), Dim::Var("K")], doc: "dequantized weight (dtype = out_dtype)" }],
     constraints: &[],
-    config: &[
-        BLOCK_SIZE,
-        ConfigField {
-            name: "out_dtype",
-            kind: FieldKind::Choice { values: &["f32", "bf16"], nullable: false },
-            default: "\"bf16\"",
-            doc: "bf16 as OFF (default dtype of the official run), f32 to see the exact product",
-        },
-    ],
+    config: ConfigSchema::of::<DequantConfig>(),
     reference: weight_dequant_ref,
     reference_fn: "reference/src/fp8/weight_dequant.rs::weight_dequant",
     gpu: &[GpuImpl { backend: "cuda", run: weight_dequant_gpu, kernel: "gpu/kernels/weight_dequant.cu", supports: every_config }],
@@ -53,11 +60,12 @@ fn weight_dequant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let s = get(inputs, "s");
     let s2 = ndarray::Array2::from_shape_vec((s.shape[0], s.shape[1]), s.to_f32().expect("F32"))
         .expect("validated");
-    let w = fp8::weight_dequant(matrix_u8(y).view(), s2.view(), cfg.usize("block_size"))?;
+    let cfg = cfg.get::<DequantConfig>();
+    let w = fp8::weight_dequant(matrix_u8(y).view(), s2.view(), cfg.block_size)?;
     let values: Vec<f32> = w.iter().copied().collect();
-    let out = match cfg.choice("out_dtype") {
-        Some("f32") => Tensor::from_f32(y.shape.clone(), &values),
-        _ => Tensor::from_bf16(
+    let out = match cfg.out_dtype {
+        OutDtype::F32 => Tensor::from_f32(y.shape.clone(), &values),
+        OutDtype::Bf16 => Tensor::from_bf16(
             y.shape.clone(),
             &values.iter().map(|&v| round_to_bf16(v)).collect::<Vec<_>>(),
         ),
@@ -70,14 +78,15 @@ fn weight_dequant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> 
     let y = get(inputs, "y");
     let s = get(inputs, "s");
     let (n, k) = (y.shape[0], y.shape[1]);
-    let bf16_out = cfg.choice("out_dtype") != Some("f32");
+    let cfg = cfg.get::<DequantConfig>();
+    let bf16_out = cfg.out_dtype == OutDtype::Bf16;
     let w = weight_dequant(
         gpu,
         &y.data,
         &s.to_f32().expect("F32"),
         n,
         k,
-        cfg.usize("block_size"),
+        cfg.block_size,
         bf16_out,
     )?;
     Ok(outputs([("w", floats_tensor(vec![n, k], w))]))
@@ -88,7 +97,7 @@ fn weight_dequant_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {
 }
 
 fn weight_dequant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let block = cfg.usize("block_size");
+    let block = cfg.get::<DequantConfig>().block_size;
     let n = sizes
         .get("N")
         .copied()

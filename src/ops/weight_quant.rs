@@ -5,11 +5,11 @@ use dsv3_reference::fp8;
 use super::gen_fits;
 use super::quant_policy::quant_policy;
 use super::{
-    codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, scale_fmt,
-    BLOCK_SIZE, SCALE_FMT,
+    codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, QuantConfig,
+    QUANT_BLOCK,
 };
 use crate::compare::Policy;
-use crate::config::Config;
+use crate::config::{Config, ConfigSchema};
 use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::io::TensorMap;
@@ -28,12 +28,12 @@ pub static WEIGHT_QUANT: OpEntry = OpEntry {
         TensorSpec {
             name: "s",
             dtypes: &[DType::F32],
-            shape: &[Dim::CeilDiv("N", "block_size"), Dim::CeilDiv("K", "block_size")],
+            shape: &[Dim::CeilDiv("N", QUANT_BLOCK), Dim::CeilDiv("K", QUANT_BLOCK)],
             doc: "one scale per block (the checkpoint's weight_scale_inv)",
         },
     ],
     constraints: &[],
-    config: &[BLOCK_SIZE, SCALE_FMT],
+    config: ConfigSchema::of::<QuantConfig>(),
     reference: weight_quant_ref,
     reference_fn: "reference/src/fp8/weight_quant.rs::weight_quant",
     gpu: &[GpuImpl { backend: "cuda", run: weight_quant_gpu, kernel: "gpu/kernels/weight_quant.cu", supports: every_config }],
@@ -48,8 +48,8 @@ fn weight_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let w = get(inputs, "w");
     let q = fp8::weight_quant(
         matrix_f32(w).view(),
-        cfg.usize("block_size"),
-        scale_fmt(cfg),
+        cfg.get::<QuantConfig>().block_size,
+        cfg.get::<QuantConfig>().scale_fmt,
     )?;
     Ok(outputs([
         (
@@ -63,8 +63,8 @@ fn weight_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
 fn weight_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let w = get(inputs, "w");
     let (n, k) = (w.shape[0], w.shape[1]);
-    let block = cfg.usize("block_size");
-    let ue8m0 = scale_fmt(cfg) == fp8::ScaleFmt::Ue8m0;
+    let block = cfg.get::<QuantConfig>().block_size;
+    let ue8m0 = cfg.get::<QuantConfig>().scale_fmt == fp8::ScaleFmt::Ue8m0;
     let out = match w.dtype {
         DType::BF16 => dsv3_gpu::weight_quant::weight_quant(
             gpu,
@@ -96,12 +96,12 @@ fn weight_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Re
 }
 
 fn weight_quant_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
-    let b = ctx.config.usize("block_size");
+    let b = ctx.config.get::<QuantConfig>().block_size;
     quant_policy(ctx, "w", b, b)
 }
 
 fn weight_quant_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let block = cfg.usize("block_size");
+    let block = cfg.get::<QuantConfig>().block_size;
     let n = sizes
         .get("N")
         .copied()

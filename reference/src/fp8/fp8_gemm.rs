@@ -76,6 +76,64 @@ pub enum ScaleLayout {
     Row,
 }
 
+/// A block-scaled FP8 operand (V3 §3.3.2 fine-grained quantization): E4M3 codes and one f32
+/// scale per tile of `block_size` codes along K, the tiles laid out by `layout`.
+///
+/// Shapes: `codes: [R, K]`; `scales: [R, ⌈K/B⌉]` ([`ScaleLayout::Row`], 1×B tiles) or
+/// `[⌈R/B⌉, ⌈K/B⌉]` ([`ScaleLayout::Block`], B×B blocks).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockScaled<'a> {
+    pub codes: ArrayView2<'a, u8>,
+    pub scales: ArrayView2<'a, f32>,
+    pub layout: ScaleLayout,
+}
+
+impl<'a> BlockScaled<'a> {
+    /// Codes in 1×B tiles along K (activations; OFF's `a`, `a_s`).
+    pub fn tiles(codes: ArrayView2<'a, u8>, scales: ArrayView2<'a, f32>) -> Self {
+        BlockScaled {
+            codes,
+            scales,
+            layout: ScaleLayout::Row,
+        }
+    }
+
+    /// Codes in B×B blocks (weights; OFF's `b`, `b_s` = the checkpoint's `weight_scale_inv`).
+    pub fn blocks(codes: ArrayView2<'a, u8>, scales: ArrayView2<'a, f32>) -> Self {
+        BlockScaled {
+            codes,
+            scales,
+            layout: ScaleLayout::Block,
+        }
+    }
+
+    /// The transposed operand (codes and scales transposed, the same layout): Dgrad reads the
+    /// stored weight as `Wᵀ` with `w_sᵀ`, Wgrad its B×1-tiled operands as `dyᵀ` and `xᵀ`.
+    pub fn t(self) -> Self {
+        BlockScaled {
+            codes: self.codes.reversed_axes(),
+            scales: self.scales.reversed_axes(),
+            layout: self.layout,
+        }
+    }
+
+    /// The scale row of code row `r`.
+    pub fn scale_row(&self, r: usize, block_size: usize) -> usize {
+        match self.layout {
+            ScaleLayout::Block => r / block_size,
+            ScaleLayout::Row => r,
+        }
+    }
+
+    /// The number of scale rows `R` code rows need.
+    pub fn scale_rows(&self, block_size: usize) -> usize {
+        match self.layout {
+            ScaleLayout::Block => self.codes.nrows().div_ceil(block_size),
+            ScaleLayout::Row => self.codes.nrows(),
+        }
+    }
+}
+
 /// The names of the four operands in error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmNames {
@@ -215,52 +273,38 @@ pub fn fp8_gemm(
     gemm(
         "fp8_gemm",
         &OFF_NAMES,
-        a,
-        a_s,
-        b,
-        b_s,
-        ScaleLayout::Block,
+        BlockScaled::tiles(a, a_s),
+        BlockScaled::blocks(b, b_s),
         block_size,
         accumulation,
     )
 }
 
-/// [`fp8_gemm`] with the scale layout of `b` chosen by `b_layout` (Wgrad uses
-/// [`ScaleLayout::Row`]); `op` and `names` name the caller and its operands in errors.
-#[allow(clippy::too_many_arguments)]
+/// [`fp8_gemm`] of two [`BlockScaled`] operands, `c = a·bᵀ` (each row of `b` with the scale row
+/// its layout gives; Wgrad uses [`ScaleLayout::Row`] for `b`); `op` and `names` name the caller
+/// and its operands in errors.
+///
+/// Shapes: `a.codes: [M, K]`, `b.codes: [N, K]` → `c: [M, N]` f32.
 pub fn gemm(
     op: &'static str,
     names: &GemmNames,
-    a: ArrayView2<u8>,
-    a_s: ArrayView2<f32>,
-    b: ArrayView2<u8>,
-    b_s: ArrayView2<f32>,
-    b_layout: ScaleLayout,
+    a: BlockScaled,
+    b: BlockScaled,
     block_size: usize,
     accumulation: &Accumulation,
 ) -> Result<Array2<f32>> {
-    check_gemm(
-        op,
-        names,
-        a,
-        a_s,
-        b,
-        b_s,
-        b_layout,
-        block_size,
-        accumulation,
-    )?;
+    check_gemm(op, names, a, b, block_size, accumulation)?;
     // rows as contiguous slices (transposed views, as Dgrad's Wᵀ, are copied once)
-    let (a, a_s) = (a.as_standard_layout(), a_s.as_standard_layout());
-    let (b, b_s) = (b.as_standard_layout(), b_s.as_standard_layout());
+    let (a_codes, a_s) = (a.codes.as_standard_layout(), a.scales.as_standard_layout());
+    let (b_codes, b_s) = (b.codes.as_standard_layout(), b.scales.as_standard_layout());
     let values = e4m3_values();
-    let mut c = Array2::<f32>::zeros((a.nrows(), b.nrows()));
+    let mut c = Array2::<f32>::zeros((a.codes.nrows(), b.codes.nrows()));
     for (i, mut c_row) in c.outer_iter_mut().enumerate() {
         output_row(
             c_row.as_slice_mut().expect("a fresh array is contiguous"),
-            row(&a, i),
-            row(&a_s, i),
-            (&b, &b_s, b_layout),
+            row(&a_codes, i),
+            row(&a_s, a.scale_row(i, block_size)),
+            (&b_codes, &b_s, b.layout),
             block_size,
             accumulation,
             &values,
@@ -312,55 +356,54 @@ pub(crate) fn row<'a, T>(x: &'a ndarray::CowArray<'_, T, ndarray::Ix2>, i: usize
 
 /// Validate the operands of [`gemm`]: shapes, NaN codes, scales, the accumulation's
 /// parameters and its windows. Every error names the tensor and the index.
-#[allow(clippy::too_many_arguments)]
 pub fn check_gemm(
     op: &'static str,
     names: &GemmNames,
-    a: ArrayView2<u8>,
-    a_s: ArrayView2<f32>,
-    b: ArrayView2<u8>,
-    b_s: ArrayView2<f32>,
-    b_layout: ScaleLayout,
+    a: BlockScaled,
+    b: BlockScaled,
     block_size: usize,
     accumulation: &Accumulation,
 ) -> Result<()> {
     check_setup(op, block_size, accumulation)?;
-    let (k, kb) = (a.ncols(), a.ncols().div_ceil(block_size));
-    let b_rows = match b_layout {
-        ScaleLayout::Block => b.nrows().div_ceil(block_size),
-        ScaleLayout::Row => b.nrows(),
+    let (k, kb) = (a.codes.ncols(), a.codes.ncols().div_ceil(block_size));
+    let rule = |layout: ScaleLayout, rows: &str| match layout {
+        ScaleLayout::Block => format!("[ceil({rows}/B), ceil(K/B)]"),
+        ScaleLayout::Row => format!("[{rows}, ceil(K/B)]"),
     };
+    let a_rule = rule(a.layout, "M");
     check_shape(
         op,
         names.a_s,
-        a_s.shape(),
-        &[a.nrows(), kb],
-        "[M, ceil(K/B)]",
+        a.scales.shape(),
+        &[a.scale_rows(block_size), kb],
+        &a_rule,
     )?;
-    if b.ncols() != k {
+    if b.codes.ncols() != k {
         return Err(Error::Shape {
             op,
             tensor: names.b,
-            got: b.shape().to_vec(),
+            got: b.codes.shape().to_vec(),
             expected: format!("[N, K] with K = {k} (the last dim of {})", names.a),
         });
     }
-    let rule = match b_layout {
-        ScaleLayout::Block => "[ceil(N/B), ceil(K/B)]",
-        ScaleLayout::Row => "[N, ceil(K/B)]",
-    };
-    check_shape(op, names.b_s, b_s.shape(), &[b_rows, kb], rule)?;
-    for (i, r) in a.outer_iter().enumerate() {
-        check_codes(op, names.a, r, &[i])?;
-    }
-    for (i, r) in a_s.outer_iter().enumerate() {
-        check_scales(op, names.a_s, r, &[i], block_size, k, accumulation)?;
-    }
-    for (i, r) in b.outer_iter().enumerate() {
-        check_codes(op, names.b, r, &[i])?;
-    }
-    for (i, r) in b_s.outer_iter().enumerate() {
-        check_scales(op, names.b_s, r, &[i], block_size, k, accumulation)?;
+    let b_rule = rule(b.layout, "N");
+    check_shape(
+        op,
+        names.b_s,
+        b.scales.shape(),
+        &[b.scale_rows(block_size), kb],
+        &b_rule,
+    )?;
+    for (codes, scales, name, name_s) in [
+        (a.codes, a.scales, names.a, names.a_s),
+        (b.codes, b.scales, names.b, names.b_s),
+    ] {
+        for (i, r) in codes.outer_iter().enumerate() {
+            check_codes(op, name, r, &[i])?;
+        }
+        for (i, r) in scales.outer_iter().enumerate() {
+            check_scales(op, name_s, r, &[i], block_size, k, accumulation)?;
+        }
     }
     Ok(())
 }

@@ -13,91 +13,129 @@
 //! read meaningfully nor written. Here their inputs are not validated (they may hold NaN codes
 //! or garbage scales), the reference writes 0, and `dsv3 check` does not judge them.
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis, CowArray};
+use ndarray::{Array2, Array3, ArrayView3, Axis};
 
 use super::fp8_gemm::{
     check_codes, check_scales, check_setup, check_shape, e4m3_values, output_row, row,
-    Accumulation, ScaleLayout,
+    Accumulation, BlockScaled, ScaleLayout,
 };
 use crate::error::{Error, Result};
 
-/// Contiguous layout: `c[m] = fp8_gemm(a[m], b[m_indices[m]])` for rows with an expert, 0 for
-/// padding rows (`m_indices[m] = −1`).
+/// The experts' weights of an M-grouped GEMM, B×B blocks per expert.
 ///
-/// Shapes: `a: [M, K]`, `a_s: [M, ⌈K/B⌉]`, `b: [G, N, K]`, `b_s: [G, ⌈N/B⌉, ⌈K/B⌉]`,
-/// `m_indices: [M]` → `c: [M, N]` (f32 accumulator).
-#[allow(clippy::too_many_arguments)]
-pub fn m_grouped_fp8_gemm_contiguous(
-    a: ArrayView2<u8>,
-    a_s: ArrayView2<f32>,
-    b: ArrayView3<u8>,
-    b_s: ArrayView3<f32>,
-    m_indices: &[i64],
-    block_size: usize,
-    accumulation: &Accumulation,
-) -> Result<Array2<f32>> {
-    check_m_grouped_contiguous(a, a_s, b, b_s, m_indices, block_size, accumulation)?;
-    let (a, a_s) = (a.as_standard_layout(), a_s.as_standard_layout());
-    let (b, b_s) = (b.as_standard_layout(), b_s.as_standard_layout());
-    let values = e4m3_values();
-    let mut c = Array2::<f32>::zeros((a.nrows(), b.shape()[1]));
-    for (m, mut c_row) in c.outer_iter_mut().enumerate() {
-        // padding rows stay 0
-        let Ok(g) = usize::try_from(m_indices[m]) else {
-            continue;
-        };
-        let (b_g, b_s_g) = (
-            CowArray::from(b.index_axis(Axis(0), g)),
-            CowArray::from(b_s.index_axis(Axis(0), g)),
-        );
-        output_row(
-            c_row.as_slice_mut().expect("a fresh array is contiguous"),
-            row(&a, m),
-            row(&a_s, m),
-            (&b_g, &b_s_g, ScaleLayout::Block),
-            block_size,
-            accumulation,
-            &values,
-        );
-    }
-    Ok(c)
+/// Shapes: `codes: [G, N, K]` E4M3, `scales: [G, ⌈N/B⌉, ⌈K/B⌉]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertWeights<'a> {
+    pub codes: ArrayView3<'a, u8>,
+    pub scales: ArrayView3<'a, f32>,
 }
 
-/// Masked layout: `c[g, m] = fp8_gemm(a[g, m], b[g])` for `m < masked_m[g]`, 0 past it.
-///
-/// Shapes: `a: [G, M_max, K]`, `a_s: [G, M_max, ⌈K/B⌉]`, `b: [G, N, K]`,
-/// `b_s: [G, ⌈N/B⌉, ⌈K/B⌉]`, `masked_m: [G]` → `c: [G, M_max, N]`.
-#[allow(clippy::too_many_arguments)]
-pub fn m_grouped_fp8_gemm_masked(
-    a: ArrayView3<u8>,
-    a_s: ArrayView3<f32>,
-    b: ArrayView3<u8>,
-    b_s: ArrayView3<f32>,
-    masked_m: &[i64],
+impl<'a> ExpertWeights<'a> {
+    pub fn new(codes: ArrayView3<'a, u8>, scales: ArrayView3<'a, f32>) -> Self {
+        ExpertWeights { codes, scales }
+    }
+
+    /// The number of experts G.
+    pub fn groups(&self) -> usize {
+        self.codes.shape()[0]
+    }
+
+    /// Expert `g`'s weight as a dense GEMM's `b`.
+    pub fn expert(&self, g: usize) -> BlockScaled<'_> {
+        BlockScaled::blocks(
+            self.codes.index_axis(Axis(0), g),
+            self.scales.index_axis(Axis(0), g),
+        )
+    }
+}
+
+/// Which rows of `a` (its leading dims flattened: `[R, K]`) each expert multiplies, in output
+/// order: the one gather/scatter of the grouped GEMMs (this reference, `dsv3`'s fast path and
+/// its GPU backends). Rows of no group are padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRows {
+    per_group: Vec<Vec<usize>>,
+    rows: usize,
+}
+
+impl GroupRows {
+    /// Contiguous layout: row `m` belongs to expert `m_indices[m]`, none when it is −1
+    /// (validated: every other index is in `0..groups`).
+    pub fn contiguous(m_indices: &[i64], groups: usize) -> Self {
+        let mut per_group = vec![Vec::new(); groups];
+        for (m, &g) in m_indices.iter().enumerate() {
+            if let Some(rows) = usize::try_from(g).ok().and_then(|g| per_group.get_mut(g)) {
+                rows.push(m);
+            }
+        }
+        GroupRows {
+            per_group,
+            rows: m_indices.len(),
+        }
+    }
+
+    /// Masked layout: `a: [G, M_max, K]` flattened; group `g` owns its first `masked_m[g]` rows
+    /// `g·M_max + m` (validated: `0 ≤ masked_m[g] ≤ M_max`).
+    pub fn masked(masked_m: &[i64], m_max: usize) -> Self {
+        let per_group = masked_m
+            .iter()
+            .enumerate()
+            .map(|(g, &n)| {
+                (0..n.clamp(0, m_max as i64) as usize)
+                    .map(|m| g * m_max + m)
+                    .collect()
+            })
+            .collect();
+        GroupRows {
+            per_group,
+            rows: masked_m.len() * m_max,
+        }
+    }
+
+    /// The rows of group `g`, ascending.
+    pub fn of(&self, g: usize) -> &[usize] {
+        &self.per_group[g]
+    }
+
+    /// The number of groups.
+    pub fn groups(&self) -> usize {
+        self.per_group.len()
+    }
+
+    /// Whether each of the `R` rows belongs to a group (the rows a checker judges).
+    pub fn defined(&self) -> Vec<bool> {
+        let mut defined = vec![false; self.rows];
+        for &r in self.per_group.iter().flatten() {
+            defined[r] = true;
+        }
+        defined
+    }
+}
+
+/// `c[r] = fp8_gemm(a[r], b[g])` for every row `r` of every group `g`, 0 for the other rows.
+/// Shapes: `a.codes: [R, K]` (1×B tiles), `b: [G, N, K]` → `c: [R, N]`.
+fn grouped(
+    a: BlockScaled,
+    b: ExpertWeights,
+    rows: &GroupRows,
     block_size: usize,
     accumulation: &Accumulation,
-) -> Result<Array3<f32>> {
-    check_m_grouped_masked(a, a_s, b, b_s, masked_m, block_size, accumulation)?;
-    let (a, a_s) = (a.as_standard_layout(), a_s.as_standard_layout());
-    let (b, b_s) = (b.as_standard_layout(), b_s.as_standard_layout());
+) -> Array2<f32> {
+    let (a_codes, a_s) = (a.codes.as_standard_layout(), a.scales.as_standard_layout());
     let values = e4m3_values();
-    let mut c = Array3::<f32>::zeros((a.shape()[0], a.shape()[1], b.shape()[1]));
-    for (g, &rows) in masked_m.iter().enumerate() {
+    let mut c = Array2::<f32>::zeros((a.codes.nrows(), b.codes.shape()[1]));
+    for g in 0..rows.groups() {
+        let expert = b.expert(g);
         let (b_g, b_s_g) = (
-            CowArray::from(b.index_axis(Axis(0), g)),
-            CowArray::from(b_s.index_axis(Axis(0), g)),
+            expert.codes.as_standard_layout(),
+            expert.scales.as_standard_layout(),
         );
-        // only the first masked_m[g] rows are real; the rest stay 0
-        for m in 0..rows as usize {
-            let mut c_row = c.slice_mut(ndarray::s![g, m, ..]);
+        for &r in rows.of(g) {
+            let mut c_row = c.row_mut(r);
             output_row(
                 c_row.as_slice_mut().expect("a fresh array is contiguous"),
-                a.slice(ndarray::s![g, m, ..])
-                    .to_slice()
-                    .expect("standard layout"),
-                a_s.slice(ndarray::s![g, m, ..])
-                    .to_slice()
-                    .expect("standard layout"),
+                row(&a_codes, r),
+                row(&a_s, r),
                 (&b_g, &b_s_g, ScaleLayout::Block),
                 block_size,
                 accumulation,
@@ -105,34 +143,80 @@ pub fn m_grouped_fp8_gemm_masked(
             );
         }
     }
-    Ok(c)
+    c
+}
+
+/// Contiguous layout: `c[m] = fp8_gemm(a[m], b[m_indices[m]])` for rows with an expert, 0 for
+/// padding rows (`m_indices[m] = −1`).
+///
+/// Shapes: `a.codes: [M, K]`, `a.scales: [M, ⌈K/B⌉]` (1×B tiles), `b: [G, N, K]`,
+/// `m_indices: [M]` → `c: [M, N]` (f32 accumulator).
+pub fn m_grouped_fp8_gemm_contiguous(
+    a: BlockScaled,
+    b: ExpertWeights,
+    m_indices: &[i64],
+    block_size: usize,
+    accumulation: &Accumulation,
+) -> Result<Array2<f32>> {
+    check_m_grouped_contiguous(a, b, m_indices, block_size, accumulation)?;
+    let rows = GroupRows::contiguous(m_indices, b.groups());
+    Ok(grouped(a, b, &rows, block_size, accumulation))
+}
+
+/// Masked layout: `c[g, m] = fp8_gemm(a[g, m], b[g])` for `m < masked_m[g]`, 0 past it.
+///
+/// Shapes: `a: [G, M_max, K]`, `a_s: [G, M_max, ⌈K/B⌉]`, `b: [G, N, K]`, `masked_m: [G]`
+/// → `c: [G, M_max, N]`.
+pub fn m_grouped_fp8_gemm_masked(
+    a: ArrayView3<u8>,
+    a_s: ArrayView3<f32>,
+    b: ExpertWeights,
+    masked_m: &[i64],
+    block_size: usize,
+    accumulation: &Accumulation,
+) -> Result<Array3<f32>> {
+    check_m_grouped_masked(a, a_s, b, masked_m, block_size, accumulation)?;
+    let (groups, m_max, k) = a.dim();
+    let (a2, a_s2) = (flatten(a), flatten(a_s));
+    let rows = GroupRows::masked(masked_m, m_max);
+    let tiles = BlockScaled::tiles(a2.view(), a_s2.view());
+    let c = grouped(tiles, b, &rows, block_size, accumulation);
+    let n = c.ncols();
+    debug_assert_eq!(a2.ncols(), k);
+    Ok(c.into_shape_with_order((groups, m_max, n))
+        .expect("[G·M_max, N] rows in order"))
+}
+
+/// `[G, M, X]` as `[G·M, X]` (a copy in standard layout).
+pub fn flatten<T: Copy>(x: ArrayView3<T>) -> Array2<T> {
+    let (g, m, c) = x.dim();
+    x.as_standard_layout()
+        .to_owned()
+        .into_shape_with_order((g * m, c))
+        .expect("standard layout")
 }
 
 /// Validate the contiguous layout: shapes, `m_indices ∈ −1..G`, the rows with an expert, and
 /// every expert's weight. Padding rows are not looked at.
-#[allow(clippy::too_many_arguments)]
 pub fn check_m_grouped_contiguous(
-    a: ArrayView2<u8>,
-    a_s: ArrayView2<f32>,
-    b: ArrayView3<u8>,
-    b_s: ArrayView3<f32>,
+    a: BlockScaled,
+    b: ExpertWeights,
     m_indices: &[i64],
     block_size: usize,
     accumulation: &Accumulation,
 ) -> Result<()> {
     const OP: &str = "m_grouped_fp8_gemm_contiguous";
     check_setup(OP, block_size, accumulation)?;
-    let (m, k) = a.dim();
+    let (m, k) = a.codes.dim();
     let kb = k.div_ceil(block_size);
-    let groups = b.shape()[0];
-    check_shape(OP, "a_s", a_s.shape(), &[m, kb], "[M, ceil(K/B)]")?;
+    check_shape(OP, "a_s", a.scales.shape(), &[m, kb], "[M, ceil(K/B)]")?;
     check_shape(OP, "m_indices", &[m_indices.len()], &[m], "[M]")?;
-    check_weights(OP, b, b_s, k, block_size, accumulation)?;
+    check_weights(OP, b, k, block_size, accumulation)?;
     for (i, &g) in m_indices.iter().enumerate() {
         if g == -1 {
             continue;
         }
-        if g < -1 || g >= groups as i64 {
+        if g < -1 || g >= b.groups() as i64 {
             return Err(Error::Value {
                 op: OP,
                 tensor: "m_indices",
@@ -141,19 +225,25 @@ pub fn check_m_grouped_contiguous(
                 why: "an expert index must be in 0..G, or −1 for a padding row",
             });
         }
-        check_codes(OP, "a", a.row(i), &[i])?;
-        check_scales(OP, "a_s", a_s.row(i), &[i], block_size, k, accumulation)?;
+        check_codes(OP, "a", a.codes.row(i), &[i])?;
+        check_scales(
+            OP,
+            "a_s",
+            a.scales.row(i),
+            &[i],
+            block_size,
+            k,
+            accumulation,
+        )?;
     }
     Ok(())
 }
 
 /// Validate the masked layout: shapes, `masked_m ∈ 0..=M_max`, the real rows, the weights.
-#[allow(clippy::too_many_arguments)]
 pub fn check_m_grouped_masked(
     a: ArrayView3<u8>,
     a_s: ArrayView3<f32>,
-    b: ArrayView3<u8>,
-    b_s: ArrayView3<f32>,
+    b: ExpertWeights,
     masked_m: &[i64],
     block_size: usize,
     accumulation: &Accumulation,
@@ -172,12 +262,12 @@ pub fn check_m_grouped_masked(
     check_shape(
         OP,
         "b",
-        &b.shape()[..1],
+        &b.codes.shape()[..1],
         &[groups],
         "[G, N, K] with G from a",
     )?;
     check_shape(OP, "masked_m", &[masked_m.len()], &[groups], "[G]")?;
-    check_weights(OP, b, b_s, k, block_size, accumulation)?;
+    check_weights(OP, b, k, block_size, accumulation)?;
     for (g, &rows) in masked_m.iter().enumerate() {
         if rows < 0 || rows > m_max as i64 {
             return Err(Error::Value {
@@ -197,32 +287,37 @@ pub fn check_m_grouped_masked(
     Ok(())
 }
 
-/// Every expert's weight: `b: [G, N, K]` codes, `b_s: [G, ⌈N/B⌉, ⌈K/B⌉]` scales.
+/// Every expert's weight: `b.codes: [G, N, K]`, `b.scales: [G, ⌈N/B⌉, ⌈K/B⌉]`.
 fn check_weights(
     op: &'static str,
-    b: ArrayView3<u8>,
-    b_s: ArrayView3<f32>,
+    b: ExpertWeights,
     k: usize,
     block_size: usize,
     accumulation: &Accumulation,
 ) -> Result<()> {
-    let (groups, n, k_b) = b.dim();
+    let (groups, n, k_b) = b.codes.dim();
     if k_b != k {
         return Err(Error::Shape {
             op,
             tensor: "b",
-            got: b.shape().to_vec(),
+            got: b.codes.shape().to_vec(),
             expected: format!("[G, N, K] with K = {k} (the last dim of a)"),
         });
     }
     let grid = [groups, n.div_ceil(block_size), k.div_ceil(block_size)];
-    check_shape(op, "b_s", b_s.shape(), &grid, "[G, ceil(N/B), ceil(K/B)]")?;
+    check_shape(
+        op,
+        "b_s",
+        b.scales.shape(),
+        &grid,
+        "[G, ceil(N/B), ceil(K/B)]",
+    )?;
     for g in 0..groups {
         for j in 0..n {
-            check_codes(op, "b", b.slice(ndarray::s![g, j, ..]), &[g, j])?;
+            check_codes(op, "b", b.codes.slice(ndarray::s![g, j, ..]), &[g, j])?;
         }
         for j in 0..grid[1] {
-            let s = b_s.slice(ndarray::s![g, j, ..]);
+            let s = b.scales.slice(ndarray::s![g, j, ..]);
             check_scales(op, "b_s", s, &[g, j], block_size, k, accumulation)?;
         }
     }
@@ -259,11 +354,10 @@ mod tests {
         let mut a_bad = a.clone();
         a_bad[[2, 0]] = 0xFF; // a padding row may hold anything
         let idx = [1i64, 0, -1, 1, 0];
+        let w = ExpertWeights::new(b.view(), b_s.view());
         let c = m_grouped_fp8_gemm_contiguous(
-            a_bad.view(),
-            a_s.view(),
-            b.view(),
-            b_s.view(),
+            BlockScaled::tiles(a_bad.view(), a_s.view()),
+            w,
             &idx,
             bs,
             &Accumulation::Exact,
@@ -287,10 +381,8 @@ mod tests {
         }
         assert!(c.row(2).iter().all(|&v| v == 0.0));
         let e = m_grouped_fp8_gemm_contiguous(
-            a.view(),
-            a_s.view(),
-            b.view(),
-            b_s.view(),
+            BlockScaled::tiles(a.view(), a_s.view()),
+            w,
             &[1, 0, 2, 1, 0],
             bs,
             &Accumulation::Exact,
@@ -311,16 +403,10 @@ mod tests {
         let b_s = Array3::from_elem((g, 1, 2), 2.0f32);
         a[[1, 2, 3]] = 0x7F; // past masked_m[1] = 2: ignored
         a_s[[0, 1, 0]] = f32::NAN; // past masked_m[0] = 1
-        let c = m_grouped_fp8_gemm_masked(
-            a.view(),
-            a_s.view(),
-            b.view(),
-            b_s.view(),
-            &[1, 2],
-            bs,
-            &Accumulation::Exact,
-        )
-        .unwrap();
+        let w = ExpertWeights::new(b.view(), b_s.view());
+        let c =
+            m_grouped_fp8_gemm_masked(a.view(), a_s.view(), w, &[1, 2], bs, &Accumulation::Exact)
+                .unwrap();
         for e in 0..g {
             let dense = fp8_gemm(
                 a.slice(s![e, 0..1, ..]),
@@ -335,19 +421,28 @@ mod tests {
         }
         assert!(c.slice(s![0, 1.., ..]).iter().all(|&v| v == 0.0));
         assert!(c.slice(s![1, 2.., ..]).iter().all(|&v| v == 0.0));
-        let e = m_grouped_fp8_gemm_masked(
-            a.view(),
-            a_s.view(),
-            b.view(),
-            b_s.view(),
-            &[1, 4],
-            bs,
-            &Accumulation::Exact,
-        )
-        .unwrap_err();
+        let e =
+            m_grouped_fp8_gemm_masked(a.view(), a_s.view(), w, &[1, 4], bs, &Accumulation::Exact)
+                .unwrap_err();
         assert!(
             matches!(e, Error::Value { tensor: "masked_m", ref index, .. } if index == &vec![1]),
             "{e}"
         );
+    }
+
+    #[test]
+    fn group_rows_list_each_expert_s_rows_in_order() {
+        let c = GroupRows::contiguous(&[1, 0, -1, 1, 0], 3);
+        assert_eq!(
+            (c.of(0), c.of(1), c.of(2)),
+            (&[1, 4][..], &[0, 3][..], &[][..])
+        );
+        assert_eq!(c.defined(), vec![true, true, false, true, true]);
+        let m = GroupRows::masked(&[1, 3, 0], 3);
+        assert_eq!(
+            (m.of(0), m.of(1), m.of(2)),
+            (&[0][..], &[3, 4, 5][..], &[][..])
+        );
+        assert_eq!(m.defined().iter().filter(|&&d| d).count(), 4);
     }
 }

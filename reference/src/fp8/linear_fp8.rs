@@ -10,14 +10,14 @@
 //! | Wgrad | `dW = dyᵀ·x` | `dyᵀ` (dy quantized in 128×1 tiles) | `xᵀ` (x re-tiled 1×128 → 128×1) | M (tokens) |
 //!
 //! Each is the block-scaled GEMM of [`fp8_gemm`](super::fp8_gemm) with the same accumulation
-//! rules; Wgrad's `b` carries one scale per row and 128-token block ([`ScaleLayout::Row`]),
+//! rules; Wgrad's `b` carries one scale per row and 128-token block ([`ScaleLayout::Row`](super::fp8_gemm::ScaleLayout::Row)),
 //! DeepGEMM's "1D1D" recipe. Fprop and Dgrad outputs are stored in BF16, the weight gradient in
 //! FP32 (Fig. 6).
 
 use ndarray::{Array2, ArrayView2};
 
 use super::act_quant::{act_quant, act_quant_128x1, retile_128x1};
-use super::fp8_gemm::{gemm, Accumulation, GemmNames, ScaleLayout};
+use super::fp8_gemm::{gemm, Accumulation, BlockScaled, GemmNames};
 use super::scale::ScaleFmt;
 use super::tile::Quantized;
 use super::weight_quant::weight_quant;
@@ -42,17 +42,8 @@ pub fn fprop(
         b: "w",
         b_s: "w_s",
     };
-    gemm(
-        "linear_fp8_fprop",
-        &names,
-        x,
-        x_s,
-        w,
-        w_s,
-        ScaleLayout::Block,
-        block_size,
-        accumulation,
-    )
+    let (x, w) = (BlockScaled::tiles(x, x_s), BlockScaled::blocks(w, w_s));
+    gemm("linear_fp8_fprop", &names, x, w, block_size, accumulation)
 }
 
 /// Dgrad, V3 Fig. 6: `dx[m, k] = Σ_nb (Σ_{n∈nb} dy[m,n]·w[n,k]) · dy_s[m,nb] · w_s[nb, k/B]`:
@@ -74,14 +65,12 @@ pub fn dgrad(
         b: "wᵀ",
         b_s: "w_sᵀ",
     };
+    let (dy, w) = (BlockScaled::tiles(dy, dy_s), BlockScaled::blocks(w, w_s));
     gemm(
         "linear_fp8_dgrad",
         &names,
         dy,
-        dy_s,
         w.t(),
-        w_s.t(),
-        ScaleLayout::Block,
         block_size,
         accumulation,
     )
@@ -106,17 +95,12 @@ pub fn wgrad(
         b: "xᵀ",
         b_s: "x_sᵀ",
     };
-    gemm(
-        "linear_fp8_wgrad",
-        &names,
-        dy.t(),
-        dy_s.t(),
-        x.t(),
-        x_s.t(),
-        ScaleLayout::Row,
-        block_size,
-        accumulation,
-    )
+    // both operands in B×1 tiles: read transposed, each row one channel with its own scales
+    let (dy, x) = (
+        BlockScaled::tiles(dy.t(), dy_s.t()),
+        BlockScaled::tiles(x.t(), x_s.t()),
+    );
+    gemm("linear_fp8_wgrad", &names, dy, x, block_size, accumulation)
 }
 
 /// A Linear layer trained in FP8 as V3 §3.3 describes: inputs and output gradients quantized

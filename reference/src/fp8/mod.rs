@@ -25,8 +25,10 @@ pub mod weight_quant;
 pub use accumulate::{TensorCoreModel, TermCut, WriteBack, HOPPER_FP8_WGMMA};
 pub use act_quant::{act_quant, act_quant_128x1, act_quant_any_k, retile_128x1};
 pub use format::{Format, Saturation, Specials, E4M3, E5M2, E5M6};
-pub use fp8_gemm::{fp8_gemm, Accumulation, ScaleLayout};
-pub use grouped_gemm::{m_grouped_fp8_gemm_contiguous, m_grouped_fp8_gemm_masked};
+pub use fp8_gemm::{fp8_gemm, Accumulation, BlockScaled, ScaleLayout};
+pub use grouped_gemm::{
+    m_grouped_fp8_gemm_contiguous, m_grouped_fp8_gemm_masked, ExpertWeights, GroupRows,
+};
 pub use linear_fp8::{LinearFp8, LinearFp8Cache};
 pub use scale::{tile_scale, ScaleFmt, AMAX_FLOOR, E4M3_MAX};
 pub use tc_bound::{TensorCoreBound, HOPPER_FP8_BOUND};

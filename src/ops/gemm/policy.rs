@@ -1,0 +1,164 @@
+//! The reference outputs and the tolerance policy of every GEMM op (the module docs of
+//! [`super`] and SPEC.md "FP8 GEMM tolerance" / "Tensor Core bound" derive them).
+
+use std::cell::OnceCell;
+
+use dsv3_reference::fp8::fp8_gemm::Accumulation;
+
+use super::{compute, windows, GemmConfig, Layout};
+use crate::compare::Policy;
+use crate::error::Result;
+use crate::fast::GemmOut;
+use crate::io::TensorMap;
+use crate::ops::{get, outputs};
+use crate::registry::PolicyCtx;
+use crate::tensor::{DType, Tensor};
+use crate::tolerance::{bound_use, tc_bound_tolerance, within_bound};
+
+/// Names of the auxiliary tensors a bound-mode reference hands its policy.
+const AUX_ACCUMULATOR: &str = "aux:accumulator";
+const AUX_TOLERANCE: &str = "aux:tolerance";
+
+/// Each element's `tensor_core_bound` tolerance, from the accumulators' magnitudes, window
+/// magnitudes and slack, over a reduction of length `k`.
+fn tolerances(out: &GemmOut, cfg: &GemmConfig, k: usize, promote_interval: usize) -> Vec<f64> {
+    let w = (cfg.partials(k), windows(promote_interval, k));
+    out.magnitude
+        .iter()
+        .zip(&out.window_magnitude)
+        .zip(&out.slack)
+        .map(|((&m, &mw), &d)| tc_bound_tolerance(m, mw, d, w))
+        .collect()
+}
+
+/// The reference outputs of `L`: its output under `out_dtype`; in bound mode also the f32
+/// accumulators and each element's tolerance as auxiliary tensors (the policy reads them
+/// instead of computing everything again).
+pub(super) fn reference<L: Layout>(inputs: &TensorMap, cfg: &GemmConfig) -> Result<TensorMap> {
+    let (shape, k) = L::shape(inputs);
+    let ops = L::operands(inputs, cfg)?;
+    let Accumulation::TensorCoreBound {
+        promote_interval, ..
+    } = cfg.accumulation()
+    else {
+        let out = L::compute(&ops, cfg, false);
+        return Ok(outputs([(L::OUTPUT, cfg.out_tensor(shape, &out.c))]));
+    };
+    let out = L::compute(&ops, cfg, true);
+    let tolerance = tolerances(&out, cfg, k, promote_interval);
+    let flat = vec![out.c.nrows(), out.c.ncols()];
+    let aux_tolerance = Tensor::from_bytes(
+        DType::F64,
+        flat.clone(),
+        tolerance.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+    .expect("one f64 per element");
+    Ok(outputs([
+        (L::OUTPUT, cfg.out_tensor(shape, &out.c)),
+        (
+            AUX_ACCUMULATOR,
+            Tensor::from_f32(flat, &out.c.iter().copied().collect::<Vec<_>>()),
+        ),
+        (AUX_TOLERANCE, aux_tolerance),
+    ]))
+}
+
+/// The policy of `L`'s output (module docs): undefined rows of a grouped output are not
+/// judged.
+pub(super) fn policy<'a, L: Layout>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
+    let cfg = ctx.config.get::<GemmConfig>();
+    let candidate = get(ctx.candidate, ctx.output);
+    let n = *candidate.shape.last().unwrap_or(&1);
+    let (_, k) = L::shape(ctx.inputs);
+    let inner = match cfg.accumulation() {
+        Accumulation::TensorCoreBound {
+            promote_interval, ..
+        } => bound_policy::<L>(ctx, cfg, k, promote_interval),
+        _ => rounding_policy::<L>(ctx, cfg, k),
+    };
+    let defined = L::operands(ctx.inputs, cfg)
+        .ok()
+        .and_then(|ops| L::defined_rows(&ops));
+    match defined {
+        None => inner,
+        Some(rows) => Policy::Partial {
+            why: "padding rows (m_indices = −1, rows past masked_m): undefined, as in DeepGEMM",
+            judged: Box::new(move |i| rows[i / n.max(1)]),
+            inner: Box::new(inner),
+        },
+    }
+}
+
+/// `tensor_core_bound`: every element measured against its own tolerance.
+fn bound_policy<'a, L: Layout>(
+    ctx: &PolicyCtx<'a>,
+    cfg: &'a GemmConfig,
+    k: usize,
+    promote_interval: usize,
+) -> Policy<'a> {
+    let candidate = get(ctx.candidate, ctx.output);
+    let bf16_out = candidate.dtype == DType::BF16;
+    // the reference handed over its accumulators and tolerances (else: compute them)
+    let (acc, tol) = match (
+        ctx.reference.get(AUX_ACCUMULATOR),
+        ctx.reference.get(AUX_TOLERANCE),
+    ) {
+        (Some(a), Some(t)) => (
+            a.to_f32().unwrap_or_default(),
+            (0..t.numel()).map(|i| t.value(i)).collect(),
+        ),
+        _ => match compute::<L>(ctx.inputs, cfg, true) {
+            Ok(out) => {
+                let tol = tolerances(&out, cfg, k, promote_interval);
+                (out.c.iter().copied().collect(), tol)
+            }
+            Err(_) => (Vec::new(), Vec::new()),
+        },
+    };
+    Policy::Bounded {
+        why: "tensor_core_bound: the out_dtype rounding of a value within the Tensor Core \
+              bound of the exact accumulator (SPEC.md \"Tensor Core bound\")",
+        measure: Box::new(move |i| {
+            let (Some(&r), Some(&t)) = (acc.get(i), tol.get(i)) else {
+                return f64::INFINITY;
+            };
+            bound_use(candidate.value(i), r, t, bf16_out)
+        }),
+    }
+}
+
+/// Exact and tensor_core modes: bit-exact, or the out_dtype rounding of a value within
+/// [`crate::tolerance::gemm_bound`] of the reference accumulator.
+fn rounding_policy<'a, L: Layout>(
+    ctx: &PolicyCtx<'a>,
+    cfg: &'a GemmConfig,
+    k: usize,
+) -> Policy<'a> {
+    let candidate = get(ctx.candidate, ctx.output);
+    let bf16_out = candidate.dtype == DType::BF16;
+    let n = *candidate.shape.last().unwrap_or(&1);
+    let w = cfg.partials(k);
+    let inputs = ctx.inputs;
+    // the reference accumulators and magnitudes, computed once, only if some element differs
+    let bounds: OnceCell<Option<GemmOut>> = OnceCell::new();
+    Policy::ExactUnless {
+        why: "the out_dtype rounding of an f32 value within E = 2·γ_{W+2}·Σ|p|·a_s·b_s of the \
+              reference accumulator (other f32 order across blocks, FMA, scale association)",
+        allow: Box::new(move |i| {
+            let Some(b) = bounds
+                .get_or_init(|| compute::<L>(inputs, cfg, true).ok())
+                .as_ref()
+            else {
+                return false;
+            };
+            let (r, c) = (i / n.max(1), i % n.max(1));
+            within_bound(
+                candidate.value(i),
+                b.c[[r, c]],
+                b.magnitude[[r, c]],
+                w,
+                bf16_out,
+            )
+        }),
+    }
+}
