@@ -197,8 +197,8 @@ fn errors_for_k(study: &Study, dist: Dist, k: usize, rng: &mut Rng) -> (Vec<Erro
                             slack += w.delta;
                         }
                         let windows = k.div_ceil(window) as f64;
-                        let gamma = |n: f64| n * 2f64.powi(-24) / (1.0 - n * 2f64.powi(-24));
-                        let tolerance = slack + gamma(windows + 2.0) * (magnitude + slack);
+                        let tolerance =
+                            slack + crate::tolerance::gamma(windows + 2.0) * (magnitude + slack);
                         (f64::from(acc), tolerance)
                     })
                     .collect();

@@ -4,6 +4,7 @@
 //! reference functions themselves take typed `ndarray` views.
 
 use half::{bf16, f16};
+use ndarray::{Array2, Array3, Array4, ArrayView2};
 
 use dsv3_reference::fp8::{ue8m0, E4M3, E5M2};
 
@@ -200,6 +201,78 @@ impl Tensor {
         )
     }
 
+    pub fn from_f64(shape: Vec<usize>, values: &[f64]) -> Self {
+        Self::packed(
+            DType::F64,
+            shape,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
+    }
+
+    pub fn from_i64(shape: Vec<usize>, values: &[i64]) -> Self {
+        Self::packed(
+            DType::I64,
+            shape,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
+    }
+
+    pub fn from_i32(shape: Vec<usize>, values: &[i32]) -> Self {
+        Self::packed(
+            DType::I32,
+            shape,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
+    }
+
+    pub fn from_bool(shape: Vec<usize>, values: &[bool]) -> Self {
+        Self::packed(
+            DType::Bool,
+            shape,
+            values.iter().map(|&b| u8::from(b)).collect(),
+        )
+    }
+
+    /// f32 values stored as `dtype`: F32, or BF16 by RNE (a reference's output in the dtype
+    /// of the op's input).
+    pub fn from_f32_as(dtype: DType, shape: Vec<usize>, values: &[f32]) -> Self {
+        match dtype {
+            DType::BF16 => Self::from_bf16(
+                shape,
+                &values
+                    .iter()
+                    .map(|&v| dsv3_reference::numeric::round_to_bf16(v))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => Self::from_f32(shape, values),
+        }
+    }
+
+    /// f64 values rounded to `dtype` (F64 as is, BF16 and F32 by RNE).
+    pub fn from_f64_as(dtype: DType, shape: Vec<usize>, values: &[f64]) -> Self {
+        match dtype {
+            DType::F64 => Self::from_f64(shape, values),
+            DType::BF16 => Self::from_bf16(
+                shape,
+                &values
+                    .iter()
+                    .map(|&v| bf16::from_f64(v))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => Self::from_f32(shape, &values.iter().map(|&v| v as f32).collect::<Vec<_>>()),
+        }
+    }
+
+    /// A matrix of f32 values as a tensor of `shape` (its element count).
+    pub fn from_matrix(shape: Vec<usize>, a: ArrayView2<f32>) -> Self {
+        Self::from_f32(shape, &a.iter().copied().collect::<Vec<_>>())
+    }
+
+    /// A matrix of one-byte codes as a `dtype` tensor of `shape`.
+    pub fn from_code_matrix(dtype: DType, shape: Vec<usize>, a: ArrayView2<u8>) -> Self {
+        Self::from_codes(dtype, shape, a.iter().copied().collect())
+    }
+
     fn packed(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Self {
         let t = Tensor { dtype, shape, data };
         debug_assert_eq!(t.numel() * dtype.size(), t.data.len());
@@ -218,6 +291,62 @@ impl Tensor {
             Some((&cols, lead)) => (lead.iter().product(), cols),
             None => (1, 1),
         }
+    }
+
+    /// Every element as f64 (exact for floats and for integers up to 2^53).
+    pub fn values(&self) -> Vec<f64> {
+        (0..self.numel()).map(|i| self.value(i)).collect()
+    }
+
+    /// Every element as bool (non-zero = true).
+    pub fn bools(&self) -> Vec<bool> {
+        (0..self.numel()).map(|i| self.value(i) != 0.0).collect()
+    }
+
+    /// Every element as i64 (integer tensors: ids and indices).
+    pub fn indices(&self) -> Vec<i64> {
+        (0..self.numel()).map(|i| self.value(i) as i64).collect()
+    }
+
+    /// The values of a floating tensor, widened exactly to f32 (the contract has checked the
+    /// dtype: anything else is a dsv3 bug).
+    pub fn floats(&self) -> Vec<f32> {
+        self.to_f32()
+            .unwrap_or_else(|| panic!("{}: not a floating tensor", self.dtype))
+    }
+
+    /// `[..., C]` floating values as an f32 matrix `[rows, C]` (leading dims flattened).
+    pub fn matrix_f32(&self) -> Array2<f32> {
+        Array2::from_shape_vec(self.rows_cols(), self.floats()).expect("numel = rows · cols")
+    }
+
+    /// One-byte codes `[..., C]` as a matrix `[rows, C]`.
+    pub fn matrix_u8(&self) -> Array2<u8> {
+        assert_eq!(self.dtype.size(), 1, "matrix_u8 of {}", self.dtype);
+        Array2::from_shape_vec(self.rows_cols(), self.data.clone()).expect("one byte per element")
+    }
+
+    /// One-byte codes of a rank-3 tensor as `[d0, d1, d2]`.
+    pub fn codes3(&self) -> Array3<u8> {
+        assert_eq!(self.dtype.size(), 1, "codes3 of {}", self.dtype);
+        Array3::from_shape_vec(self.dims(), self.data.clone()).expect("rank 3")
+    }
+
+    /// Floating values of a rank-3 tensor as f32 `[d0, d1, d2]`.
+    pub fn floats3(&self) -> Array3<f32> {
+        Array3::from_shape_vec(self.dims(), self.floats()).expect("rank 3")
+    }
+
+    /// Floating values of a rank-4 tensor as f32 `[d0, d1, d2, d3]`.
+    pub fn floats4(&self) -> Array4<f32> {
+        let s = &self.shape;
+        Array4::from_shape_vec((s[0], s[1], s[2], s[3]), self.floats()).expect("rank 4")
+    }
+
+    fn dims(&self) -> (usize, usize, usize) {
+        let s = &self.shape;
+        assert_eq!(s.len(), 3, "a rank-3 tensor, not {s:?}");
+        (s[0], s[1], s[2])
     }
 
     /// Values widened exactly to f32 (F32, BF16, F16, and the FP8 formats); `None` for others.

@@ -4,10 +4,7 @@ use dsv3_reference::fp8;
 
 use super::gen_fits;
 use super::quant_policy::quant_policy;
-use super::{
-    codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, QuantConfig,
-    QUANT_BLOCK,
-};
+use super::{float_input, get, outputs, quant_values, QuantConfig, QUANT_BLOCK};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigSchema};
 use crate::contract::{Constraint, Dim, TensorSpec};
@@ -77,7 +74,7 @@ pub static ACT_QUANT: OpEntry = OpEntry {
 fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
     let q = fp8::act_quant(
-        matrix_f32(x).view(),
+        x.matrix_f32().view(),
         cfg.get::<QuantConfig>().block_size,
         cfg.get::<QuantConfig>().scale_fmt,
     )?;
@@ -86,9 +83,9 @@ fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     Ok(outputs([
         (
             "y",
-            codes_tensor(DType::F8E4M3, x.shape.clone(), q.y.view()),
+            Tensor::from_code_matrix(DType::F8E4M3, x.shape.clone(), q.y.view()),
         ),
-        ("s", f32_tensor(s_shape, q.s.view())),
+        ("s", Tensor::from_matrix(s_shape, q.s.view())),
     ]))
 }
 
@@ -160,16 +157,16 @@ pub static ACT_QUANT_128X1: OpEntry = OpEntry {
 fn act_quant_128x1_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
     let q = fp8::act_quant_128x1(
-        matrix_f32(x).view(),
+        x.matrix_f32().view(),
         cfg.get::<QuantConfig>().block_size,
         cfg.get::<QuantConfig>().scale_fmt,
     )?;
     Ok(outputs([
         (
             "y",
-            codes_tensor(DType::F8E4M3, x.shape.clone(), q.y.view()),
+            Tensor::from_code_matrix(DType::F8E4M3, x.shape.clone(), q.y.view()),
         ),
-        ("s", f32_tensor(q.s.shape().to_vec(), q.s.view())),
+        ("s", Tensor::from_matrix(q.s.shape().to_vec(), q.s.view())),
     ]))
 }
 

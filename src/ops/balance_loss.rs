@@ -4,9 +4,9 @@
 use dsv3_reference::moe::{self, RoutingConfig};
 use ndarray::{Array1, Array2, ArrayView2};
 
+use super::bound_policy::bound_policy;
 use super::gen_fits;
 use super::routing::{affinities, n_experts, random_bias, NodeLimited, NodeLimits};
-use super::values::{bound_policy, f64_tensor, unit_roundoff};
 use super::{float_input, get, outputs};
 use crate::compare::Policy;
 use crate::config::{ceil, Config, ConfigSchema, FieldKind};
@@ -16,6 +16,7 @@ use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+use crate::tolerance::unit_roundoff;
 
 crate::choice! {
     /// The indicator of eq. (18).
@@ -119,8 +120,8 @@ fn balance_loss_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
         grad.extend(moe::balance_loss_grad(s.view(), sel.view(), alpha)?);
     }
     Ok(outputs([
-        ("loss", f64_tensor(vec![scores.shape[0]], &loss)),
-        ("grad", f64_tensor(scores.shape.clone(), &grad)),
+        ("loss", Tensor::from_f64(vec![scores.shape[0]], &loss)),
+        ("grad", Tensor::from_f64(scores.shape.clone(), &grad)),
     ]))
 }
 

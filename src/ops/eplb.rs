@@ -3,7 +3,6 @@
 use dsv3_reference::moe::eplb;
 
 use super::gen_fits;
-use super::values::{i64_tensor, values};
 use super::{get, outputs};
 use crate::compare::Policy;
 use crate::config::{ceil, Config, ConfigSchema, FieldKind};
@@ -69,7 +68,7 @@ pub static EPLB: OpEntry = OpEntry {
 fn eplb_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let w = get(inputs, "weight");
     let (layers, e) = (w.shape[0], w.shape[1]);
-    let all = values(w);
+    let all = w.values();
     let cfg = cfg.get::<EplbConfig>();
     let p = cfg.num_replicas;
     let (mut phy2log, mut phyrank, mut logcnt) = (Vec::new(), Vec::new(), Vec::new());
@@ -86,9 +85,9 @@ fn eplb_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
         logcnt.extend(placement.logcnt.iter().map(|&i| i as i64));
     }
     Ok(outputs([
-        ("phy2log", i64_tensor(vec![layers, p], &phy2log)),
-        ("phyrank", i64_tensor(vec![layers, p], &phyrank)),
-        ("logcnt", i64_tensor(vec![layers, e], &logcnt)),
+        ("phy2log", Tensor::from_i64(vec![layers, p], &phy2log)),
+        ("phyrank", Tensor::from_i64(vec![layers, p], &phyrank)),
+        ("logcnt", Tensor::from_i64(vec![layers, e], &logcnt)),
     ]))
 }
 
@@ -118,7 +117,7 @@ fn eplb_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
         .collect();
     let t = if rng.chance(0.5) {
         let ints: Vec<i64> = loads.iter().map(|&x| x.round() as i64).collect();
-        i64_tensor(vec![layers, e], &ints)
+        Tensor::from_i64(vec![layers, e], &ints)
     } else {
         Tensor::from_f32(
             vec![layers, e],

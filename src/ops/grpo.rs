@@ -4,10 +4,8 @@
 use dsv3_reference::train::grpo::{self, GrpoConfig, RewardStd};
 use ndarray::Array2;
 
+use super::bound_policy::bound_policy;
 use super::gen_fits;
-use super::values::{
-    bool_tensor, bools, bound_policy, f64_tensor, float_tensor, unit_roundoff, values,
-};
 use super::{get, outputs};
 use crate::compare::Policy;
 use crate::config::{Choice, Config, ConfigSchema, FieldKind};
@@ -17,6 +15,7 @@ use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+use crate::tolerance::unit_roundoff;
 
 const LOGP: &[DType] = &[DType::F32, DType::F64];
 const QGL: &[Dim] = &[Dim::Var("Q"), Dim::Var("G"), Dim::Var("L")];
@@ -104,8 +103,8 @@ fn groups(inputs: &TensorMap) -> Vec<Group> {
     let shape = get(inputs, "logp").shape.clone();
     let (q_len, g, l) = (shape[0], shape[1], shape[2]);
     let [lp, lo, lr, r] =
-        ["logp", "logp_old", "logp_ref", "rewards"].map(|k| values(get(inputs, k)));
-    let m = bools(get(inputs, "mask"));
+        ["logp", "logp_old", "logp_ref", "rewards"].map(|k| (get(inputs, k)).values());
+    let m = (get(inputs, "mask")).bools();
     let slice = |v: &[f64], q: usize| {
         Array2::from_shape_vec((g, l), v[q * g * l..(q + 1) * g * l].to_vec()).expect("[G, L]")
     };
@@ -143,9 +142,12 @@ fn grpo_loss_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
         grad.extend(r.grad_logp);
     }
     Ok(outputs([
-        ("loss", f64_tensor(vec![shape[0]], &loss)),
-        ("advantages", f64_tensor(vec![shape[0], shape[1]], &adv)),
-        ("grad_logp", f64_tensor(shape, &grad)),
+        ("loss", Tensor::from_f64(vec![shape[0]], &loss)),
+        (
+            "advantages",
+            Tensor::from_f64(vec![shape[0], shape[1]], &adv),
+        ),
+        ("grad_logp", Tensor::from_f64(shape, &grad)),
     ]))
 }
 
@@ -273,7 +275,7 @@ fn grpo_loss_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> Result<TensorMap> 
     let dt = *rng.pick(&[DType::F32, DType::F64]);
     let mask_dt = *rng.pick(&[DType::Bool, DType::Bool, DType::U8, DType::F32]);
     let mask = match mask_dt {
-        DType::Bool => bool_tensor(vec![q_len, g, l], &mask),
+        DType::Bool => Tensor::from_bool(vec![q_len, g, l], &mask),
         DType::U8 => Tensor::from_codes(
             DType::U8,
             vec![q_len, g, l],
@@ -288,10 +290,10 @@ fn grpo_loss_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> Result<TensorMap> 
         ),
     };
     Ok(outputs([
-        ("logp", float_tensor(dt, vec![q_len, g, l], &lp)),
-        ("logp_old", float_tensor(dt, vec![q_len, g, l], &lo)),
-        ("logp_ref", float_tensor(dt, vec![q_len, g, l], &lr)),
+        ("logp", Tensor::from_f64_as(dt, vec![q_len, g, l], &lp)),
+        ("logp_old", Tensor::from_f64_as(dt, vec![q_len, g, l], &lo)),
+        ("logp_ref", Tensor::from_f64_as(dt, vec![q_len, g, l], &lr)),
         ("mask", mask),
-        ("rewards", float_tensor(dt, vec![q_len, g], &r)),
+        ("rewards", Tensor::from_f64_as(dt, vec![q_len, g], &r)),
     ]))
 }

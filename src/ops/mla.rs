@@ -20,14 +20,12 @@
 //! With BF16 inputs the output is BF16: add `2^-8·V` (FlashMLA rounds the probabilities to bf16
 //! for the P·V product) and one bf16 ulp of the output.
 
-use ndarray::{s, Array3, Array4, ArrayView3};
+use ndarray::{s, Array3, ArrayView3};
 
 use dsv3_reference::mla::{attention, visible_keys};
 
 use super::gen_fits;
-use super::{
-    float_like, floats_tensor, gamma, get, half_bf16_ulp, kernel_values, outputs, values_f32, U32,
-};
+use super::{floats_tensor, get, kernel_values, outputs};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigSchema, FieldKind};
 use crate::contract::{Dim, TensorSpec};
@@ -36,6 +34,7 @@ use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+use crate::tolerance::{gamma, half_bf16_ulp, U32};
 
 crate::op_config! {
     /// The attention ops' config (`mla`, `mla_decode`).
@@ -118,11 +117,6 @@ const PAGE: usize = 64;
 const D_QK: usize = 576;
 const D_V: usize = 512;
 
-fn array4(t: &Tensor) -> Array4<f32> {
-    let s = &t.shape;
-    Array4::from_shape_vec((s[0], s[1], s[2], s[3]), values_f32(t)).expect("validated rank 4")
-}
-
 /// Keys (and values) of every batch entry as `[T, Hk, D]` arrays, with the queries `[S, H, D]`.
 struct Batch {
     q: Vec<Array3<f32>>,
@@ -133,9 +127,9 @@ struct Batch {
 
 fn mla_batch(inputs: &TensorMap) -> Batch {
     let (q, k, v) = (
-        array4(get(inputs, "q")),
-        array4(get(inputs, "k")),
-        array4(get(inputs, "v")),
+        (get(inputs, "q")).floats4(),
+        (get(inputs, "k")).floats4(),
+        (get(inputs, "v")).floats4(),
     );
     let b = q.shape()[0];
     Batch {
@@ -169,8 +163,8 @@ fn decode_error(
 /// Gather each sequence's keys from the paged cache (FlashMLA layout), checking the block table
 /// entries that are read.
 fn decode_batch(inputs: &TensorMap) -> Result<Batch> {
-    let q = array4(get(inputs, "q"));
-    let cache = array4(get(inputs, "k_cache"));
+    let q = (get(inputs, "q")).floats4();
+    let cache = (get(inputs, "k_cache")).floats4();
     let table = get(inputs, "block_table");
     let lens = get(inputs, "cache_seqlens");
     let (b, max_blocks) = (table.shape[0], table.shape[1]);
@@ -230,7 +224,10 @@ fn run(batch: &Batch, q: &Tensor, dv: usize, cfg: &Config) -> Result<TensorMap> 
         lse.extend(a.lse.iter().copied());
     }
     Ok(outputs([
-        ("out", float_like(q_dtype, vec![b, s_len, h, dv], &out)),
+        (
+            "out",
+            Tensor::from_f32_as(q_dtype, vec![b, s_len, h, dv], &out),
+        ),
         ("lse", Tensor::from_f32(vec![b, h, s_len], &lse)),
     ]))
 }
@@ -408,7 +405,7 @@ fn mla_decode_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 fn normal_input(rng: &mut Rng, shape: Vec<usize>, scale: f64, bf16: bool) -> Tensor {
     let n = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
-    float_like(if bf16 { DType::BF16 } else { DType::F32 }, shape, &v)
+    Tensor::from_f32_as(if bf16 { DType::BF16 } else { DType::F32 }, shape, &v)
 }
 
 fn mla_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
@@ -492,7 +489,7 @@ fn mla_decode_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorM
         ("q", normal_input(rng, vec![b, sq, h, D_QK], 0.5, bf16)),
         (
             "k_cache",
-            float_like(
+            Tensor::from_f32_as(
                 if bf16 { DType::BF16 } else { DType::F32 },
                 vec![n_blocks, PAGE, 1, D_QK],
                 &cache,
@@ -591,7 +588,10 @@ mod tests {
                         lse.extend(l);
                     }
                     outputs([
-                        ("out", float_like(q.dtype, vec![b, s_len, h, D_V], &out)),
+                        (
+                            "out",
+                            Tensor::from_f32_as(q.dtype, vec![b, s_len, h, D_V], &out),
+                        ),
                         ("lse", Tensor::from_f32(vec![b, h, s_len], &lse)),
                     ])
                 };

@@ -3,6 +3,7 @@
 
 pub mod act_quant;
 pub mod balance_loss;
+mod bound_policy;
 pub mod eplb;
 pub mod fp8_cast;
 pub mod gemm;
@@ -15,11 +16,8 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod routing;
 pub mod swiglu;
-mod values;
 pub mod weight_dequant;
 pub mod weight_quant;
-
-use ndarray::{Array2, ArrayView2};
 
 use dsv3_reference::fp8::ScaleFmt;
 
@@ -33,21 +31,6 @@ use crate::tensor::{DType, Tensor};
 pub(crate) fn get<'a>(m: &'a TensorMap, name: &str) -> &'a Tensor {
     m.get(name)
         .unwrap_or_else(|| panic!("tensor `{name}` was validated by the contract"))
-}
-
-/// `[..., C]` floating values (F32/BF16/F16) as an f32 matrix `[rows, C]` (leading dims flattened).
-pub(crate) fn matrix_f32(t: &Tensor) -> Array2<f32> {
-    let (rows, cols) = t.rows_cols();
-    let v = t
-        .to_f32()
-        .expect("contract allows only floating dtypes here");
-    Array2::from_shape_vec((rows, cols), v).expect("numel = rows · cols")
-}
-
-/// One-byte codes `[..., C]` as a matrix `[rows, C]`.
-pub(crate) fn matrix_u8(t: &Tensor) -> Array2<u8> {
-    let (rows, cols) = t.rows_cols();
-    Array2::from_shape_vec((rows, cols), t.data.clone()).expect("one byte per element")
 }
 
 /// Refuse a NaN or ±inf anywhere in input `name` of `op`, naming the element (for ops whose
@@ -79,14 +62,6 @@ pub(crate) fn gen_fits(shapes: &[&[usize]]) -> crate::Result<()> {
         a.checked_add(crate::limits::extent(s)?.checked_mul(crate::limits::WORKING_BYTES)?)
     });
     crate::limits::ensure_fits(&format!("generating inputs of shapes {shapes:?}"), need)
-}
-
-pub(crate) fn f32_tensor(shape: Vec<usize>, a: ArrayView2<f32>) -> Tensor {
-    Tensor::from_f32(shape, &a.iter().copied().collect::<Vec<_>>())
-}
-
-pub(crate) fn codes_tensor(dtype: DType, shape: Vec<usize>, a: ArrayView2<u8>) -> Tensor {
-    Tensor::from_codes(dtype, shape, a.iter().copied().collect())
 }
 
 pub(crate) fn outputs<const N: usize>(pairs: [(&str, Tensor); N]) -> TensorMap {
@@ -195,27 +170,12 @@ pub(crate) fn float_input(rng: &mut Rng, shape: Vec<usize>, values: &[f32]) -> T
     }
 }
 
-/// Values computed in f32 as a tensor of `dtype` (F32, or BF16 by RNE): the reference's output
-/// in the dtype of the op's input.
-pub(crate) fn float_like(dtype: DType, shape: Vec<usize>, values: &[f32]) -> Tensor {
-    match dtype {
-        DType::BF16 => Tensor::from_bf16(
-            shape,
-            &values
-                .iter()
-                .map(|&v| dsv3_reference::numeric::round_to_bf16(v))
-                .collect::<Vec<_>>(),
-        ),
-        _ => Tensor::from_f32(shape, values),
-    }
-}
-
 /// A floating tensor's values for a GPU kernel: bf16 bit patterns for BF16 (the kernels read
 /// bf16 natively), f32 otherwise (F16 widens exactly).
 pub(crate) fn kernel_values(t: &Tensor) -> dsv3_gpu::Floats {
     match t.dtype {
         DType::BF16 => dsv3_gpu::Floats::Bf16(t.to_u16_bits()),
-        _ => dsv3_gpu::Floats::F32(values_f32(t)),
+        _ => dsv3_gpu::Floats::F32(t.floats()),
     }
 }
 
@@ -230,28 +190,6 @@ pub(crate) fn floats_tensor(shape: Vec<usize>, values: dsv3_gpu::Floats) -> Tens
     }
 }
 
-/// An I64 tensor.
-pub(crate) fn i64_tensor(shape: Vec<usize>, values: &[i64]) -> Tensor {
-    Tensor::from_bytes(
-        DType::I64,
-        shape,
-        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    )
-    .expect("one value per element")
-}
-
-/// Floating values of any shape, widened exactly to f32.
-pub(crate) fn values_f32(t: &Tensor) -> Vec<f32> {
-    t.to_f32()
-        .expect("contract allows only floating dtypes here")
-}
-
-/// Half the spacing of bf16 values at `|x|` (the largest error of one bf16 rounding).
-pub(crate) fn half_bf16_ulp(x: f64) -> f64 {
-    let a = x.abs().max(f64::from(f32::MIN_POSITIVE));
-    2f64.powi(a.log2().floor() as i32 - 8)
-}
-
 /// `check` of a candidate under the op's policy (tests of what a policy admits and rejects).
 #[cfg(test)]
 pub(crate) fn policy_report(
@@ -262,12 +200,4 @@ pub(crate) fn policy_report(
 ) -> crate::check::CheckReport {
     let mode = crate::check::Mode::Policy;
     crate::check::check(op, inputs, candidate, cfg, mode, ("", "")).expect("contract-valid tensors")
-}
-
-/// f32 unit roundoff 2^-24.
-pub(crate) const U32: f64 = 1.0 / 16_777_216.0;
-
-/// Higham's `γ_n = n·u/(1 − n·u)` for f32 (`u = 2^-24`): the relative error of n roundings.
-pub(crate) fn gamma(n: f64) -> f64 {
-    n * U32 / (1.0 - n * U32)
 }

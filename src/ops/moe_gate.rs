@@ -19,7 +19,7 @@ use dsv3_reference::linear::{linear, Linear, Precision, Weight};
 use dsv3_reference::moe::gate::{route, token_scores, GateConfig, ScoringFunc, TopkMethod};
 
 use super::gen_fits;
-use super::{float_input, get, i64_tensor, matrix_f32, outputs, require_finite, values_f32, U32};
+use super::{float_input, get, outputs, require_finite};
 use crate::compare::Policy;
 use crate::config::{ceil, Choice, Config, ConfigSchema, FieldKind};
 use crate::contract::Param;
@@ -29,6 +29,7 @@ use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+use crate::tolerance::U32;
 
 impl Choice for ScoringFunc {
     const VALUES: &'static [&'static str] = &["sigmoid", "softmax"];
@@ -141,10 +142,10 @@ pub(crate) fn gate_config(cfg: &Config) -> GateConfig {
 fn logits(inputs: &TensorMap) -> Result<Array2<f32>> {
     let w = Linear::new(Weight::from_values(
         "weight",
-        matrix_f32(get(inputs, "weight")),
+        (get(inputs, "weight")).matrix_f32(),
     ));
     Ok(linear(
-        matrix_f32(get(inputs, "x")).view(),
+        (get(inputs, "x")).matrix_f32().view(),
         &w,
         Precision::F32,
     )?)
@@ -160,14 +161,14 @@ fn moe_gate_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
         )?;
     }
     let u = logits(inputs)?;
-    let bias = values_f32(get(inputs, "e_score_correction_bias"));
+    let bias = (get(inputs, "e_score_correction_bias")).floats();
     let r = route(u.view(), Some(&bias), &gate_config(cfg))?;
     let (n, k) = r.ids.dim();
     let ids: Vec<i64> = r.ids.iter().map(|&i| i as i64).collect();
     let w: Vec<f32> = r.weights.iter().copied().collect();
     Ok(outputs([
         ("topk_weights", Tensor::from_f32(vec![n, k], &w)),
-        ("topk_ids", i64_tensor(vec![n, k], &ids)),
+        ("topk_ids", Tensor::from_i64(vec![n, k], &ids)),
     ]))
 }
 
@@ -193,9 +194,9 @@ fn moe_gate_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result
     };
     let r = moe_gate(
         gpu,
-        &values_f32(x),
-        &values_f32(w),
-        &values_f32(get(inputs, "e_score_correction_bias")),
+        &x.floats(),
+        &w.floats(),
+        &(get(inputs, "e_score_correction_bias")).floats(),
         (n, e, d),
         &params,
     )?;
@@ -204,7 +205,7 @@ fn moe_gate_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result
             "topk_weights",
             Tensor::from_f32(vec![n, g.top_k], &r.weights),
         ),
-        ("topk_ids", i64_tensor(vec![n, g.top_k], &r.ids)),
+        ("topk_ids", Tensor::from_i64(vec![n, g.top_k], &r.ids)),
     ]))
 }
 
@@ -217,9 +218,9 @@ struct TokenVerdict {
 
 fn judge_tokens(ctx: &PolicyCtx) -> Option<Vec<TokenVerdict>> {
     let cfg = gate_config(ctx.config);
-    let x = matrix_f32(get(ctx.inputs, "x"));
-    let w = matrix_f32(get(ctx.inputs, "weight"));
-    let bias = values_f32(get(ctx.inputs, "e_score_correction_bias"));
+    let x = (get(ctx.inputs, "x")).matrix_f32();
+    let w = (get(ctx.inputs, "weight")).matrix_f32();
+    let bias = (get(ctx.inputs, "e_score_correction_bias")).floats();
     let bf16 = [get(ctx.inputs, "x"), get(ctx.inputs, "weight")]
         .iter()
         .any(|t| t.dtype == DType::BF16);
@@ -233,7 +234,7 @@ fn judge_tokens(ctx: &PolicyCtx) -> Option<Vec<TokenVerdict>> {
     let e_len = w.nrows();
     let k = cfg.top_k;
     let ref_ids = get(ctx.reference, "topk_ids");
-    let ref_w = values_f32(get(ctx.reference, "topk_weights"));
+    let ref_w = (get(ctx.reference, "topk_weights")).floats();
     let cand_ids = get(ctx.candidate, "topk_ids");
     let scale = cfg.routed_scaling_factor;
     let mut out = Vec::with_capacity(n_len);
@@ -445,8 +446,8 @@ mod tests {
                 let inputs = (op.generate)(&mut Rng::new(seed), &cfg, &sizes).unwrap();
                 let (x, w) = (get(&inputs, "x"), get(&inputs, "weight"));
                 let (n, d, e) = (x.shape[0], x.shape[1], w.shape[0]);
-                let u = warp_logits(&values_f32(x), &values_f32(w), (n, e, d));
-                let bias = values_f32(get(&inputs, "e_score_correction_bias"));
+                let u = warp_logits(&x.floats(), &w.floats(), (n, e, d));
+                let bias = (get(&inputs, "e_score_correction_bias")).floats();
                 let r = route(u.view(), Some(&bias), &gate_config(&cfg)).unwrap();
                 let ids: Vec<i64> = r.ids.iter().map(|&i| i as i64).collect();
                 let k = r.ids.ncols();
@@ -458,7 +459,7 @@ mod tests {
                             &r.weights.iter().copied().collect::<Vec<_>>(),
                         ),
                     ),
-                    ("topk_ids", i64_tensor(vec![n, k], &ids)),
+                    ("topk_ids", Tensor::from_i64(vec![n, k], &ids)),
                 ]);
                 let rep = policy_report(op, &inputs, &cand, &cfg);
                 assert!(rep.pass, "seed {seed} {}", cfg.as_json());

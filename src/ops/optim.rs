@@ -4,8 +4,8 @@ use dsv3_reference::train::adamw::{self, adamw_element_f32, AdamWConfig, StepCoe
 use dsv3_reference::train::{clip, ema};
 use half::bf16;
 
+use super::bound_policy::{bound_policy, interval_policy};
 use super::gen_fits;
-use super::values::{bound_policy, float_tensor, interval_policy, unit_roundoff, values};
 use super::{get, outputs};
 use crate::compare::Policy;
 use crate::config::{ceil, Config, ConfigSchema, FieldKind};
@@ -15,6 +15,7 @@ use crate::io::TensorMap;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+use crate::tolerance::unit_roundoff;
 
 const FLOATS: &[DType] = &[DType::F32, DType::F64];
 const MOMENTS: &[DType] = &[DType::F32, DType::BF16, DType::F64];
@@ -124,7 +125,7 @@ fn adamw_step_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let step = cfg.get::<AdamwStepConfig>().step as u64;
     let n = get(inputs, "param").numel();
     let [mut p, g, mut m, mut v] =
-        ["param", "grad", "exp_avg", "exp_avg_sq"].map(|k| values(get(inputs, k)));
+        ["param", "grad", "exp_avg", "exp_avg_sq"].map(|k| (get(inputs, k)).values());
     match (pd, md) {
         (DType::F64, _) => adamw::adamw_step_f64(&mut p, &g, &mut m, &mut v, step, &hp)?,
         _ => {
@@ -146,9 +147,9 @@ fn adamw_step_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
         }
     }
     Ok(outputs([
-        ("param_out", float_tensor(pd, vec![n], &p)),
-        ("exp_avg_out", float_tensor(md, vec![n], &m)),
-        ("exp_avg_sq_out", float_tensor(md, vec![n], &v)),
+        ("param_out", Tensor::from_f64_as(pd, vec![n], &p)),
+        ("exp_avg_out", Tensor::from_f64_as(md, vec![n], &m)),
+        ("exp_avg_sq_out", Tensor::from_f64_as(md, vec![n], &v)),
     ]))
 }
 
@@ -195,7 +196,7 @@ fn adamw_step_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     // working precision: f64 for the yardstick, f32 otherwise (BF16 only for storage)
     let u = unit_roundoff(pd);
     let [p, g, m, v] =
-        ["param", "grad", "exp_avg", "exp_avg_sq"].map(|k| values(get(ctx.inputs, k)));
+        ["param", "grad", "exp_avg", "exp_avg_sq"].map(|k| (get(ctx.inputs, k)).values());
     let which = match ctx.output {
         "param_out" => 0,
         "exp_avg_out" => 1,
@@ -260,10 +261,10 @@ fn adamw_step_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> Result<TensorMap>
         col(gs, true),
     );
     Ok(outputs([
-        ("param", float_tensor(pd, vec![n], &p)),
-        ("grad", float_tensor(pd, vec![n], &g)),
-        ("exp_avg", float_tensor(md, vec![n], &m)),
-        ("exp_avg_sq", float_tensor(md, vec![n], &v)),
+        ("param", Tensor::from_f64_as(pd, vec![n], &p)),
+        ("grad", Tensor::from_f64_as(pd, vec![n], &g)),
+        ("exp_avg", Tensor::from_f64_as(md, vec![n], &m)),
+        ("exp_avg_sq", Tensor::from_f64_as(md, vec![n], &v)),
     ]))
 }
 
@@ -300,10 +301,10 @@ fn param_ema_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
             hint: " (ema and param must share a dtype)".into(),
         });
     }
-    let out = ema::ema_update(&values(e), &values(p), cfg.get::<ParamEmaConfig>().decay)?;
+    let out = ema::ema_update(&e.values(), &p.values(), cfg.get::<ParamEmaConfig>().decay)?;
     Ok(outputs([(
         "ema_out",
-        float_tensor(e.dtype, e.shape.clone(), &out),
+        Tensor::from_f64_as(e.dtype, e.shape.clone(), &out),
     )]))
 }
 
@@ -311,7 +312,7 @@ fn param_ema_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let e = get(ctx.inputs, "ema");
     let u = unit_roundoff(e.dtype);
     let w = 1.0 - ctx.config.get::<ParamEmaConfig>().decay;
-    let (ev, pv) = (values(e), values(get(ctx.inputs, "param")));
+    let (ev, pv) = (e.values(), (get(ctx.inputs, "param")).values());
     let bound: Vec<f64> = ev
         .iter()
         .zip(&pv)
@@ -331,8 +332,8 @@ fn param_ema_gen(rng: &mut Rng, _: &Config, sizes: &Sizes) -> Result<TensorMap> 
     let e: Vec<f64> = p.iter().map(|&x| x + rng.normal() * 1e-3).collect();
     let dt = *rng.pick(&[DType::F32, DType::F64]);
     Ok(outputs([
-        ("ema", float_tensor(dt, vec![n], &e)),
-        ("param", float_tensor(dt, vec![n], &p)),
+        ("ema", Tensor::from_f64_as(dt, vec![n], &e)),
+        ("param", Tensor::from_f64_as(dt, vec![n], &p)),
     ]))
 }
 
@@ -370,7 +371,7 @@ fn clip_grad_norm_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
 fn clip_grad_norm_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let n = get(ctx.inputs, "grad").numel() as f64;
     let u = unit_roundoff(DType::F32);
-    let want = values(get(ctx.reference, ctx.output));
+    let want = (get(ctx.reference, ctx.output)).values();
     let k = if ctx.output == "total_norm" {
         n + 4.0
     } else {

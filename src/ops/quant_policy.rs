@@ -21,7 +21,7 @@ use ndarray::Array2;
 use crate::compare::Policy;
 use crate::registry::PolicyCtx;
 
-use super::{get, matrix_f32, QuantConfig};
+use super::{get, QuantConfig};
 
 /// Max ulp distance of an f32 scale (approximate division of amax by 448).
 pub const SCALE_ULPS: u64 = 2;
@@ -36,7 +36,7 @@ pub(crate) fn quant_policy<'a>(
     tr: usize,
     tc: usize,
 ) -> Policy<'a> {
-    let x = matrix_f32(get(ctx.inputs, x_name));
+    let x = (get(ctx.inputs, x_name)).matrix_f32();
     let cols = x.ncols();
     let s_tensor = get(ctx.candidate, "s");
     let grid = (x.nrows().div_ceil(tr), cols.div_ceil(tc));

@@ -4,10 +4,7 @@ use dsv3_gpu::rmsnorm::rmsnorm;
 use dsv3_reference::norm::rms_norm;
 
 use super::gen_fits;
-use super::{
-    float_input, float_like, floats_tensor, get, kernel_values, matrix_f32, outputs, values_f32,
-    U32,
-};
+use super::{float_input, floats_tensor, get, kernel_values, outputs};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigSchema, FieldKind};
 use crate::contract::{Dim, TensorSpec};
@@ -15,7 +12,8 @@ use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
+use crate::tolerance::U32;
 
 crate::op_config! {
     /// `rmsnorm`'s config.
@@ -57,12 +55,12 @@ products that underflow); BF16 y: ≤ 2 bf16 ulp (HF rounds x·r to bf16 before 
 
 fn rmsnorm_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
-    let w = values_f32(get(inputs, "weight"));
-    let y = rms_norm(matrix_f32(x).view(), &w, cfg.get::<RmsNormConfig>().eps)?;
+    let w = (get(inputs, "weight")).floats();
+    let y = rms_norm(x.matrix_f32().view(), &w, cfg.get::<RmsNormConfig>().eps)?;
     let values: Vec<f32> = y.iter().copied().collect();
     Ok(outputs([(
         "y",
-        float_like(x.dtype, x.shape.clone(), &values),
+        Tensor::from_f32_as(x.dtype, x.shape.clone(), &values),
     )]))
 }
 
@@ -75,7 +73,8 @@ fn rmsnorm_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
         },
         _ => {
             let d = *x.shape.last().expect("rank ≥ 1") as f64;
-            let w_max = values_f32(get(ctx.inputs, "weight"))
+            let w_max = (get(ctx.inputs, "weight"))
+                .floats()
                 .iter()
                 .fold(0f64, |m, &v| m.max(f64::from(v).abs()));
             Policy::Close {
@@ -99,7 +98,7 @@ fn f32_rel_bound(d: f64) -> f64 {
 fn rmsnorm_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
     let (rows, d) = x.rows_cols();
-    let w = values_f32(get(inputs, "weight"));
+    let w = (get(inputs, "weight")).floats();
     let eps = cfg.get::<RmsNormConfig>().eps as f32;
     let y = rmsnorm(gpu, kernel_values(x).as_host(), &w, (rows, d), eps)?;
     Ok(outputs([("y", floats_tensor(x.shape.clone(), y))]))
@@ -164,7 +163,7 @@ mod tests {
                 ("weight", Tensor::from_f32(vec![d], &w)),
             ]);
             let reference = rmsnorm_ref(&inputs, &cfg).unwrap();
-            let want = values_f32(get(&reference, "y"));
+            let want = (get(&reference, "y")).floats();
             for (reverse, ulps) in [(false, 2), (true, -2), (false, 0)] {
                 let y = f32_kernel(&x, &w, 1e-6, reverse, ulps);
                 for (g, r) in y.iter().zip(&want) {

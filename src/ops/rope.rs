@@ -5,10 +5,7 @@ use ndarray::Array3;
 use dsv3_reference::rope::{angle, rope, RopeConfig, Yarn};
 
 use super::gen_fits;
-use super::{
-    float_input, float_like, floats_tensor, get, half_bf16_ulp, kernel_values, outputs, values_f32,
-    U32,
-};
+use super::{float_input, floats_tensor, get, kernel_values, outputs};
 use crate::compare::Policy;
 use crate::config::{ceil, Config, ConfigSchema, FieldKind};
 use crate::contract::{Constraint, Dim, TensorSpec};
@@ -17,6 +14,7 @@ use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
+use crate::tolerance::{half_bf16_ulp, U32};
 
 crate::choice! {
     /// `rope_type`: plain RoPE or YaRN (the checkpoint's `rope_scaling.type`).
@@ -111,7 +109,7 @@ fn rope_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let (s, h, d) = (x.shape[0], x.shape[1], x.shape[2]);
     let rc = rope_config(cfg, d);
     let f = rc.inv_freqs()?;
-    let xa = Array3::from_shape_vec((s, h, d), values_f32(x)).expect("validated shape");
+    let xa = Array3::from_shape_vec((s, h, d), x.floats()).expect("validated shape");
     let y = rope(
         xa.view(),
         &positions(get(inputs, "positions"))?,
@@ -121,7 +119,7 @@ fn rope_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let values: Vec<f32> = y.iter().copied().collect();
     Ok(outputs([(
         "y",
-        float_like(x.dtype, x.shape.clone(), &values),
+        Tensor::from_f32_as(x.dtype, x.shape.clone(), &values),
     )]))
 }
 
@@ -151,9 +149,9 @@ fn rope_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<Ten
 fn rope_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let x = get(ctx.inputs, "x");
     let (h, d) = (x.shape[1], x.shape[2]);
-    let xs = values_f32(x);
-    let want = values_f32(get(ctx.reference, "y"));
-    let got = values_f32(get(ctx.candidate, "y"));
+    let xs = x.floats();
+    let want = (get(ctx.reference, "y")).floats();
+    let got = (get(ctx.candidate, "y")).floats();
     let pos = positions(get(ctx.inputs, "positions")).unwrap_or_default();
     let rc = rope_config(ctx.config, d);
     let f = rc.inv_freqs().unwrap_or_default();
@@ -208,7 +206,7 @@ fn rope_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
         })
         .collect();
     let positions = if rng.chance(0.5) {
-        super::i64_tensor(vec![s], &pos)
+        Tensor::from_i64(vec![s], &pos)
     } else {
         Tensor::from_bytes(
             DType::I32,

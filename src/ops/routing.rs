@@ -5,7 +5,6 @@ use dsv3_reference::moe::{self, node_routing::topk_desc};
 use ndarray::{Array1, Array2};
 
 use super::gen_fits;
-use super::values::{i64_tensor, values};
 use super::{float_input, get, outputs};
 use crate::compare::Policy;
 use crate::config::{ceil, Config, ConfigSchema, FieldKind, OpConfig};
@@ -145,15 +144,15 @@ fn node_limited_routing_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMa
         r.sort_unstable();
         ids.extend(r);
     }
-    Ok(outputs([("topk_idx", i64_tensor(vec![t, k], &ids))]))
+    Ok(outputs([("topk_idx", Tensor::from_i64(vec![t, k], &ids))]))
 }
 
 fn node_limited_routing_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let (scores, bias) = scores_bias(ctx.inputs);
     let l = ctx.config.get::<RoutingConfig>().limits();
     let (k, nodes, m) = (l.top_k, l.n_nodes, l.max_nodes);
-    let want = values(get(ctx.reference, "topk_idx"));
-    let got = values(get(ctx.candidate, "topk_idx"));
+    let want = (get(ctx.reference, "topk_idx")).values();
+    let got = (get(ctx.candidate, "topk_idx")).values();
     // per token: None when the selection is unique (judged bitwise), else whether the
     // candidate's whole row is one of the selections a tie resolution could make
     let verdicts: Vec<Option<bool>> = scores
@@ -350,7 +349,7 @@ fn bias_update_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     moe::bias_update(&mut b, &load, cfg.gamma)?;
     let load: Vec<i64> = load.iter().map(|&c| c as i64).collect();
     Ok(outputs([
-        ("load", i64_tensor(vec![e], &load)),
+        ("load", Tensor::from_i64(vec![e], &load)),
         ("bias_out", Tensor::from_f32(vec![e], &b)),
     ]))
 }

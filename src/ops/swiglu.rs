@@ -3,9 +3,7 @@
 use dsv3_reference::mlp::swiglu;
 
 use super::gen_fits;
-use super::{
-    float_input, float_like, floats_tensor, gamma, get, kernel_values, matrix_f32, outputs,
-};
+use super::{float_input, floats_tensor, get, kernel_values, outputs};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigSchema, NoConfig};
 use crate::contract::{Dim, TensorSpec};
@@ -13,7 +11,8 @@ use crate::error::Result;
 use crate::io::TensorMap;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
 use crate::rng::Rng;
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
+use crate::tolerance::gamma;
 
 pub static SWIGLU: OpEntry = OpEntry {
     name: "swiglu",
@@ -46,11 +45,11 @@ roundings against our one)",
 
 fn swiglu_ref(inputs: &TensorMap, _cfg: &Config) -> Result<TensorMap> {
     let (g, u) = (get(inputs, "gate"), get(inputs, "up"));
-    let y = swiglu(matrix_f32(g).view(), matrix_f32(u).view())?;
+    let y = swiglu(g.matrix_f32().view(), u.matrix_f32().view())?;
     let values: Vec<f32> = y.iter().copied().collect();
     Ok(outputs([(
         "y",
-        float_like(g.dtype, g.shape.clone(), &values),
+        Tensor::from_f32_as(g.dtype, g.shape.clone(), &values),
     )]))
 }
 
@@ -87,7 +86,7 @@ fn swiglu_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> 
     let gate = float_input(rng, vec![m, i], &g);
     // up in the same dtype as gate (one GEMM output dtype)
     let up = match gate.dtype {
-        DType::BF16 => float_like(DType::BF16, vec![m, i], &u),
+        DType::BF16 => Tensor::from_f32_as(DType::BF16, vec![m, i], &u),
         _ => crate::tensor::Tensor::from_f32(vec![m, i], &u),
     };
     Ok(outputs([("gate", gate), ("up", up)]))

@@ -4,7 +4,7 @@ use dsv3_reference::fp8::{self, Saturation, E4M3};
 use dsv3_reference::numeric::round_to_bf16;
 
 use super::gen_fits;
-use super::{floats_tensor, get, matrix_u8, outputs, quant_values, OutDtype, BLOCK_KIND};
+use super::{floats_tensor, get, outputs, quant_values, OutDtype, BLOCK_KIND};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigSchema, FieldKind};
 use crate::contract::Param;
@@ -61,7 +61,7 @@ fn weight_dequant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let s2 = ndarray::Array2::from_shape_vec((s.shape[0], s.shape[1]), s.to_f32().expect("F32"))
         .expect("validated");
     let cfg = cfg.get::<DequantConfig>();
-    let w = fp8::weight_dequant(matrix_u8(y).view(), s2.view(), cfg.block_size)?;
+    let w = fp8::weight_dequant(y.matrix_u8().view(), s2.view(), cfg.block_size)?;
     let values: Vec<f32> = w.iter().copied().collect();
     let out = match cfg.out_dtype {
         OutDtype::F32 => Tensor::from_f32(y.shape.clone(), &values),

@@ -4,10 +4,7 @@ use dsv3_reference::fp8;
 
 use super::gen_fits;
 use super::quant_policy::quant_policy;
-use super::{
-    codes_tensor, f32_tensor, float_input, get, matrix_f32, outputs, quant_values, QuantConfig,
-    QUANT_BLOCK,
-};
+use super::{float_input, get, outputs, quant_values, QuantConfig, QUANT_BLOCK};
 use crate::compare::Policy;
 use crate::config::{Config, ConfigSchema};
 use crate::contract::{Dim, TensorSpec};
@@ -47,16 +44,16 @@ pub static WEIGHT_QUANT: OpEntry = OpEntry {
 fn weight_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let w = get(inputs, "w");
     let q = fp8::weight_quant(
-        matrix_f32(w).view(),
+        w.matrix_f32().view(),
         cfg.get::<QuantConfig>().block_size,
         cfg.get::<QuantConfig>().scale_fmt,
     )?;
     Ok(outputs([
         (
             "y",
-            codes_tensor(DType::F8E4M3, w.shape.clone(), q.y.view()),
+            Tensor::from_code_matrix(DType::F8E4M3, w.shape.clone(), q.y.view()),
         ),
-        ("s", f32_tensor(q.s.shape().to_vec(), q.s.view())),
+        ("s", Tensor::from_matrix(q.s.shape().to_vec(), q.s.view())),
     ]))
 }
 

@@ -14,7 +14,7 @@ use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::fast::{self, GemmOut};
 use crate::io::TensorMap;
-use crate::ops::{gen_fits, get, matrix_f32, matrix_u8, outputs};
+use crate::ops::{gen_fits, get, outputs};
 use crate::registry::{OpEntry, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -80,7 +80,10 @@ impl Layout for Dense {
         let a_s = get(inputs, "a_s").to_f32().expect("F32 or F8_E8M0 scales");
         let a_s =
             Array2::from_shape_vec((m, k.div_ceil(cfg.block_size)), a_s).expect("validated shape");
-        let (b, b_s) = (matrix_u8(get(inputs, "b")), matrix_f32(get(inputs, "b_s")));
+        let (b, b_s) = (
+            (get(inputs, "b")).matrix_u8(),
+            (get(inputs, "b_s")).matrix_f32(),
+        );
         let d = Dense { a, a_s, b, b_s };
         let (a, b) = d.tiles();
         reference::check_gemm(

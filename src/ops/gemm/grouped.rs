@@ -16,7 +16,7 @@ use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::fast::{self, GemmOut};
 use crate::io::TensorMap;
-use crate::ops::{gen_fits, get, matrix_f32, matrix_u8, outputs};
+use crate::ops::{gen_fits, get, outputs};
 use crate::registry::{OpEntry, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -104,30 +104,6 @@ impl Grouped {
     }
 }
 
-fn codes3(t: &Tensor) -> Array3<u8> {
-    let s = &t.shape;
-    Array3::from_shape_vec((s[0], s[1], s[2]), t.data.clone()).expect("validated shape")
-}
-
-fn scales3(t: &Tensor) -> Array3<f32> {
-    let s = &t.shape;
-    let v = t.to_f32().expect("F32 or F8_E8M0 scales");
-    Array3::from_shape_vec((s[0], s[1], s[2]), v).expect("validated shape")
-}
-
-fn indices(t: &Tensor) -> Vec<i64> {
-    (0..t.numel()).map(|i| t.value(i) as i64).collect()
-}
-
-/// A vector of indices as an I32 tensor (as DeepGEMM's callers pass them).
-fn i32_tensor(values: &[usize]) -> Tensor {
-    let bytes = values
-        .iter()
-        .flat_map(|&g| (g as i32).to_le_bytes())
-        .collect();
-    Tensor::from_bytes(DType::I32, vec![values.len()], bytes).expect("4 bytes per value")
-}
-
 /// The contiguous layout: `a: [M, K]`, `m_indices: [M]`.
 pub(crate) struct Contiguous;
 
@@ -136,9 +112,12 @@ impl Layout for Contiguous {
     type Operands = Grouped;
 
     fn operands(inputs: &TensorMap, cfg: &GemmConfig) -> Result<Grouped> {
-        let (a, a_s) = (matrix_u8(get(inputs, "a")), matrix_f32(get(inputs, "a_s")));
-        let (b, b_s) = (codes3(get(inputs, "b")), scales3(get(inputs, "b_s")));
-        let m_indices = indices(get(inputs, "m_indices"));
+        let (a, a_s) = (
+            (get(inputs, "a")).matrix_u8(),
+            (get(inputs, "a_s")).matrix_f32(),
+        );
+        let (b, b_s) = ((get(inputs, "b")).codes3(), (get(inputs, "b_s")).floats3());
+        let m_indices = (get(inputs, "m_indices")).indices();
         grouped_gemm::check_m_grouped_contiguous(
             BlockScaled::tiles(a.view(), a_s.view()),
             ExpertWeights::new(b.view(), b_s.view()),
@@ -196,10 +175,7 @@ impl Layout for Contiguous {
         let padding = (0..m).filter(|&i| m_indices[i] == -1);
         scribble_rows(rng, (&mut a, k), (&mut a_s, kb), padding);
         let b = codes(rng, groups * n, k, block);
-        let idx: Vec<u8> = m_indices
-            .iter()
-            .flat_map(|&g| (g as i32).to_le_bytes())
-            .collect();
+        let idx: Vec<i32> = m_indices.iter().map(|&g| g as i32).collect();
         Ok(outputs([
             ("a", Tensor::from_codes(DType::F8E4M3, vec![m, k], a)),
             ("a_s", Tensor::from_f32(vec![m, kb], &a_s)),
@@ -211,10 +187,7 @@ impl Layout for Contiguous {
                 "b_s",
                 scales(rng, vec![groups, n.div_ceil(block), kb], uniform),
             ),
-            (
-                "m_indices",
-                Tensor::from_bytes(DType::I32, vec![m], idx).expect("4 bytes per row"),
-            ),
+            ("m_indices", Tensor::from_i32(vec![m], &idx)),
         ]))
     }
 
@@ -231,9 +204,9 @@ impl Layout for Masked {
     type Operands = Grouped;
 
     fn operands(inputs: &TensorMap, cfg: &GemmConfig) -> Result<Grouped> {
-        let (a3, a_s3) = (codes3(get(inputs, "a")), scales3(get(inputs, "a_s")));
-        let (b, b_s) = (codes3(get(inputs, "b")), scales3(get(inputs, "b_s")));
-        let masked_m = indices(get(inputs, "masked_m"));
+        let (a3, a_s3) = ((get(inputs, "a")).codes3(), (get(inputs, "a_s")).floats3());
+        let (b, b_s) = ((get(inputs, "b")).codes3(), (get(inputs, "b_s")).floats3());
+        let masked_m = (get(inputs, "masked_m")).indices();
         grouped_gemm::check_m_grouped_masked(
             a3.view(),
             a_s3.view(),
@@ -303,7 +276,13 @@ impl Layout for Masked {
                 "b_s",
                 scales(rng, vec![groups, n.div_ceil(block), kb], uniform),
             ),
-            ("masked_m", i32_tensor(&masked_m)),
+            (
+                "masked_m",
+                Tensor::from_i32(
+                    vec![groups],
+                    &masked_m.iter().map(|&r| r as i32).collect::<Vec<_>>(),
+                ),
+            ),
         ]))
     }
 

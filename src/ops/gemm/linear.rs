@@ -16,7 +16,7 @@ use crate::contract::{Dim, TensorSpec};
 use crate::error::Result;
 use crate::fast::{self, GemmOut};
 use crate::io::TensorMap;
-use crate::ops::{gen_fits, get, matrix_f32, matrix_u8, outputs};
+use crate::ops::{gen_fits, get, outputs};
 use crate::registry::{OpEntry, Sizes};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -77,7 +77,7 @@ impl<X: TrainingGemm> Layout for X {
         };
         let codes = |i: usize| {
             let (x, transposed) = read(i);
-            let m = matrix_u8(x);
+            let m = x.matrix_u8();
             if transposed {
                 m.reversed_axes().as_standard_layout().to_owned()
             } else {
@@ -86,7 +86,7 @@ impl<X: TrainingGemm> Layout for X {
         };
         let scales = |i: usize| {
             let (x, transposed) = read(i);
-            let m = matrix_f32(x);
+            let m = x.matrix_f32();
             if transposed {
                 m.reversed_axes().as_standard_layout().to_owned()
             } else {
