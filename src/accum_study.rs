@@ -29,28 +29,30 @@ use crate::plot::{LineChart, Scale, Series};
 use crate::rng::Rng;
 use crate::table::Table;
 
-/// Input distributions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Dist {
-    /// N(0, 1): zero-mean products, outputs of random sign.
-    Gauss,
-    /// U[0, 1): all products positive, the accumulator only grows.
-    Uniform,
+crate::choice! {
+    /// Input distributions.
+    pub enum Dist {
+        /// N(0, 1): zero-mean products, outputs of random sign.
+        Gauss = "gauss",
+        /// U[0, 1): all products positive, the accumulator only grows.
+        Uniform = "uniform",
+    }
 }
 
-/// Error metrics over the M·N outputs of one K.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Metric {
-    /// max |c − exact| / |exact| (outputs with exact = 0 skipped)
-    Max,
-    /// 99th percentile of |c − exact| / |exact|
-    P99,
-    /// median of |c − exact| / |exact|
-    Median,
-    /// ‖c − exact‖₂ / ‖exact‖₂
-    Norm,
-    /// mean of (c − exact) / |exact| (signed: truncation shrinks toward zero)
-    Mean,
+crate::choice! {
+    /// Error metrics over the M·N outputs of one K.
+    pub enum Metric {
+        /// max |c − exact| / |exact| (outputs with exact = 0 skipped)
+        Max = "max",
+        /// 99th percentile of |c − exact| / |exact|
+        P99 = "p99",
+        /// median of |c − exact| / |exact|
+        Median = "median",
+        /// ‖c − exact‖₂ / ‖exact‖₂
+        Norm = "norm",
+        /// mean of (c − exact) / |exact| (signed: truncation shrinks toward zero)
+        Mean = "mean",
+    }
 }
 
 /// What to run.

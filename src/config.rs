@@ -130,10 +130,19 @@ impl FieldKind {
 pub trait Choice: Sized + Copy + 'static {
     /// The strings, in variant order.
     const VALUES: &'static [&'static str];
+    /// One line of help per value, where there is one (the CLI lists them).
+    const HELP: &'static [&'static str] = &[];
     /// The variant of `VALUES[i]`.
     fn from_index(i: usize) -> Self;
     /// The string of this variant.
     fn name(self) -> &'static str;
+    /// The variant spelled `s`.
+    fn from_name(s: &str) -> Option<Self> {
+        Self::VALUES
+            .iter()
+            .position(|v| *v == s)
+            .map(Self::from_index)
+    }
 }
 
 /// How a declared field's validated JSON is read into its Rust type.

@@ -13,17 +13,41 @@ use dsv3_reference::model::{AttnImpl, Ffn, Logits, MainHidden, Model};
 use dsv3_reference::train::mtp_loss::{mtp_lambda, mtp_loss, mtp_module_loss};
 
 use crate::checkpoint::Checkpoint;
+use crate::config::Choice;
 use crate::error::{Error, Result};
 use crate::io::{self, TensorMap};
 use crate::tensor::Tensor;
 
-/// `--precision` as asked: [`Precision`] without the FP8 path's activation scale format, which
-/// comes from the checkpoint ([`Checkpoint::fp8_scale_fmt`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrecisionChoice {
-    F32,
-    Bf16,
-    Fp8,
+crate::choice! {
+    /// `--precision` as asked: [`Precision`] without the FP8 path's activation scale format,
+    /// which comes from the checkpoint ([`Checkpoint::fp8_scale_fmt`]).
+    pub enum PrecisionChoice { F32 = "f32", Bf16 = "bf16", Fp8 = "fp8" }
+}
+
+/// `--attn`: the MLA form of a prefill.
+impl Choice for AttnImpl {
+    const VALUES: &'static [&'static str] = &["naive", "absorbed"];
+    const HELP: &'static [&'static str] = &[
+        "Per-head keys and values (HF eager attention)",
+        "Latent cache (OFF default)",
+    ];
+    fn from_index(i: usize) -> Self {
+        [AttnImpl::Naive, AttnImpl::Absorbed][i]
+    }
+    fn name(self) -> &'static str {
+        Self::VALUES[self as usize]
+    }
+}
+
+/// `--mtp-hidden`: the main model's hidden state MTP module 1 reads.
+impl Choice for MainHidden {
+    const VALUES: &'static [&'static str] = &["before_final_norm", "after_final_norm"];
+    fn from_index(i: usize) -> Self {
+        [MainHidden::BeforeFinalNorm, MainHidden::AfterFinalNorm][i]
+    }
+    fn name(self) -> &'static str {
+        Self::VALUES[self as usize]
+    }
 }
 
 impl PrecisionChoice {

@@ -11,7 +11,7 @@ use crate::io::TensorMap;
 use crate::registry::{GpuImpl, OpEntry};
 
 /// Whether GPU runs are wanted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuMode {
     /// Use a device when one is present.
     Auto,
@@ -19,6 +19,21 @@ pub enum GpuMode {
     Require,
     /// Never touch the GPU.
     Off,
+}
+
+impl crate::config::Choice for GpuMode {
+    const VALUES: &'static [&'static str] = &["auto", "require", "off"];
+    const HELP: &'static [&'static str] = &[
+        "Use a device when one is present",
+        "Fail when no device is present",
+        "Never touch the GPU",
+    ];
+    fn from_index(i: usize) -> Self {
+        [GpuMode::Auto, GpuMode::Require, GpuMode::Off][i]
+    }
+    fn name(self) -> &'static str {
+        Self::VALUES[self as usize]
+    }
 }
 
 /// The process-wide device, or why there is none.

@@ -4,8 +4,10 @@
 
 use std::process::Command;
 
-use dsv3::sim::adamw_drift::{closed_loop, open_loop, AdamwDriftArgs};
-use dsv3::sim::balance_sim::{correlation, simulate as balance, table, BalanceSim, BalanceSimArgs};
+use dsv3::sim::adamw_drift::{closed_loop, open_loop, AdamwDriftParams};
+use dsv3::sim::balance_sim::{
+    correlation, simulate as balance, table, BalanceSim, BalanceSimParams,
+};
 use dsv3::sim::eplb::{layer, synthetic_loads};
 use dsv3::sim::schedule::{bubble_table, render_bubble_table, run, timeline};
 use dsv3_reference::train::dualpipe::{Costs, Method};
@@ -25,7 +27,7 @@ fn dsv3(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn balance_sim_bias_update_balances_the_load() {
-    let a = BalanceSimArgs {
+    let a = BalanceSimParams {
         experts: 32,
         top_k: 4,
         nodes: 4,
@@ -67,7 +69,7 @@ fn balance_sim_bias_update_balances_the_load() {
 #[test]
 fn balance_sim_gamma_zero_changes_nothing() {
     // γ = 0 (after 14.3T tokens): the two runs coincide step for step
-    let a = BalanceSimArgs {
+    let a = BalanceSimParams {
         experts: 16,
         top_k: 2,
         nodes: 2,
@@ -75,7 +77,7 @@ fn balance_sim_gamma_zero_changes_nothing() {
         tokens: 64,
         steps: 20,
         gamma: 0.0,
-        ..BalanceSimArgs::default()
+        ..BalanceSimParams::default()
     };
     let sim = balance(&a).unwrap();
     assert_eq!(sim.with, sim.without);
@@ -155,7 +157,7 @@ fn dualpipe_timeline_image_has_every_chunk() {
 
 #[test]
 fn adamw_bf16_moments_drift_stays_within_the_derived_bound() {
-    let a = AdamwDriftArgs::default();
+    let a = AdamwDriftParams::default();
     let open = open_loop(&a).unwrap();
     let (l64, closed) = closed_loop(&a).unwrap();
     print!("{}", dsv3::sim::adamw_drift::render(&open, l64, &closed));

@@ -15,30 +15,27 @@ use dsv3_reference::train::adamw::{
     StepCoefficients,
 };
 use half::bf16;
+use std::io::Write;
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::table::Table;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct AdamwDriftArgs {
+#[derive(Debug, Clone)]
+pub struct AdamwDriftParams {
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1000)]
     pub steps: u64,
     /// Parameters.
-    #[arg(long, default_value_t = 256)]
     pub n: usize,
     /// Learning rate (constant).
-    #[arg(long, default_value_t = 2.2e-4)]
     pub lr: f64,
     /// Seed of the random draws (the same seed gives the same run).
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
-impl Default for AdamwDriftArgs {
+impl Default for AdamwDriftParams {
     fn default() -> Self {
-        AdamwDriftArgs {
+        AdamwDriftParams {
             steps: 1000,
             n: 256,
             lr: 2.2e-4,
@@ -162,7 +159,7 @@ fn summarize(
     }
 }
 
-fn config(a: &AdamwDriftArgs) -> AdamWConfig {
+fn config(a: &AdamwDriftParams) -> AdamWConfig {
     AdamWConfig {
         lr: a.lr,
         ..AdamWConfig::V3
@@ -170,7 +167,7 @@ fn config(a: &AdamwDriftArgs) -> AdamWConfig {
 }
 
 /// Open loop: the same gradient stream for every variant; bounds propagated.
-pub fn open_loop(a: &AdamwDriftArgs) -> Result<Vec<Drift>> {
+pub fn open_loop(a: &AdamwDriftParams) -> Result<Vec<Drift>> {
     let cfg = config(a);
     let mut rng = Rng::new(a.seed);
     let p0: Vec<f64> = (0..a.n)
@@ -226,7 +223,7 @@ pub fn open_loop(a: &AdamwDriftArgs) -> Result<Vec<Drift>> {
 }
 
 /// Closed loop on a noisy quadratic; gradients from each variant's own parameters.
-pub fn closed_loop(a: &AdamwDriftArgs) -> Result<(f64, Vec<Drift>)> {
+pub fn closed_loop(a: &AdamwDriftParams) -> Result<(f64, Vec<Drift>)> {
     let cfg = AdamWConfig {
         weight_decay: 0.0,
         ..config(a)
@@ -334,8 +331,8 @@ pub fn render(open: &[Drift], closed_f64_loss: f64, closed: &[Drift]) -> String 
     t.render()
 }
 
-/// `dsv3 adamw-drift`.
-pub fn main(a: AdamwDriftArgs) -> Result<bool> {
+/// `dsv3 adamw-drift`: the run and its report, written to `out`.
+pub fn report(a: &AdamwDriftParams, out: &mut dyn Write) -> Result<bool> {
     if a.n == 0 || a.steps == 0 {
         return Err(Error::Usage(
             "adamw-drift: --n and --steps must be ≥ 1".into(),
@@ -343,12 +340,12 @@ pub fn main(a: AdamwDriftArgs) -> Result<bool> {
     }
     // about a dozen f32/f64/bf16 state vectors and a bound per parameter
     crate::limits::ensure_elements(&format!("adamw-drift: --n {}", a.n), &[a.n, 16], 8)?;
-    println!(
+    let _ = writeln!(out,
         "adamw-drift: {} parameters, {} steps, lr {}, β1 0.9, β2 0.95, wd 0.1 (closed loop: wd 0), ε 1e-8, seed {}",
         a.n, a.steps, a.lr, a.seed
     );
-    let open = open_loop(&a)?;
-    let (l64, closed) = closed_loop(&a)?;
-    print!("{}", render(&open, l64, &closed));
+    let open = open_loop(a)?;
+    let (l64, closed) = closed_loop(a)?;
+    let _ = write!(out, "{}", render(&open, l64, &closed));
     Ok(open.iter().all(|d| d.over_bound == 0))
 }

@@ -6,6 +6,7 @@
 //! the load of a step is `c_i` over its tokens. Both runs see the same tokens; "without" keeps
 //! `b = 0`, "with" applies `b_i ← b_i + γ·sign(c̄ − c_i)` after every step.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use dsv3_reference::moe::{bias_update, expert_load, node_limited_topk};
@@ -17,43 +18,33 @@ use crate::rng::Rng;
 use crate::table::Table;
 
 /// The simulation's knobs.
-#[derive(Debug, Clone, clap::Args)]
-pub struct BalanceSimArgs {
+#[derive(Debug, Clone)]
+pub struct BalanceSimParams {
     /// Routed experts E (a multiple of --nodes).
-    #[arg(long, default_value_t = 64)]
     pub experts: usize,
     /// Experts per token K_r.
-    #[arg(long, default_value_t = 8)]
     pub top_k: usize,
     /// Nodes the experts are spread over.
-    #[arg(long, default_value_t = 8)]
     pub nodes: usize,
     /// Nodes per token M (divides top_k).
-    #[arg(long, default_value_t = 4)]
     pub max_nodes: usize,
     /// Tokens per training step.
-    #[arg(long, default_value_t = 1024)]
     pub tokens: usize,
     /// Training steps.
-    #[arg(long, default_value_t = 1000)]
     pub steps: usize,
     /// Bias update speed γ (V3: 0.001).
-    #[arg(long, default_value_t = 0.001)]
     pub gamma: f64,
     /// Standard deviation of the experts' popularity offsets (in logits).
-    #[arg(long, default_value_t = 1.0)]
     pub skew: f64,
     /// Seed of the random draws (the same seed gives the same run).
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write the max/mean-load curves as an SVG image here.
-    #[arg(long)]
     pub svg: Option<PathBuf>,
 }
 
-impl Default for BalanceSimArgs {
+impl Default for BalanceSimParams {
     fn default() -> Self {
-        BalanceSimArgs {
+        BalanceSimParams {
             experts: 64,
             top_k: 8,
             nodes: 8,
@@ -95,7 +86,7 @@ fn max_over_mean(load: &[u64]) -> f64 {
 }
 
 /// Run both simulations.
-pub fn simulate(a: &BalanceSimArgs) -> Result<BalanceSim> {
+pub fn simulate(a: &BalanceSimParams) -> Result<BalanceSim> {
     if a.steps == 0 || a.tokens == 0 || !(a.skew >= 0.0 && a.skew.is_finite()) {
         return Err(Error::Usage(
             "balance-sim: --steps and --tokens must be ≥ 1 and --skew a finite number ≥ 0".into(),
@@ -182,7 +173,7 @@ pub fn table(sim: &BalanceSim) -> String {
 }
 
 /// The max/mean-load curves.
-pub fn chart(sim: &BalanceSim, a: &BalanceSimArgs) -> LineChart {
+pub fn chart(sim: &BalanceSim, a: &BalanceSimParams) -> LineChart {
     let pts = |v: &[f64]| {
         v.iter()
             .enumerate()
@@ -211,23 +202,26 @@ pub fn chart(sim: &BalanceSim, a: &BalanceSimArgs) -> LineChart {
     }
 }
 
-/// `dsv3 balance-sim`.
-pub fn main(a: BalanceSimArgs) -> Result<bool> {
-    let sim = simulate(&a)?;
-    println!(
+/// `dsv3 balance-sim`: the run and its report, written to `out`.
+pub fn report(a: &BalanceSimParams, out: &mut dyn Write) -> Result<bool> {
+    let sim = simulate(a)?;
+    let _ = writeln!(out,
         "balance-sim: {} experts on {} nodes, top-{} over ≤ {} nodes, {} tokens/step, {} steps, γ = {}, popularity σ = {}",
         a.experts, a.nodes, a.top_k, a.max_nodes, a.tokens, a.steps, a.gamma, a.skew
     );
-    print!("{}", table(&sim));
+    let _ = write!(out, "{}", table(&sim));
     // where the bias went: against the popularity
     let corr = correlation(
         &sim.popularity,
         &sim.bias.iter().map(|&b| f64::from(b)).collect::<Vec<_>>(),
     );
-    println!("correlation(popularity o_i, final bias b_i) = {corr:.3}");
+    let _ = writeln!(
+        out,
+        "correlation(popularity o_i, final bias b_i) = {corr:.3}"
+    );
     if let Some(p) = &a.svg {
-        crate::io::write_file(p, chart(&sim, &a).to_svg().as_bytes())?;
-        println!("wrote {}", p.display());
+        crate::io::write_file(p, chart(&sim, a).to_svg().as_bytes())?;
+        let _ = writeln!(out, "wrote {}", p.display());
     }
     Ok(true)
 }

@@ -11,37 +11,46 @@ use dsv3_reference::moe::eplb::{
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::table::Table;
+use std::io::Write;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct EplbArgs {
+#[derive(Debug, Clone)]
+pub struct EplbParams {
     /// Logical experts per layer.
-    #[arg(long, default_value_t = 256)]
     pub experts: usize,
     /// Redundant (extra) physical experts per layer.
-    #[arg(long, default_value_t = 32)]
     pub redundant: usize,
     /// Expert groups.
-    #[arg(long, default_value_t = 8)]
     pub groups: usize,
     /// Nodes (V3 prefill unit: 4).
-    #[arg(long, default_value_t = 4)]
     pub nodes: usize,
     /// GPUs (V3 prefill unit: 32).
-    #[arg(long, default_value_t = 32)]
     pub gpus: usize,
     /// MoE layers to simulate.
-    #[arg(long, default_value_t = 4)]
     pub layers: usize,
     /// σ of the log-normal expert loads.
-    #[arg(long, default_value_t = 1.0)]
     pub skew: f64,
     /// Seed of the random draws (the same seed gives the same run).
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Run the deepseek-ai/EPLB README example instead (12 experts, 16 slots, 4 groups, 2 nodes,
     /// 8 GPUs) and print its placement.
-    #[arg(long)]
     pub example: bool,
+}
+
+impl Default for EplbParams {
+    /// V3's prefill unit: 256 experts + 32 redundant in 8 groups on 4 nodes of 8 GPUs.
+    fn default() -> Self {
+        EplbParams {
+            experts: 256,
+            redundant: 32,
+            groups: 8,
+            nodes: 4,
+            gpus: 32,
+            layers: 4,
+            skew: 1.0,
+            seed: 0,
+            example: false,
+        }
+    }
 }
 
 /// Imbalance of one layer.
@@ -113,8 +122,8 @@ fn fmt(x: Option<f64>) -> String {
     x.map_or("n/a (GPUs ∤ experts)".into(), |v| format!("{v:.3}"))
 }
 
-/// `dsv3 eplb`.
-pub fn main(a: EplbArgs) -> Result<bool> {
+/// `dsv3 eplb`: the run and its report, written to `out`.
+pub fn report(a: &EplbParams, out: &mut dyn Write) -> Result<bool> {
     let (loads, slots, groups, nodes, gpus) = if a.example {
         (
             README_LOADS.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
@@ -147,7 +156,7 @@ pub fn main(a: EplbArgs) -> Result<bool> {
         )
     };
     let e = loads[0].len();
-    println!(
+    let _ = writeln!(out,
         "eplb: {e} experts, {slots} physical slots ({} per GPU), {groups} groups, {nodes} nodes, {gpus} GPUs; {}",
         slots / gpus.max(1),
         if a.example { "deepseek-ai/EPLB README loads".to_string() } else { format!("log-normal loads σ = {}, seed {}", a.skew, a.seed) }
@@ -171,9 +180,9 @@ pub fn main(a: EplbArgs) -> Result<bool> {
             r.hottest_replicas.to_string(),
         ]);
         if a.example {
-            println!("layer {l} phy2log: {:?}", r.placement.phy2log);
+            let _ = writeln!(out, "layer {l} phy2log: {:?}", r.placement.phy2log);
         }
     }
-    print!("{}", t.render());
+    let _ = write!(out, "{}", t.render());
     Ok(true)
 }

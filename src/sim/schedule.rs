@@ -1,6 +1,7 @@
 //! `dsv3 schedule`: pipeline schedules (1F1B, ZB1P, DualPipe) simulated on a cost model, their
 //! bubble and activation memory next to V3 Table 2, and a Figure-5-style timeline image.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use dsv3_reference::train::dualpipe::{
@@ -12,45 +13,54 @@ use crate::error::Result;
 use crate::plot::{Span, Timeline};
 use crate::table::Table;
 
-/// What to show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ScheduleKind {
-    #[value(name = "1f1b")]
-    OneFOneB,
-    Zb1p,
-    Dualpipe,
-    /// Bubble and memory of all three for PP ∈ {4, 8, 16} next to Table 2.
-    Table,
+crate::choice! {
+    /// What to show.
+    pub enum ScheduleKind {
+        OneFOneB = "1f1b",
+        Zb1p = "zb1p",
+        Dualpipe = "dualpipe",
+        /// Bubble and memory of all three for PP ∈ {4, 8, 16} next to Table 2.
+        Table = "table",
+    }
 }
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct ScheduleArgs {
+#[derive(Debug, Clone)]
+pub struct ScheduleParams {
     /// The schedule to simulate, or `table` for the bubble/memory table of all three.
     pub kind: ScheduleKind,
     /// Pipeline ranks PP.
-    #[arg(long, default_value_t = 8)]
     pub pp: usize,
     /// Micro-batches (DualPipe: both directions together).
-    #[arg(long, default_value_t = 20)]
     pub micro: usize,
     /// Forward chunk time F.
-    #[arg(long, default_value_t = 1.0)]
     pub f: f64,
     /// Full backward chunk time B (input + weights).
-    #[arg(long, default_value_t = 2.0)]
     pub b: f64,
     /// Backward-for-weights time W (part of B).
-    #[arg(long, default_value_t = 1.0)]
     pub w: f64,
     /// Overlapped forward+backward pair time F&B.
-    #[arg(long, default_value_t = 3.0)]
     pub fb: f64,
     /// Timeline image path (default: <kind>_pp<PP>_micro<M>.svg in the current directory).
-    #[arg(long)]
     pub svg: Option<PathBuf>,
 }
 
-impl ScheduleArgs {
+impl Default for ScheduleParams {
+    /// V3's setting: DualPipe over 8 ranks, 20 micro-batches, F = 1, B = 2, W = 1, F&B = 3.
+    fn default() -> Self {
+        ScheduleParams {
+            kind: ScheduleKind::Dualpipe,
+            pp: 8,
+            micro: 20,
+            f: 1.0,
+            b: 2.0,
+            w: 1.0,
+            fb: 3.0,
+            svg: None,
+        }
+    }
+}
+
+impl ScheduleParams {
     fn costs(&self) -> Costs {
         Costs {
             f: self.f,
@@ -233,22 +243,23 @@ pub fn timeline(s: &Schedule, sim: &Simulation, c: &Costs) -> Timeline {
     }
 }
 
-/// `dsv3 schedule`.
-pub fn main(a: ScheduleArgs) -> Result<bool> {
+/// `dsv3 schedule`: the run and its report, written to `out`.
+pub fn report(a: &ScheduleParams, out: &mut dyn Write) -> Result<bool> {
     let c = a.costs();
     c.validate()?;
     let Some(m) = method(a.kind) else {
-        println!(
+        let _ = writeln!(
+            out,
             "Table 2 (V3 §3.2.1) against simulated schedules; F = {}, B = {}, W = {}, F&B = {}",
             c.f, c.b, c.w, c.fb
         );
         let rows = bubble_table(&[4, 8, 16], &c)?;
-        print!("{}", render_bubble_table(&rows));
+        let _ = write!(out, "{}", render_bubble_table(&rows));
         let agree = rows.iter().all(|r| {
             r.regime.is_some() || (r.simulated - r.formula).abs() <= 1e-9 * r.formula.abs().max(1.0)
         });
         let mem = rows.iter().all(|r| r.activations == r.activation_formula);
-        println!(
+        let _ = writeln!(out,
             "bubble = max over devices of (makespan − busy time); activations = peak stage activations on a device. \
              Simulation {} Table 2 wherever the formula's regime holds; activation memory {}.",
             if agree { "equals" } else { "DIFFERS FROM" },
@@ -257,7 +268,8 @@ pub fn main(a: ScheduleArgs) -> Result<bool> {
         return Ok(agree && mem);
     };
     let (s, sim) = run(m, a.pp, a.micro, &c)?;
-    println!(
+    let _ = writeln!(
+        out,
         "{}: PP = {}, {} micro-batches, F = {}, B = {}, W = {}, F&B = {}; makespan {}",
         m.name(),
         a.pp,
@@ -278,9 +290,10 @@ pub fn main(a: ScheduleArgs) -> Result<bool> {
             sim.peak_activations[d].to_string(),
         ]);
     }
-    print!("{}", t.render());
+    let _ = write!(out, "{}", t.render());
     let formula = bubble_formula(m, a.pp, &c);
-    println!(
+    let _ = writeln!(
+        out,
         "bubble: simulated {} (max idle) | Table 2 {} = {} | {}",
         sim.bubble(),
         formula_text(m),
@@ -290,7 +303,8 @@ pub fn main(a: ScheduleArgs) -> Result<bool> {
             Some(why) => format!("formula regime: no, {why}"),
         }
     );
-    println!(
+    let _ =
+        writeln!(out,
         "activation memory: simulated {} | Table 2 {}; parameter memory {}× (stages per device)",
         sim.activations(),
         activation_formula(m, a.pp),
@@ -305,6 +319,6 @@ pub fn main(a: ScheduleArgs) -> Result<bool> {
         PathBuf::from(format!("{stem}_pp{}_micro{}.svg", a.pp, a.micro))
     });
     crate::io::write_file(&path, timeline(&s, &sim, &c).to_svg().as_bytes())?;
-    println!("wrote {}", path.display());
+    let _ = writeln!(out, "wrote {}", path.display());
     Ok(true)
 }
