@@ -1,5 +1,5 @@
 //! `cpu_fp8_gemm/<mode>/<M>x<N>x<K>`: the block-scaled FP8 GEMM on the CPU.
-//! - `exact_fast`: the registry's exact path (`src/fast.rs`: f64 block dots by
+//! - `exact_fast`: the registry's exact path (`src/ops/gemm/fast/mod.rs`: f64 block dots by
 //!   `matrixmultiply::dgemm`, rayon over rows), bit-identical to the reference;
 //! - `exact_readable`: the reference's plain loop (`dsv3_reference::fp8::fp8_gemm`);
 //! - `tensor_core_fast`: the Hopper Tensor Core model (F = 13, L = 32, promotion every 128) per
@@ -10,7 +10,7 @@
 //! scales M·N·⌈K/128⌉ partials in f32.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dsv3::fast;
+use dsv3::ops::gemm::fast;
 use dsv3_reference::fp8::{fp8_gemm, Accumulation, BlockScaled, HOPPER_FP8_WGMMA};
 use ndarray::Array2;
 

@@ -1,33 +1,18 @@
-//! `dsv3`: the op registry and the tools around it (`dsv3 check`, `dsv3 verify`, `dsv3 ops`).
+//! `dsv3`: the reference oracle for DeepSeek-V3's math, by job:
 //!
-//! The math lives in [`dsv3_reference`]; the CUDA kernels in [`dsv3_gpu`]. This crate describes
-//! every operation once ([`registry::OpEntry`]: tensor contract, config, reference, GPU
-//! implementation, tolerance policy, input generator) and judges outputs against it.
+//! - [`registry`]: the registry core — what an op is ([`registry::OpEntry`]: tensor contract,
+//!   typed config, reference, GPU implementations, tolerance policy, input generator), tensors
+//!   and files, and judging outputs against the reference (`check`, `verify`, reports);
+//! - [`ops`]: every op's entry ([`ops::REGISTRY`]), the GEMM family in [`ops::gemm`];
+//! - [`model`]: checkpoints in the hub layout and the model forward (`dsv3 forward`);
+//! - [`studies`]: the accumulation study and the training-side simulators, with their plots.
+//!
+//! The math lives in [`dsv3_reference`]; the CUDA kernels in `dsv3_gpu` (feature `cuda`). The
+//! command line is the `dsv3` binary (`src/cli/`).
 
-pub mod accum_study;
-pub mod adapt;
-pub mod check;
-pub mod checkpoint;
-pub mod compare;
-pub mod config;
-pub mod contract;
-pub mod error;
-pub mod fast;
-pub mod forward;
-pub mod gpu;
-pub mod io;
-pub mod limits;
+pub mod model;
 pub mod ops;
-pub mod plot;
-pub mod progress;
 pub mod registry;
-pub mod report;
-pub mod rng;
-pub mod sim;
-pub mod table;
-pub mod tensor;
-pub mod tolerance;
-pub mod verify;
-pub mod verify_models;
+pub mod studies;
 
-pub use error::{Error, Result};
+pub use registry::error::{Error, Result};

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use dsv3::accum_study::{run, Dist, Metric, Study};
+use dsv3::studies::accum_study::{run, Dist, Metric, Study};
 use dsv3_reference::fp8::{TensorCoreModel, TermCut, WriteBack, HOPPER_FP8_WGMMA};
 
 fn study(model: TensorCoreModel, ks: Vec<usize>) -> Study {

@@ -6,8 +6,8 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use dsv3::io::{self, TensorMap};
-use dsv3::tensor::{DType, Tensor};
+use dsv3::registry::io::{self, TensorMap};
+use dsv3::registry::tensor::{DType, Tensor};
 
 fn fixture_model(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

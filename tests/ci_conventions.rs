@@ -22,7 +22,7 @@ fn manifest_sha(rel: &str) -> String {
 
 /// An act_quant case with y[3, 100] moved by one code (a planted fault).
 fn planted_fault(dir: &Path) -> PathBuf {
-    let mut t = dsv3::io::load(fixture("act_quant/f32_randn.safetensors")).unwrap();
+    let mut t = dsv3::registry::io::load(fixture("act_quant/f32_randn.safetensors")).unwrap();
     let y = t.get_mut("y").unwrap();
     let i = 3 * 512 + 100;
     y.data[i] = if y.data[i] & 0x7F == 0x7E {
@@ -31,7 +31,7 @@ fn planted_fault(dir: &Path) -> PathBuf {
         y.data[i] + 1
     };
     let p = dir.join("fault.safetensors");
-    dsv3::io::save(&p, &t, None).unwrap();
+    dsv3::registry::io::save(&p, &t, None).unwrap();
     p
 }
 
@@ -181,7 +181,7 @@ fn ops_json_lists_every_op_with_its_contract() {
     let j: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["schema_version"], 1);
     let ops = j["ops"].as_array().unwrap();
-    assert_eq!(ops.len(), dsv3::registry::REGISTRY.len());
+    assert_eq!(ops.len(), dsv3::ops::REGISTRY.len());
     let gate = ops.iter().find(|o| o["name"] == "moe_gate").unwrap();
     assert_eq!(gate["inputs"][0]["name"], "x");
     assert_eq!(gate["inputs"][0]["shape"], "[N, D]");

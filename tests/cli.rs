@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use dsv3::io::{self, TensorMap};
-use dsv3::tensor::{DType, Tensor};
+use dsv3::registry::io::{self, TensorMap};
+use dsv3::registry::tensor::{DType, Tensor};
 
 fn dsv3(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dsv3"))
@@ -243,7 +243,7 @@ fn ops_lists_every_registered_op() {
     let o = dsv3(&["ops"]);
     let (out, _) = text(&o);
     assert_eq!(o.status.code(), Some(0));
-    for op in dsv3::registry::REGISTRY {
+    for op in dsv3::ops::REGISTRY {
         assert!(out.contains(op.name), "{} not listed", op.name);
     }
     let o = dsv3(&["ops", "act_quant"]);
@@ -310,7 +310,7 @@ fn verify_passes_and_gpu_require_fails_without_a_device() {
     let (out, _) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(out.contains("overall: PASS"), "{out}");
-    if dsv3::gpu::device().is_err() {
+    if dsv3::registry::gpu::device().is_err() {
         let o = dsv3(&[
             "verify",
             "--gpu",

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use ndarray::Array2;
 use serde_json::Value;
 
-use dsv3::checkpoint::Checkpoint;
-use dsv3::forward::max_rel_diff;
-use dsv3::io::SafeFile;
+use dsv3::model::checkpoint::Checkpoint;
+use dsv3::model::forward::max_rel_diff;
+use dsv3::registry::io::SafeFile;
 use dsv3_reference::linear::Precision;
 use dsv3_reference::model::AttnImpl;
 use dsv3_reference::moe::{ScoringFunc, TopkMethod};
@@ -400,7 +400,7 @@ fn cli_forward_writes_logits_that_match_the_oracle_in_prefill_and_decode() {
             let (code, err) = dsv3(&args);
             assert_eq!(code, 0, "{err}");
             let t = SafeFile::open(&out).unwrap().tensor("logits").unwrap();
-            assert_eq!(t.dtype, dsv3::tensor::DType::F32);
+            assert_eq!(t.dtype, dsv3::registry::tensor::DType::F32);
             assert_eq!(t.shape, vec![f.tokens.len(), f.logits.ncols()]);
             let got =
                 Array2::from_shape_vec((t.shape[0], t.shape[1]), t.to_f32().unwrap()).unwrap();

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use dsv3::io::{self, TensorMap};
-use dsv3::tensor::{DType, Tensor};
+use dsv3::registry::io::{self, TensorMap};
+use dsv3::registry::tensor::{DType, Tensor};
 use half::bf16;
 
 fn dsv3(args: &[&str]) -> (i32, String, String) {

@@ -1,10 +1,10 @@
-//! The fast GEMM paths of the registry (`src/fast.rs`) are bit-identical to the readable
+//! The fast GEMM paths of the registry (`src/ops/gemm/fast/mod.rs`) are bit-identical to the readable
 //! reference (`dsv3_reference::fp8::{fp8_gemm, grouped_gemm, linear_fp8}`): random shapes that
 //! cross the fast path's tile edges (64 rows, 512 columns), K and N not multiples of the block,
 //! zero tiles, ±448 tiles, subnormal codes, outliers, every finite code, scales from 2^-75 to
 //! 2^4, both scale layouts, both accumulation modes.
 
-use dsv3::fast;
+use dsv3::ops::gemm::fast;
 use dsv3_reference::fp8::fp8_gemm::{
     e4m3_values, gemm, scaled_dot, Accumulation, BlockScaled, ScaleLayout, OFF_NAMES,
 };

@@ -17,10 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dsv3::check::{self, Mode};
-use dsv3::io::SafeFile;
-use dsv3::registry;
-use dsv3::rng::Rng;
+use dsv3::registry::check::{self, Mode};
+use dsv3::registry::io::SafeFile;
+use dsv3::registry::rng::Rng;
 use serde_json::{json, Value};
 
 mod common;
@@ -274,7 +273,7 @@ fn loader_and_check_never_panic() {
             for n in f.names() {
                 let _ = f.info(&n);
             }
-            let op = registry::find(&seed.op)?;
+            let op = dsv3::ops::find(&seed.op)?;
             let cfg = op.parse_config(&config)?;
             let (ins, outs) = check::load_pair(op, &path, &path)?;
             let r = check::check(op, &ins, &outs, &cfg, Mode::Policy, ("", ""))?;
@@ -355,7 +354,7 @@ fn cli_never_panics_or_dies() {
     let dir = scratch("cli");
     let mut tally = Tally::default();
     let mut bad = Vec::new();
-    let ops: Vec<&str> = registry::REGISTRY.iter().map(|op| op.name).collect();
+    let ops: Vec<&str> = dsv3::ops::REGISTRY.iter().map(|op| op.name).collect();
     for i in 0..cases {
         let seed = &seeds[i % seeds.len()];
         let file = dir.join(format!("{i}.safetensors"));

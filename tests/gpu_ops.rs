@@ -7,10 +7,11 @@
 //! implements; the (op, backend, config) triples it declines are listed with their reason by
 //! `every_gpu_backend_implements_a_test_config` (which needs no device).
 
-use dsv3::config::Config;
-use dsv3::gpu::{device, diff, required_by_env};
-use dsv3::registry::{OpEntry, Sizes, REGISTRY};
-use dsv3::rng::Rng;
+use dsv3::ops::REGISTRY;
+use dsv3::registry::config::Config;
+use dsv3::registry::gpu::{device, diff, required_by_env};
+use dsv3::registry::rng::Rng;
+use dsv3::registry::{OpEntry, Sizes};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 

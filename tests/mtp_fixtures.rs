@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use ndarray::{concatenate, s, Array2, Axis};
 use serde_json::Value;
 
-use dsv3::checkpoint::Checkpoint;
-use dsv3::forward::max_rel_diff;
-use dsv3::io::SafeFile;
+use dsv3::model::checkpoint::Checkpoint;
+use dsv3::model::forward::max_rel_diff;
+use dsv3::registry::io::SafeFile;
 use dsv3_reference::linear::{Linear, Precision, Weight};
 use dsv3_reference::model::{AttnImpl, Ffn, MainHidden, Model};
 use dsv3_reference::train::mtp_loss::{mtp_loss, mtp_module_loss};

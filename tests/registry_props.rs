@@ -4,14 +4,15 @@
 //! - its reference outputs satisfy the output contract and pass `check` against themselves;
 //! - corrupting one element of one output makes `check` fail (a policy that cannot fail is a bug).
 
-use dsv3::check::{check, Mode};
-use dsv3::registry::{PolicyCtx, Sizes, REGISTRY};
-use dsv3::rng::Rng;
+use dsv3::ops::REGISTRY;
+use dsv3::registry::check::{check, Mode};
+use dsv3::registry::rng::Rng;
+use dsv3::registry::{PolicyCtx, Sizes};
 use proptest::prelude::*;
 
 /// Flip the second-highest bit of element `i`: the exponent's top bit for floats (a change by a
 /// huge factor), a large jump for integers.
-fn corrupt(t: &mut dsv3::tensor::Tensor, i: usize) {
+fn corrupt(t: &mut dsv3::registry::tensor::Tensor, i: usize) {
     let size = t.dtype.size();
     let bit = size * 8 - 2;
     t.data[i * size + bit / 8] ^= 1 << (bit % 8);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{check_file, fixture, run, s, scratch};
-use dsv3::io::{self, TensorMap};
+use dsv3::registry::io::{self, TensorMap};
 
 /// A fixture file with some tensors edited, saved under `name`.
 fn edited(fixture_rel: &str, name: &str, edit: impl FnOnce(&mut TensorMap)) -> PathBuf {
@@ -55,9 +55,10 @@ fn moe_gate_ids_swapped_within_a_row_fail_through_their_weights() {
 /// a panic, never a wrong-shaped output.
 #[test]
 fn zero_sizes_give_a_consistent_verdict_or_a_named_refusal() {
-    use dsv3::check::{check, Mode};
-    use dsv3::registry::{Sizes, REGISTRY};
-    use dsv3::rng::Rng;
+    use dsv3::ops::REGISTRY;
+    use dsv3::registry::check::{check, Mode};
+    use dsv3::registry::rng::Rng;
+    use dsv3::registry::Sizes;
     let (mut failures, mut refusals) = (Vec::new(), Vec::new());
     let mut tried = 0;
     for op in REGISTRY {
@@ -187,7 +188,7 @@ const HUGE: &str = "1099511627776"; // 2^40
 
 #[test]
 fn huge_generator_sizes_exit_2_at_once_without_allocating() {
-    use dsv3::registry::REGISTRY;
+    use dsv3::ops::REGISTRY;
     let out = scratch("huge").join("x.st");
     let mut n = 0;
     for op in REGISTRY {
@@ -386,7 +387,7 @@ fn silently_accepted_inputs_are_refused() {
         let d = x.shape[1];
         let i = (d + 3) * x.dtype.size();
         let nan = match x.dtype {
-            dsv3::tensor::DType::BF16 => 0x7FC0u16.to_le_bytes().to_vec(),
+            dsv3::registry::tensor::DType::BF16 => 0x7FC0u16.to_le_bytes().to_vec(),
             _ => f32::NAN.to_le_bytes().to_vec(),
         };
         x.data[i..i + nan.len()].copy_from_slice(&nan);

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use dsv3::registry::REGISTRY;
+use dsv3::ops::REGISTRY;
 
 fn spec() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("SPEC.md")).unwrap()

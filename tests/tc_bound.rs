@@ -12,11 +12,11 @@ mod common;
 use std::path::Path;
 
 use common::{check_file, scratch};
-use dsv3::check::{check, Mode};
-use dsv3::io::TensorMap;
-use dsv3::registry::{self, without_aux};
-use dsv3::rng::Rng;
-use dsv3::tensor::{DType, Tensor};
+use dsv3::registry::check::{check, Mode};
+use dsv3::registry::io::TensorMap;
+use dsv3::registry::rng::Rng;
+use dsv3::registry::tensor::{DType, Tensor};
+use dsv3::registry::without_aux;
 use dsv3_reference::fp8::{Saturation, E4M3};
 
 /// fp8_gemm inputs from values: `a [m, k]`, `b [n, k]` quantized per 1×128 / 128×128 tile
@@ -82,8 +82,8 @@ fn values(rng: &mut Rng, kind: usize, rows: usize, k: usize, negate_half: bool) 
 }
 
 /// The model's output (the candidate) under `tc` and the bound's verdict under `bound`.
-fn judge(ins: &TensorMap, tc: &str, bound: &str) -> dsv3::check::CheckReport {
-    let op = registry::find("fp8_gemm").unwrap();
+fn judge(ins: &TensorMap, tc: &str, bound: &str) -> dsv3::registry::check::CheckReport {
+    let op = dsv3::ops::find("fp8_gemm").unwrap();
     let cfg_tc = op.parse_config(&serde_json::from_str(tc).unwrap()).unwrap();
     let b = op.contract().check_inputs(ins, &cfg_tc, "").unwrap();
     let candidate = without_aux(op.run_reference(ins, &cfg_tc, &b).unwrap());
@@ -193,7 +193,7 @@ fn cli_bound_check(dir: &Path, ins: &TensorMap, c: Tensor) -> (i32, String) {
     let mut all = ins.clone();
     all.insert("c".into(), c);
     let p = dir.join("case.safetensors");
-    dsv3::io::save(&p, &all, None).unwrap();
+    dsv3::registry::io::save(&p, &all, None).unwrap();
     let (code, out, _) = check_file(
         "fp8_gemm",
         &p,
@@ -207,7 +207,7 @@ fn cli_bound_check(dir: &Path, ins: &TensorMap, c: Tensor) -> (i32, String) {
 
 /// The exact-mode output of `ins` as an F32 `c` (what a correct CUDA-core kernel writes).
 fn exact_c(ins: &TensorMap) -> Vec<f32> {
-    let op = registry::find("fp8_gemm").unwrap();
+    let op = dsv3::ops::find("fp8_gemm").unwrap();
     let cfg = op
         .parse_config(&serde_json::json!({"out_dtype": "f32"}))
         .unwrap();
@@ -230,7 +230,7 @@ fn the_bugs_real_kernels_have_fail_the_bound() {
         (m, n, k),
         true,
     );
-    let op = registry::find("fp8_gemm").unwrap();
+    let op = dsv3::ops::find("fp8_gemm").unwrap();
     let cfg = op
         .parse_config(&serde_json::json!({"accumulation": "tensor_core", "promote_interval": 0, "out_dtype": "f32"}))
         .unwrap();

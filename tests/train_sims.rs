@@ -4,12 +4,12 @@
 
 use std::process::Command;
 
-use dsv3::sim::adamw_drift::{closed_loop, open_loop, AdamwDriftParams};
-use dsv3::sim::balance_sim::{
+use dsv3::studies::adamw_drift::{closed_loop, open_loop, AdamwDriftParams};
+use dsv3::studies::balance_sim::{
     correlation, simulate as balance, table, BalanceSim, BalanceSimParams,
 };
-use dsv3::sim::eplb::{layer, synthetic_loads};
-use dsv3::sim::schedule::{bubble_table, render_bubble_table, run, timeline};
+use dsv3::studies::eplb::{layer, synthetic_loads};
+use dsv3::studies::schedule::{bubble_table, render_bubble_table, run, timeline};
 use dsv3_reference::train::dualpipe::{Costs, Method};
 
 fn dsv3(args: &[&str]) -> (i32, String, String) {
@@ -160,7 +160,10 @@ fn adamw_bf16_moments_drift_stays_within_the_derived_bound() {
     let a = AdamwDriftParams::default();
     let open = open_loop(&a).unwrap();
     let (l64, closed) = closed_loop(&a).unwrap();
-    print!("{}", dsv3::sim::adamw_drift::render(&open, l64, &closed));
+    print!(
+        "{}",
+        dsv3::studies::adamw_drift::render(&open, l64, &closed)
+    );
     for d in &open {
         // every element's drift is inside its own propagated first-order bound
         assert_eq!(d.over_bound, 0, "{}", d.variant);

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use dsv3::gpu::GpuMode;
-use dsv3::registry::REGISTRY;
-use dsv3::verify::{load_manifest, verify};
+use dsv3::ops::REGISTRY;
+use dsv3::registry::gpu::GpuMode;
+use dsv3::registry::verify::{load_manifest, verify};
 
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -46,11 +46,13 @@ fn every_registered_op_has_an_oracle_case() {
 #[test]
 fn fp8_format_tables_cover_a_million_patterns_and_every_code() {
     let m = load_manifest(&fixtures()).unwrap();
-    let enc = dsv3::io::SafeFile::open(fixtures().join("fp8_formats/encode.safetensors")).unwrap();
+    let enc = dsv3::registry::io::SafeFile::open(fixtures().join("fp8_formats/encode.safetensors"))
+        .unwrap();
     let (_, shape) = enc.info("x").unwrap().unwrap();
     assert!(shape[0] >= 1 << 20, "only {} encode inputs", shape[0]);
     // every 8-bit code of each format, every 12-bit E5M6 code
-    let dec = dsv3::io::SafeFile::open(fixtures().join("fp8_formats/decode.safetensors")).unwrap();
+    let dec = dsv3::registry::io::SafeFile::open(fixtures().join("fp8_formats/decode.safetensors"))
+        .unwrap();
     for (name, n) in [("e4m3", 256), ("e5m2", 256), ("ue8m0", 256), ("e5m6", 4096)] {
         let (_, s) = dec.info(&format!("{name}_codes")).unwrap().unwrap();
         assert_eq!(s, vec![n], "{name}");

@@ -13,10 +13,10 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
-use dsv3::check::Mode;
-use dsv3::io::TensorMap;
+use dsv3::registry::check::Mode;
+use dsv3::registry::io::TensorMap;
+use dsv3::registry::tensor::{DType, Tensor};
 use dsv3::registry::{self, OpEntry};
-use dsv3::tensor::{DType, Tensor};
 
 create_exception!(
     _native,
@@ -79,7 +79,7 @@ fn guarded<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
 /// A buffer of `nbytes` zero bytes for the caller to fill (checked against the memory budget).
 #[pyfunction]
 fn alloc(nbytes: usize) -> PyResult<Staged> {
-    dsv3::limits::ensure_fits("staging a tensor for dsv3", Some(nbytes as u64))
+    dsv3::registry::limits::ensure_fits("staging a tensor for dsv3", Some(nbytes as u64))
         .map_err(input_error)?;
     Ok(Staged {
         data: vec![0; nbytes],
@@ -124,8 +124,8 @@ fn from_map(map: TensorMap) -> Vec<TensorOut> {
 fn op_and_config(
     op: &str,
     config: Option<&str>,
-) -> PyResult<(&'static OpEntry, dsv3::config::Config)> {
-    let op = registry::find(op).map_err(input_error)?;
+) -> PyResult<(&'static OpEntry, dsv3::registry::config::Config)> {
+    let op = dsv3::ops::find(op).map_err(input_error)?;
     let raw: serde_json::Value = match config {
         None => serde_json::Value::Null,
         Some(text) => serde_json::from_str(text).map_err(|e| {
@@ -139,7 +139,7 @@ fn op_and_config(
 /// The registered ops' names, in listing order.
 #[pyfunction]
 fn ops() -> Vec<String> {
-    registry::REGISTRY
+    dsv3::ops::REGISTRY
         .iter()
         .map(|op| op.name.to_string())
         .collect()
@@ -149,7 +149,7 @@ fn ops() -> Vec<String> {
 #[pyfunction]
 fn describe(op: &str) -> PyResult<String> {
     guarded(|| {
-        let op = registry::find(op).map_err(input_error)?;
+        let op = dsv3::ops::find(op).map_err(input_error)?;
         Ok(op.describe_json().to_string())
     })
 }
@@ -167,7 +167,8 @@ fn reference(
     py.detach(|| {
         guarded(|| {
             let (op, cfg) = op_and_config(op, config)?;
-            let adapted = dsv3::adapt::adapt_inputs(op, &inputs, &cfg, "").map_err(input_error)?;
+            let adapted =
+                dsv3::registry::adapt::adapt_inputs(op, &inputs, &cfg, "").map_err(input_error)?;
             let inputs = adapted.as_ref().unwrap_or(&inputs);
             let b = op
                 .contract()
@@ -198,19 +199,25 @@ fn check(
         guarded(|| {
             let (op, cfg) = op_and_config(op, config)?;
             let mode = if exact { Mode::Exact } else { Mode::Policy };
-            let r = dsv3::check::check(op, &inputs, &outputs, &cfg, mode, ("", ""))
+            let r = dsv3::registry::check::check(op, &inputs, &outputs, &cfg, mode, ("", ""))
                 .map_err(input_error)?;
-            let json = dsv3::report::Envelope::new("check", Vec::new(), &r)
+            let json = dsv3::registry::report::Envelope::new("check", Vec::new(), &r)
                 .to_json()
                 .map_err(input_error)?;
             let saved = match (&save_to, r.pass) {
                 (Some(dir), false) => Some(
-                    dsv3::check::save_failure(Path::new(dir), op, &inputs, &outputs, &cfg)
-                        .map_err(input_error)?,
+                    dsv3::registry::check::save_failure(
+                        Path::new(dir),
+                        op,
+                        &inputs,
+                        &outputs,
+                        &cfg,
+                    )
+                    .map_err(input_error)?,
                 ),
                 _ => None,
             };
-            Ok((json, dsv3::check::render(&r), r.pass, saved))
+            Ok((json, dsv3::registry::check::render(&r), r.pass, saved))
         })
     })
 }

@@ -105,7 +105,7 @@ def test_random_inputs_to_every_op_give_a_result_or_an_input_error():
     config values: every call returns outputs (which then pass against themselves, and get a
     verdict when scrambled) or raises InputError; anything else (a RuntimeError for a dsv3 bug,
     a crash) fails. (Run longer, 120,000 such calls found one bug: an int32 `y` of fp8_decode was
-    taken for packed scales; src/adapt.rs only_gemm_scales_are_unpacked.)"""
+    taken for packed scales; src/registry/adapt.rs only_gemm_scales_are_unpacked.)"""
     rng = np.random.default_rng(12)
     dtypes = [np.float32, np.float64, np.int32, np.int64, np.bool_, np.uint8, ml_dtypes.bfloat16,
               ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e8m0fnu]

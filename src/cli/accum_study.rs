@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use dsv3::accum_study::{Dist, Metric, Study};
+use dsv3::studies::accum_study::{Dist, Metric, Study};
 use dsv3::Result;
 use dsv3_reference::fp8::{TensorCoreModel, TermCut, WriteBack};
 
@@ -71,6 +71,6 @@ pub fn run(a: Args) -> Result<bool> {
         seed: a.seed,
         plot_dir: (a.plot_dir != "-").then(|| PathBuf::from(a.plot_dir)),
     };
-    dsv3::accum_study::run(&study, &mut std::io::stdout())?;
+    dsv3::studies::accum_study::run(&study, &mut std::io::stdout())?;
     Ok(true)
 }

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use dsv3::check::{self, Mode};
-use dsv3::{registry, report, Result};
+use dsv3::registry::check::{self, Mode};
+use dsv3::registry::report;
+use dsv3::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -56,9 +57,9 @@ pub fn run(a: Args) -> Result<bool> {
 /// Load, judge, print the table, write the JSON report and, on a mismatch, the failure
 /// directory.
 fn judge(a: &Args) -> Result<check::CheckReport> {
-    let op = registry::find(&a.op)?;
+    let op = dsv3::ops::find(&a.op)?;
     let cfg = check::read_config(op, a.config.as_deref())?;
-    let progress = dsv3::progress::Progress::start(&format!("dsv3 check {}", op.name));
+    let progress = dsv3::registry::progress::Progress::start(&format!("dsv3 check {}", op.name));
     progress.phase("loading");
     let (ins, outs) = check::load_pair(op, &a.inputs, &a.outputs)?;
     let places = (

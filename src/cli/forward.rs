@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use dsv3::forward::{self, PrecisionChoice};
+use dsv3::model::forward::{self, PrecisionChoice};
 use dsv3::Result;
 use dsv3_reference::model::{AttnImpl, MainHidden};
 

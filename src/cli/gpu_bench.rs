@@ -18,7 +18,7 @@ pub fn run(a: Args) -> Result<bool> {
         bench_act_quant, bench_copy, bench_fp8_gemm, bench_mla_decode, BenchRow,
     };
     use dsv3_gpu::fp8_gemm::Backend;
-    let gpu = match dsv3::gpu::device() {
+    let gpu = match dsv3::registry::gpu::device() {
         Ok(g) => g,
         Err(why) if require => {
             return Err(Error::Usage(format!(
@@ -71,7 +71,7 @@ pub fn run(a: Args) -> Result<bool> {
             rows.push(bench_mla_decode(gpu, (128, s_q, 128, len), 5)?);
         }
     }
-    let mut t = dsv3::table::Table::new(&["kernel", "shape", "ms", "TFLOP/s", "GB/s"]);
+    let mut t = dsv3::registry::table::Table::new(&["kernel", "shape", "ms", "TFLOP/s", "GB/s"]);
     for r in rows {
         t.row(vec![
             r.kernel,

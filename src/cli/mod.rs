@@ -13,7 +13,7 @@ mod verify;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 
-use dsv3::config::Choice;
+use dsv3::registry::config::Choice;
 use dsv3::Result;
 
 #[derive(Parser)]

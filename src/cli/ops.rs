@@ -1,6 +1,7 @@
 //! `dsv3 ops`: the registered ops, their contracts, configs and tolerances.
 
-use dsv3::{registry, report, verify, Result};
+use dsv3::registry::{report, verify};
+use dsv3::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,7 +16,7 @@ pub fn run(a: Args) -> Result<bool> {
     let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     match (a.op, a.json) {
         (None, true) => {
-            let ops: Vec<serde_json::Value> = registry::REGISTRY
+            let ops: Vec<serde_json::Value> = dsv3::ops::REGISTRY
                 .iter()
                 .map(|op| op.describe_json())
                 .collect();
@@ -27,9 +28,9 @@ pub fn run(a: Args) -> Result<bool> {
             println!("{}", json(&v));
         }
         (None, false) => print!("{}", verify::ops_table()),
-        (Some(name), true) => println!("{}", json(&registry::find(&name)?.describe_json())),
+        (Some(name), true) => println!("{}", json(&dsv3::ops::find(&name)?.describe_json())),
         (Some(name), false) => {
-            let op = registry::find(&name)?;
+            let op = dsv3::ops::find(&name)?;
             println!(
                 "{}: {}\nsource: {}\nreference: {}",
                 op.name, op.summary, op.source, op.reference_fn

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use dsv3::{check, io, registry, Result};
+use dsv3::registry::{self, check, io};
+use dsv3::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,11 +22,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<bool> {
-    let op = registry::find(&a.op)?;
+    let op = dsv3::ops::find(&a.op)?;
     let cfg = check::read_config(op, a.config.as_deref())?;
     let place = format!(" in {}", a.inputs.display());
     let loaded = io::load(&a.inputs)?;
-    let ins = dsv3::adapt::adapt_inputs(op, &loaded, &cfg, &place)?.unwrap_or(loaded);
+    let ins = dsv3::registry::adapt::adapt_inputs(op, &loaded, &cfg, &place)?.unwrap_or(loaded);
     let bindings = op.contract().check_inputs(&ins, &cfg, &place)?;
     let outs = registry::without_aux(op.run_reference(&ins, &cfg, &bindings)?);
     io::save(&a.out, &outs, None)?;
@@ -56,13 +57,13 @@ pub struct GenArgs {
 }
 
 pub fn generate(a: GenArgs) -> Result<bool> {
-    let op = registry::find(&a.op)?;
+    let op = dsv3::ops::find(&a.op)?;
     let cfg = check::read_config(op, a.config.as_deref())?;
     let mut pinned = registry::Sizes::new();
     for (k, v) in a.sizes {
         pinned.insert(k, v);
     }
-    let inputs = op.generate_inputs(&mut dsv3::rng::Rng::new(a.seed), &cfg, &pinned)?;
+    let inputs = op.generate_inputs(&mut dsv3::registry::rng::Rng::new(a.seed), &cfg, &pinned)?;
     let metadata = BTreeMap::from([
         ("dsv3_op".to_string(), op.name.to_string()),
         ("dsv3_config".to_string(), cfg.as_json().to_string()),

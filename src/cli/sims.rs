@@ -1,13 +1,13 @@
 //! The training-side simulators: `balance-sim`, `eplb`, `schedule`, `adamw-drift`. Their
-//! flags map one to one onto the library's parameter structs (`dsv3::sim`), whose defaults
+//! flags map one to one onto the library's parameter structs (`dsv3::studies`), whose defaults
 //! they show.
 
 use std::path::PathBuf;
 
-use dsv3::sim::adamw_drift::{self, AdamwDriftParams};
-use dsv3::sim::balance_sim::{self, BalanceSimParams};
-use dsv3::sim::eplb::{self, EplbParams};
-use dsv3::sim::schedule::{self, ScheduleKind, ScheduleParams};
+use dsv3::studies::adamw_drift::{self, AdamwDriftParams};
+use dsv3::studies::balance_sim::{self, BalanceSimParams};
+use dsv3::studies::eplb::{self, EplbParams};
+use dsv3::studies::schedule::{self, ScheduleKind, ScheduleParams};
 use dsv3::Result;
 
 #[derive(clap::Args)]

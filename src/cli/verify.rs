@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use dsv3::gpu::GpuMode;
-use dsv3::{report, verify, Result};
+use dsv3::registry::gpu::GpuMode;
+use dsv3::registry::{report, verify};
+use dsv3::Result;
 
 #[derive(clap::Args)]
 pub struct Args {

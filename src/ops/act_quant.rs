@@ -5,14 +5,14 @@ use dsv3_reference::fp8;
 use super::gen_fits;
 use super::quant_policy::quant_policy;
 use super::{float_input, get, outputs, quant_values, QuantConfig, QUANT_BLOCK};
-use crate::compare::Policy;
-use crate::config::{Config, ConfigSchema};
-use crate::contract::{Constraint, Dim, TensorSpec};
-use crate::error::Result;
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{Config, ConfigSchema};
+use crate::registry::contract::{Constraint, Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
 
 const QUANT_POLICY_DOC: &str = "y: exact, except a neighbouring E4M3 code where x/s' lies within 2.5 f32-ulp of the \
 midpoint between the two codes (s' = the candidate's scale; approximate division div.full.f32 ≤ 2 ulp + ½ ulp quotient \

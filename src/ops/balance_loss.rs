@@ -8,15 +8,15 @@ use super::bound_policy::bound_policy;
 use super::gen_fits;
 use super::routing::{affinities, n_experts, random_bias, NodeLimited, NodeLimits};
 use super::{float_input, get, outputs};
-use crate::compare::Policy;
-use crate::config::{ceil, Config, ConfigSchema, FieldKind};
-use crate::contract::{Constraint, Dim, TensorSpec};
-use crate::error::Result;
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{ceil, Config, ConfigSchema, FieldKind};
+use crate::registry::contract::{Constraint, Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tolerance::unit_roundoff;
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
-use crate::tolerance::unit_roundoff;
 
 crate::choice! {
     /// The indicator of eq. (18).

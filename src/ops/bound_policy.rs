@@ -1,7 +1,7 @@
 //! The per-element policies of derived bounds: an interval or a distance per element,
 //! computed from the inputs by the op's derivation (training-side ops, balance loss).
 
-use crate::compare::Policy;
+use crate::registry::compare::Policy;
 use crate::registry::PolicyCtx;
 
 use super::get;

@@ -4,14 +4,14 @@ use dsv3_reference::fp8::{ue8m0, Format, Saturation, E4M3, E5M2, E5M6};
 
 use super::gen_fits;
 use super::{get, outputs};
-use crate::compare::Policy;
-use crate::config::{Config, ConfigSchema, FieldKind, NoConfig};
-use crate::contract::{Dim, TensorSpec};
-use crate::error::{Error, Result};
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{Config, ConfigSchema, FieldKind, NoConfig};
+use crate::registry::contract::{Dim, TensorSpec};
+use crate::registry::error::{Error, Result};
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
 
 const CODE_DTYPES: &[DType] = &[DType::F8E4M3, DType::F8E5M2, DType::F8E8M0, DType::U16];
 
@@ -178,7 +178,7 @@ fn fp8_decode_ref(inputs: &TensorMap, _cfg: &Config) -> Result<TensorMap> {
                 return Err(dsv3_reference::Error::Value {
                     op: "fp8_decode",
                     tensor: "y",
-                    index: crate::tensor::unravel(i, &y.shape),
+                    index: crate::registry::tensor::unravel(i, &y.shape),
                     value: format!("{c:#x}"),
                     why: "E5M6 codes have 12 bits (U16 values below 0x1000)",
                 }

@@ -26,15 +26,15 @@ use dsv3_reference::mla::{attention, visible_keys};
 
 use super::gen_fits;
 use super::{floats_tensor, get, kernel_values, outputs};
-use crate::compare::Policy;
-use crate::config::{Config, ConfigSchema, FieldKind};
-use crate::contract::{Dim, TensorSpec};
-use crate::error::{Error, Result};
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{Config, ConfigSchema, FieldKind};
+use crate::registry::contract::{Dim, TensorSpec};
+use crate::registry::error::{Error, Result};
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tolerance::{gamma, half_bf16_ulp, U32};
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
-use crate::tolerance::{gamma, half_bf16_ulp, U32};
 
 crate::op_config! {
     /// The attention ops' config (`mla`, `mla_decode`).

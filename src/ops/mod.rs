@@ -1,5 +1,6 @@
-//! Registry entries, one module per op family: each adapts tensors to the reference function,
-//! states the tolerance policy and generates random inputs.
+//! The ops: one registry entry per op, one module per op family (each adapts tensors to the
+//! reference function, states the tolerance policy and generates random inputs), and their
+//! list, [`REGISTRY`].
 
 pub mod act_quant;
 pub mod balance_loss;
@@ -19,13 +20,61 @@ pub mod swiglu;
 pub mod weight_dequant;
 pub mod weight_quant;
 
+/// Every op, in listing order.
+pub static REGISTRY: &[&OpEntry] = &[
+    &fp8_cast::FP8_CAST,
+    &fp8_cast::FP8_DECODE,
+    &act_quant::ACT_QUANT,
+    &act_quant::ACT_QUANT_128X1,
+    &weight_quant::WEIGHT_QUANT,
+    &weight_dequant::WEIGHT_DEQUANT,
+    &rmsnorm::RMSNORM,
+    &rope::ROPE,
+    &swiglu::SWIGLU,
+    &moe_gate::MOE_GATE,
+    &mla::MLA,
+    &mla::MLA_DECODE,
+    &gemm::FP8_GEMM,
+    &gemm::M_GROUPED_CONTIGUOUS,
+    &gemm::M_GROUPED_MASKED,
+    &gemm::LINEAR_FP8_FPROP,
+    &gemm::LINEAR_FP8_DGRAD,
+    &gemm::LINEAR_FP8_WGRAD,
+    &routing::NODE_LIMITED_ROUTING,
+    &routing::BIAS_UPDATE,
+    &balance_loss::BALANCE_LOSS,
+    &eplb::EPLB,
+    &optim::ADAMW_STEP,
+    &optim::PARAM_EMA,
+    &optim::CLIP_GRAD_NORM,
+    &grpo::GRPO_LOSS,
+];
+
+/// The op called `name`.
+pub fn find(name: &str) -> crate::Result<&'static OpEntry> {
+    REGISTRY
+        .iter()
+        .copied()
+        .find(|op| op.name == name)
+        .ok_or_else(|| Error::UnknownOp {
+            name: name.to_string(),
+            known: REGISTRY
+                .iter()
+                .map(|op| op.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+use crate::registry::OpEntry;
+use crate::Error;
 use dsv3_reference::fp8::ScaleFmt;
 
-use crate::config::{ceil, FieldKind, FieldValue};
-use crate::contract::Param;
-use crate::io::TensorMap;
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
+use crate::registry::config::{ceil, FieldKind, FieldValue};
+use crate::registry::contract::Param;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 
 /// The tensor `name` of a map the contract has validated.
 pub(crate) fn get<'a>(m: &'a TensorMap, name: &str) -> &'a Tensor {
@@ -46,7 +95,7 @@ pub(crate) fn require_finite(
         Some(i) => Err(dsv3_reference::Error::Value {
             op,
             tensor: name,
-            index: crate::tensor::unravel(i, &t.shape),
+            index: crate::registry::tensor::unravel(i, &t.shape),
             value: format!("{}", t.value(i)),
             why,
         }
@@ -54,14 +103,17 @@ pub(crate) fn require_finite(
     }
 }
 
-/// Refuse to generate tensors of `shapes` beyond the memory budget ([`crate::limits`]: zero
-/// dims counted as 1, [`crate::limits::WORKING_BYTES`] per element), before allocating them.
+/// Refuse to generate tensors of `shapes` beyond the memory budget ([`crate::registry::limits`]: zero
+/// dims counted as 1, [`crate::registry::limits::WORKING_BYTES`] per element), before allocating them.
 /// Every generator calls it once its sizes are drawn.
 pub(crate) fn gen_fits(shapes: &[&[usize]]) -> crate::Result<()> {
     let need = shapes.iter().try_fold(0u64, |a, s| {
-        a.checked_add(crate::limits::extent(s)?.checked_mul(crate::limits::WORKING_BYTES)?)
+        a.checked_add(
+            crate::registry::limits::extent(s)?
+                .checked_mul(crate::registry::limits::WORKING_BYTES)?,
+        )
     });
-    crate::limits::ensure_fits(&format!("generating inputs of shapes {shapes:?}"), need)
+    crate::registry::limits::ensure_fits(&format!("generating inputs of shapes {shapes:?}"), need)
 }
 
 pub(crate) fn outputs<const N: usize>(pairs: [(&str, Tensor); N]) -> TensorMap {
@@ -196,8 +248,9 @@ pub(crate) fn policy_report(
     op: &crate::registry::OpEntry,
     inputs: &TensorMap,
     candidate: &TensorMap,
-    cfg: &crate::config::Config,
-) -> crate::check::CheckReport {
-    let mode = crate::check::Mode::Policy;
-    crate::check::check(op, inputs, candidate, cfg, mode, ("", "")).expect("contract-valid tensors")
+    cfg: &crate::registry::config::Config,
+) -> crate::registry::check::CheckReport {
+    let mode = crate::registry::check::Mode::Policy;
+    crate::registry::check::check(op, inputs, candidate, cfg, mode, ("", ""))
+        .expect("contract-valid tensors")
 }

@@ -20,16 +20,16 @@ use dsv3_reference::moe::gate::{route, token_scores, GateConfig, ScoringFunc, To
 
 use super::gen_fits;
 use super::{float_input, get, outputs, require_finite};
-use crate::compare::Policy;
-use crate::config::{ceil, Choice, Config, ConfigSchema, FieldKind};
-use crate::contract::Param;
-use crate::contract::{Constraint, Dim, TensorSpec};
-use crate::error::Result;
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{ceil, Choice, Config, ConfigSchema, FieldKind};
+use crate::registry::contract::Param;
+use crate::registry::contract::{Constraint, Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tolerance::U32;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
-use crate::tolerance::U32;
 
 impl Choice for ScoringFunc {
     const VALUES: &'static [&'static str] = &["sigmoid", "softmax"];

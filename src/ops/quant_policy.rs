@@ -18,7 +18,7 @@ use dsv3_reference::fp8::{ue8m0, Saturation, AMAX_FLOOR, E4M3, E4M3_MAX};
 use dsv3_reference::numeric::f32_ulp;
 use ndarray::Array2;
 
-use crate::compare::Policy;
+use crate::registry::compare::Policy;
 use crate::registry::PolicyCtx;
 
 use super::{get, QuantConfig};

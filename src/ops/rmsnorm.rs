@@ -5,15 +5,15 @@ use dsv3_reference::norm::rms_norm;
 
 use super::gen_fits;
 use super::{float_input, floats_tensor, get, kernel_values, outputs};
-use crate::compare::Policy;
-use crate::config::{Config, ConfigSchema, FieldKind};
-use crate::contract::{Dim, TensorSpec};
-use crate::error::Result;
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{Config, ConfigSchema, FieldKind};
+use crate::registry::contract::{Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tolerance::U32;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
-use crate::tolerance::U32;
 
 crate::op_config! {
     /// `rmsnorm`'s config.
@@ -125,7 +125,7 @@ fn rmsnorm_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap>
 mod tests {
     use super::*;
     use crate::ops::policy_report;
-    use crate::tensor::Tensor;
+    use crate::registry::tensor::Tensor;
 
     /// The worst f32 kernel the policy admits, emulated on the CPU: squares summed in `order`,
     /// the mean, f32(eps), a reciprocal square root `ulps` f32 steps off (rsqrtf ≤ 2 ulp),

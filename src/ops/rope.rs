@@ -6,15 +6,15 @@ use dsv3_reference::rope::{angle, rope, RopeConfig, Yarn};
 
 use super::gen_fits;
 use super::{float_input, floats_tensor, get, kernel_values, outputs};
-use crate::compare::Policy;
-use crate::config::{ceil, Config, ConfigSchema, FieldKind};
-use crate::contract::{Constraint, Dim, TensorSpec};
-use crate::error::{Error, Result};
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{ceil, Config, ConfigSchema, FieldKind};
+use crate::registry::contract::{Constraint, Dim, TensorSpec};
+use crate::registry::error::{Error, Result};
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tolerance::{half_bf16_ulp, U32};
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
-use crate::tolerance::{half_bf16_ulp, U32};
 
 crate::choice! {
     /// `rope_type`: plain RoPE or YaRN (the checkpoint's `rope_scaling.type`).

@@ -6,15 +6,15 @@ use ndarray::{Array1, Array2};
 
 use super::gen_fits;
 use super::{float_input, get, outputs};
-use crate::compare::Policy;
-use crate::config::{ceil, Config, ConfigSchema, FieldKind, OpConfig};
-use crate::contract::Param;
-use crate::contract::{Constraint, Dim, TensorSpec};
-use crate::error::Result;
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{ceil, Config, ConfigSchema, FieldKind, OpConfig};
+use crate::registry::contract::Param;
+use crate::registry::contract::{Constraint, Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::{OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
 
 const COUNT: FieldKind = FieldKind::Int {
     min: 1,

@@ -4,15 +4,15 @@ use dsv3_reference::mlp::swiglu;
 
 use super::gen_fits;
 use super::{float_input, floats_tensor, get, kernel_values, outputs};
-use crate::compare::Policy;
-use crate::config::{Config, ConfigSchema, NoConfig};
-use crate::contract::{Dim, TensorSpec};
-use crate::error::Result;
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{Config, ConfigSchema, NoConfig};
+use crate::registry::contract::{Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tolerance::gamma;
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
-use crate::tolerance::gamma;
 
 pub static SWIGLU: OpEntry = OpEntry {
     name: "swiglu",
@@ -87,7 +87,7 @@ fn swiglu_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> 
     // up in the same dtype as gate (one GEMM output dtype)
     let up = match gate.dtype {
         DType::BF16 => Tensor::from_f32_as(DType::BF16, vec![m, i], &u),
-        _ => crate::tensor::Tensor::from_f32(vec![m, i], &u),
+        _ => crate::registry::tensor::Tensor::from_f32(vec![m, i], &u),
     };
     Ok(outputs([("gate", gate), ("up", up)]))
 }
@@ -96,7 +96,7 @@ fn swiglu_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> 
 mod tests {
     use super::*;
     use crate::ops::policy_report;
-    use crate::tensor::Tensor;
+    use crate::registry::tensor::Tensor;
 
     /// The kernel's f32 arithmetic with an `expf` `ulps` steps off (CUDA's expf: ≤ 2 ulp).
     fn f32_kernel(g: &[f32], u: &[f32], ulps: i32) -> Vec<f32> {

@@ -5,15 +5,15 @@ use dsv3_reference::numeric::round_to_bf16;
 
 use super::gen_fits;
 use super::{floats_tensor, get, outputs, quant_values, OutDtype, BLOCK_KIND};
-use crate::compare::Policy;
-use crate::config::{Config, ConfigSchema, FieldKind};
-use crate::contract::Param;
-use crate::contract::{Dim, TensorSpec};
-use crate::error::Result;
-use crate::io::TensorMap;
+use crate::registry::compare::Policy;
+use crate::registry::config::{Config, ConfigSchema, FieldKind};
+use crate::registry::contract::Param;
+use crate::registry::contract::{Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
 
 crate::op_config! {
     /// `weight_dequant`'s config.

@@ -4,9 +4,9 @@
 use dsv3_reference::fp8::{Saturation, E4M3};
 use ndarray::Array2;
 
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::Sizes;
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
 
 /// E4M3 codes `[rows, k]`: per 1×B tile one of Gaussian values quantized with amax near 448,
 /// zeros, ±448, subnormal codes, any finite code, or one outlier over tiny codes. Values come

@@ -9,9 +9,9 @@ use dsv3_reference::fp8::grouped_gemm::{ExpertWeights, GroupRows};
 use dsv3_reference::fp8::HOPPER_FP8_WGMMA;
 
 use super::GemmConfig;
-use crate::config::Config;
-use crate::error::Result;
 use crate::ops::OutDtype;
+use crate::registry::config::Config;
+use crate::registry::error::Result;
 
 pub(super) const SIMT_KERNEL: &str = "gpu/kernels/fp8_gemm.cu";
 pub(super) const WGMMA_KERNEL: &str = "gpu/kernels/fp8_gemm_wgmma.cu";

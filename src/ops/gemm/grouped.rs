@@ -12,14 +12,14 @@ use super::generate::{codes, scales, scribble_rows, size};
 use super::{
     gpu, Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, SCALE_DTYPES, SCHEMA, TEST_CONFIGS,
 };
-use crate::contract::{Dim, TensorSpec};
-use crate::error::Result;
-use crate::fast::{self, GemmOut};
-use crate::io::TensorMap;
+use crate::ops::gemm::fast::{self, GemmOut};
 use crate::ops::{gen_fits, get, outputs};
+use crate::registry::contract::{Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::{OpEntry, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
 
 pub static M_GROUPED_CONTIGUOUS: OpEntry = OpEntry {
     name: "m_grouped_fp8_gemm_contiguous",

@@ -11,15 +11,15 @@ use super::{
     gpu, Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, POLICY_DOC, SCALE_DTYPES, SCHEMA,
     TEST_CONFIGS,
 };
-use crate::config::ConfigSchema;
-use crate::contract::{Dim, TensorSpec};
-use crate::error::Result;
-use crate::fast::{self, GemmOut};
-use crate::io::TensorMap;
+use crate::ops::gemm::fast::{self, GemmOut};
 use crate::ops::{gen_fits, get, outputs};
+use crate::registry::config::ConfigSchema;
+use crate::registry::contract::{Dim, TensorSpec};
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::{OpEntry, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
 
 /// One training GEMM as `fp8_gemm` sees it.
 pub(crate) struct Training {

@@ -8,7 +8,7 @@
 //! backends — is written once here, generic over the layout.
 //!
 //! The reference functions in `dsv3_reference::fp8::{fp8_gemm, grouped_gemm, linear_fp8}` are
-//! the definitions; the registry computes with `crate::fast`, which is bit-identical to them
+//! the definitions; the registry computes with `crate::ops::gemm::fast`, which is bit-identical to them
 //! (`tests/fp8_gemm_fast.rs`), so that `dsv3 check` handles DeepSeek-V3-sized GEMMs.
 //!
 //! # Tolerance policy (SPEC.md "FP8 GEMM tolerance")
@@ -19,9 +19,10 @@
 //! of the f32 accumulation across blocks, FMA contraction and either association of the scale
 //! product; it does not cover a different block dot (use a Tensor Core mode for Tensor Core
 //! kernels). `tensor_core_bound` measures each element against its own bound instead
-//! ([`crate::tolerance::tc_bound_tolerance`]).
+//! ([`crate::registry::tolerance::tc_bound_tolerance`]).
 
 mod dense;
+pub mod fast;
 mod generate;
 mod gpu;
 mod grouped;
@@ -42,15 +43,15 @@ use dsv3_reference::numeric::round_to_bf16;
 use ndarray::Array2;
 
 use super::{OutDtype, BLOCK_KIND};
-use crate::compare::Policy;
-use crate::config::{ceil, Choice, Config, ConfigSchema, FieldKind};
-use crate::contract::Param;
-use crate::error::Result;
-use crate::fast::GemmOut;
-use crate::io::TensorMap;
+use crate::ops::gemm::fast::GemmOut;
+use crate::registry::compare::Policy;
+use crate::registry::config::{ceil, Choice, Config, ConfigSchema, FieldKind};
+use crate::registry::contract::Param;
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::{GpuImpl, PolicyCtx, Sizes};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
 
 // ---- config
 
@@ -64,7 +65,7 @@ crate::choice! {
 }
 
 crate::choice! {
-    /// Which scale inputs are stored MN-major (`src/adapt.rs`).
+    /// Which scale inputs are stored MN-major (`src/registry/adapt.rs`).
     pub enum MnMajorScales { None = "none", Lhs = "lhs", Rhs = "rhs", Both = "both" }
 }
 

@@ -6,14 +6,14 @@ use std::cell::OnceCell;
 use dsv3_reference::fp8::fp8_gemm::Accumulation;
 
 use super::{compute, windows, GemmConfig, Layout};
-use crate::compare::Policy;
-use crate::error::Result;
-use crate::fast::GemmOut;
-use crate::io::TensorMap;
+use crate::ops::gemm::fast::GemmOut;
 use crate::ops::{get, outputs};
+use crate::registry::compare::Policy;
+use crate::registry::error::Result;
+use crate::registry::io::TensorMap;
+use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tolerance::{bound_use, tc_bound_tolerance, within_bound};
 use crate::registry::PolicyCtx;
-use crate::tensor::{DType, Tensor};
-use crate::tolerance::{bound_use, tc_bound_tolerance, within_bound};
 
 /// Names of the auxiliary tensors a bound-mode reference hands its policy.
 const AUX_ACCUMULATOR: &str = "aux:accumulator";
@@ -128,7 +128,7 @@ fn bound_policy<'a, L: Layout>(
 }
 
 /// Exact and tensor_core modes: bit-exact, or the out_dtype rounding of a value within
-/// [`crate::tolerance::gemm_bound`] of the reference accumulator.
+/// [`crate::registry::tolerance::gemm_bound`] of the reference accumulator.
 fn rounding_policy<'a, L: Layout>(
     ctx: &PolicyCtx<'a>,
     cfg: &'a GemmConfig,

@@ -8,9 +8,9 @@ use dsv3_reference::moe::eplb::{
     gpu_loads, identity_placement, imbalance, rebalance_experts, Placement,
 };
 
-use crate::error::{Error, Result};
-use crate::rng::Rng;
-use crate::table::Table;
+use crate::registry::error::{Error, Result};
+use crate::registry::rng::Rng;
+use crate::registry::table::Table;
 use std::io::Write;
 
 #[derive(Debug, Clone)]
@@ -139,7 +139,7 @@ pub fn report(a: &EplbParams, out: &mut dyn Write) -> Result<bool> {
             ));
         }
         // loads and placements per layer, about four f64/i64 per physical expert
-        crate::limits::ensure_elements(
+        crate::registry::limits::ensure_elements(
             &format!(
                 "eplb: --layers {} × (--experts {} + --redundant {})",
                 a.layers, a.experts, a.redundant

@@ -14,12 +14,12 @@ use dsv3_reference::linear::Precision;
 use dsv3_reference::model::{AttnImpl, MainHidden, Model};
 use ndarray::Array2;
 
-use crate::checkpoint::Checkpoint;
-use crate::compare::{compare, Policy};
-use crate::error::Result;
-use crate::io::SafeFile;
-use crate::tensor::Tensor;
-use crate::verify::CaseResult;
+use crate::model::checkpoint::Checkpoint;
+use crate::registry::compare::{compare, Policy};
+use crate::registry::error::Result;
+use crate::registry::io::SafeFile;
+use crate::registry::tensor::Tensor;
+use crate::registry::verify::CaseResult;
 
 /// The model fixtures' bar (issue 4): `max|Δ|/max|ref| ≤ 1e-4` over all logits. Both sides
 /// compute in f32 (ours sums in f64); what is left is f32 rounding through a few layers, about

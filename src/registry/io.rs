@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 
-use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::registry::error::{Error, Result};
+use crate::registry::tensor::{DType, Tensor};
 
 /// Tensors by name (sorted).
 pub type TensorMap = BTreeMap<String, Tensor>;
@@ -45,7 +45,7 @@ impl SafeFile {
             if e.kind() == std::io::ErrorKind::OutOfMemory {
                 Error::TooLarge {
                     what: format!("{}: mapping it", path.display()),
-                    need: format!("{} of address space", crate::limits::human(len)),
+                    need: format!("{} of address space", crate::registry::limits::human(len)),
                     limit: "the operating system refused the mapping (an address-space limit such as `ulimit -v`?)".into(),
                 }
             } else {
@@ -140,15 +140,15 @@ impl SafeFile {
     }
 
     /// Read every tensor (refused before copying anything when the tensors would not fit in
-    /// memory, [`crate::limits`]).
+    /// memory, [`crate::registry::limits`]).
     pub fn load_all(&self) -> Result<TensorMap> {
         let mut need = Some(0u64);
         for (_, info) in self.metadata.tensors() {
-            let working = crate::limits::extent(&info.shape)
+            let working = crate::registry::limits::extent(&info.shape)
                 .and_then(|e| e.checked_mul(info.dtype.bitsize().div_ceil(8) as u64));
             need = need.zip(working).and_then(|(a, b)| a.checked_add(b));
         }
-        crate::limits::ensure_fits(
+        crate::registry::limits::ensure_fits(
             &format!("{}: loading its tensors", self.path.display()),
             need,
         )?;
@@ -199,7 +199,10 @@ fn special_kind(_: &std::fs::FileType) -> &'static str {
 /// Read a text input (a JSON config, an index): a regular file that fits in memory.
 pub fn read_text(path: &Path) -> Result<String> {
     let m = require_regular_file(path)?;
-    crate::limits::ensure_fits(&format!("{}: reading it", path.display()), Some(m.len()))?;
+    crate::registry::limits::ensure_fits(
+        &format!("{}: reading it", path.display()),
+        Some(m.len()),
+    )?;
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 

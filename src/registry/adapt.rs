@@ -17,13 +17,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::Config;
-use crate::contract::{Contract, TensorSpec};
-use crate::error::{Error, Result, Role};
-use crate::io::TensorMap;
 use crate::ops::gemm::GemmConfig;
+use crate::registry::config::Config;
+use crate::registry::contract::{Contract, TensorSpec};
+use crate::registry::error::{Error, Result, Role};
+use crate::registry::io::TensorMap;
+use crate::registry::tensor::{DType, Tensor};
 use crate::registry::OpEntry;
-use crate::tensor::{DType, Tensor};
 
 /// Which scale inputs are MN-major: the block-scaled GEMMs' `mn_major_scales` field.
 fn mn_major(config: &Config) -> (bool, bool) {
@@ -215,7 +215,6 @@ pub fn adapt_outputs(candidate: &TensorMap, reference: &TensorMap) -> Option<Ten
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry;
 
     /// DeepGEMM's packing written from its definition: the exponent byte of each f32 scale,
     /// four K-blocks per int32 little-endian, zero bytes past the last block.
@@ -232,7 +231,7 @@ mod tests {
 
     #[test]
     fn packed_and_mn_major_scales_unpack_to_the_codes() {
-        let op = registry::find("fp8_gemm").unwrap();
+        let op = crate::ops::find("fp8_gemm").unwrap();
         let (m, n, k) = (3usize, 130usize, 700usize); // 6 K-blocks: one packed element half full
         let kb = k.div_ceil(128);
         let a_s_codes: Vec<u8> = (0..m * kb).map(|i| 120 + (i % 7) as u8).collect();
@@ -316,7 +315,7 @@ mod tests {
         // fp8_decode's `y` accepts UE8M0 codes, but an int32 `y` is not a packed layout: the
         // adapter leaves it alone and the contract refuses its dtype (found by the Python
         // package's random-input test: a rank-0 int32 `y` was "unpacked" to zero bytes)
-        let op = registry::find("fp8_decode").unwrap();
+        let op = crate::ops::find("fp8_decode").unwrap();
         let y = Tensor::from_bytes(DType::I32, vec![], vec![0; 4]).unwrap();
         let inputs: TensorMap = [("y".to_string(), y)].into_iter().collect();
         let cfg = op.parse_config(&serde_json::Value::Null).unwrap();

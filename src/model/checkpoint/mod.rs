@@ -29,9 +29,9 @@ use dsv3_reference::mlp::Mlp;
 use dsv3_reference::model::{Block, Ffn, Model, ModelConfig, Mtp};
 use dsv3_reference::moe::{Moe, TopkMethod};
 
-use crate::error::{Error, Result};
-use crate::io::SafeFile;
-use crate::tensor::DType;
+use crate::registry::error::{Error, Result};
+use crate::registry::io::SafeFile;
+use crate::registry::tensor::DType;
 pub use config::Fp8Storage;
 
 /// The index file of a sharded checkpoint.
@@ -586,7 +586,7 @@ impl Checkpoint {
 
 /// Shards and tensor locations from `model.safetensors.index.json`.
 fn read_index(dir: &Path, path: &Path) -> Result<(Vec<Shard>, BTreeMap<String, usize>)> {
-    let text = crate::io::read_text(path)?;
+    let text = crate::registry::io::read_text(path)?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
     let Some(map) = v.get("weight_map").and_then(Value::as_object) else {

@@ -9,9 +9,9 @@ use dsv3_reference::train::dualpipe::{
     Method, Op, Schedule, Simulation,
 };
 
-use crate::error::Result;
-use crate::plot::{Span, Timeline};
-use crate::table::Table;
+use crate::registry::error::Result;
+use crate::registry::table::Table;
+use crate::studies::plot::{Span, Timeline};
 
 crate::choice! {
     /// What to show.
@@ -93,7 +93,7 @@ pub fn formula_text(m: Method) -> &'static str {
 pub fn run(m: Method, pp: usize, micro: usize, c: &Costs) -> Result<(Schedule, Simulation)> {
     // events, simulation and timeline drawing: about 1 KiB per (stage, micro-batch) pair
     // (measured: 0.34 GB for PP 4 × 100,000)
-    crate::limits::ensure_elements(
+    crate::registry::limits::ensure_elements(
         &format!("schedule: --pp {pp} × --micro {micro}"),
         &[pp, micro],
         1024,
@@ -318,7 +318,7 @@ pub fn report(a: &ScheduleParams, out: &mut dyn Write) -> Result<bool> {
         };
         PathBuf::from(format!("{stem}_pp{}_micro{}.svg", a.pp, a.micro))
     });
-    crate::io::write_file(&path, timeline(&s, &sim, &c).to_svg().as_bytes())?;
+    crate::registry::io::write_file(&path, timeline(&s, &sim, &c).to_svg().as_bytes())?;
     let _ = writeln!(out, "wrote {}", path.display());
     Ok(true)
 }

@@ -1,18 +1,37 @@
-//! The op registry: one [`OpEntry`] per operation. `dsv3 ops`, `dsv3 check`, `dsv3 verify`, the
-//! property tests, the GPU diff and the benches all iterate over [`REGISTRY`].
+//! The registry core: what an op is ([`OpEntry`]: tensor contract, typed config, reference,
+//! GPU implementations, tolerance policy, input generator), and everything that judges outputs
+//! against it. The ops themselves and their list ([`crate::ops::REGISTRY`]) live in
+//! [`crate::ops`]; nothing here depends on a particular op.
 //!
-//! Adding an op means: a reference function in `reference/`, one entry here (in `src/ops/`), a
+//! Adding an op means: a reference function in `reference/`, one entry in `src/ops/`, a
 //! kernel in `gpu/kernels/` with its wrapper (optional), and fixture cases in the generator.
+
+pub mod adapt;
+pub mod check;
+pub mod compare;
+pub mod config;
+pub mod contract;
+pub mod error;
+pub mod gpu;
+pub mod io;
+pub mod limits;
+pub mod progress;
+pub mod report;
+pub mod rng;
+pub mod table;
+pub mod tensor;
+pub mod tolerance;
+pub mod verify;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::compare::Policy;
-use crate::config::{Config, ConfigSchema};
-use crate::contract::{Constraint, Contract, TensorSpec};
-use crate::error::{Error, Result};
-use crate::io::TensorMap;
-use crate::rng::Rng;
+use crate::registry::compare::Policy;
+use crate::registry::config::{Config, ConfigSchema};
+use crate::registry::contract::{Constraint, Contract, TensorSpec};
+use crate::registry::error::{Error, Result};
+use crate::registry::io::TensorMap;
+use crate::registry::rng::Rng;
 
 /// Reference implementation: validated inputs and config → outputs.
 pub type RefFn = fn(&TensorMap, &Config) -> Result<TensorMap>;
@@ -158,10 +177,10 @@ impl OpEntry {
         &self,
         inputs: &TensorMap,
         config: &Config,
-        bindings: &crate::contract::Bindings,
+        bindings: &crate::registry::contract::Bindings,
     ) -> Result<TensorMap> {
         let contract = self.contract();
-        crate::limits::ensure_fits(
+        crate::registry::limits::ensure_fits(
             &format!("{}: the reference's outputs for these inputs", self.name),
             contract.output_bytes(bindings, config),
         )?;
@@ -185,7 +204,7 @@ impl OpEntry {
                     spec.name,
                     t.dtype,
                     t.shape,
-                    crate::contract::shape_rule(spec.shape)
+                    crate::registry::contract::shape_rule(spec.shape)
                 )));
             }
         }
@@ -209,7 +228,7 @@ impl OpEntry {
 
     /// Random inputs from the generator with `sizes` pinned: refuses a size name the generator
     /// does not read, and a request whose inputs would not fit in memory
-    /// ([`crate::limits`]), before generating anything large.
+    /// ([`crate::registry::limits`]), before generating anything large.
     pub fn generate_inputs(
         &self,
         rng: &mut Rng,
@@ -261,7 +280,7 @@ impl OpEntry {
                     json!({
                         "name": s.name,
                         "dtypes": s.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>(),
-                        "shape": crate::contract::shape_rule(s.shape),
+                        "shape": crate::registry::contract::shape_rule(s.shape),
                         "doc": s.doc,
                     })
                 })
@@ -328,50 +347,4 @@ pub fn is_aux(name: &str) -> bool {
 pub fn without_aux(mut map: TensorMap) -> TensorMap {
     map.retain(|k, _| !is_aux(k));
     map
-}
-
-/// Every op, in listing order.
-pub static REGISTRY: &[&OpEntry] = &[
-    &crate::ops::fp8_cast::FP8_CAST,
-    &crate::ops::fp8_cast::FP8_DECODE,
-    &crate::ops::act_quant::ACT_QUANT,
-    &crate::ops::act_quant::ACT_QUANT_128X1,
-    &crate::ops::weight_quant::WEIGHT_QUANT,
-    &crate::ops::weight_dequant::WEIGHT_DEQUANT,
-    &crate::ops::rmsnorm::RMSNORM,
-    &crate::ops::rope::ROPE,
-    &crate::ops::swiglu::SWIGLU,
-    &crate::ops::moe_gate::MOE_GATE,
-    &crate::ops::mla::MLA,
-    &crate::ops::mla::MLA_DECODE,
-    &crate::ops::gemm::FP8_GEMM,
-    &crate::ops::gemm::M_GROUPED_CONTIGUOUS,
-    &crate::ops::gemm::M_GROUPED_MASKED,
-    &crate::ops::gemm::LINEAR_FP8_FPROP,
-    &crate::ops::gemm::LINEAR_FP8_DGRAD,
-    &crate::ops::gemm::LINEAR_FP8_WGRAD,
-    &crate::ops::routing::NODE_LIMITED_ROUTING,
-    &crate::ops::routing::BIAS_UPDATE,
-    &crate::ops::balance_loss::BALANCE_LOSS,
-    &crate::ops::eplb::EPLB,
-    &crate::ops::optim::ADAMW_STEP,
-    &crate::ops::optim::PARAM_EMA,
-    &crate::ops::optim::CLIP_GRAD_NORM,
-    &crate::ops::grpo::GRPO_LOSS,
-];
-
-/// The op called `name`.
-pub fn find(name: &str) -> Result<&'static OpEntry> {
-    REGISTRY
-        .iter()
-        .copied()
-        .find(|op| op.name == name)
-        .ok_or_else(|| Error::UnknownOp {
-            name: name.to_string(),
-            known: REGISTRY
-                .iter()
-                .map(|op| op.name)
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
 }

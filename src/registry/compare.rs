@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::tensor::{unravel, DType, Tensor};
+use crate::registry::tensor::{unravel, DType, Tensor};
 
 /// How far a candidate element may be from the reference element.
 pub enum Policy<'a> {

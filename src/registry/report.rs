@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::check::CheckReport;
-use crate::error::{Error, Result};
-use crate::verify::VerifyReport;
+use crate::registry::check::CheckReport;
+use crate::registry::error::{Error, Result};
+use crate::registry::verify::VerifyReport;
 
 /// Version of the JSON report layout: bumped when a field changes meaning or disappears.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -27,7 +27,7 @@ pub struct FileDigest {
 
 /// The sha256 of a file (hex), read through a memory map.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    crate::io::require_regular_file(path)?;
+    crate::registry::io::require_regular_file(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
@@ -264,9 +264,9 @@ pub fn verify_cases(r: &VerifyReport) -> Vec<TestCase> {
     out
 }
 
-/// Write `text` to `path` ([`crate::io::write_file`]) and say so on stderr.
+/// Write `text` to `path` ([`crate::registry::io::write_file`]) and say so on stderr.
 pub fn write_text(path: &Path, text: &str, what: &str) -> Result<()> {
-    crate::io::write_file(path, text.as_bytes())?;
+    crate::registry::io::write_file(path, text.as_bytes())?;
     eprintln!("{what} written to {}", path.display());
     Ok(())
 }

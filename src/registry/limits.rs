@@ -10,7 +10,7 @@
 //! were 1 (an empty `[2^40, 0]` tensor still drives loops over its 2^40 rows), in the widest
 //! per-element cost of [`WORKING_BYTES`] (files: their own bytes).
 
-use crate::error::{Error, Result};
+use crate::registry::error::{Error, Result};
 
 /// The budget where the available memory cannot be read (non-Linux systems): 16 GiB.
 pub const FALLBACK_BUDGET: u64 = 16 << 30;

@@ -3,11 +3,11 @@
 
 use std::time::Instant;
 
-use crate::check::{judge, Mode};
-use crate::compare::TensorReport;
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::io::TensorMap;
+use crate::registry::check::{judge, Mode};
+use crate::registry::compare::TensorReport;
+use crate::registry::config::Config;
+use crate::registry::error::{Error, Result};
+use crate::registry::io::TensorMap;
 use crate::registry::{GpuImpl, OpEntry};
 
 /// Whether GPU runs are wanted.
@@ -21,7 +21,7 @@ pub enum GpuMode {
     Off,
 }
 
-impl crate::config::Choice for GpuMode {
+impl crate::registry::config::Choice for GpuMode {
     const VALUES: &'static [&'static str] = &["auto", "require", "off"];
     const HELP: &'static [&'static str] = &[
         "Use a device when one is present",

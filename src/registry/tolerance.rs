@@ -2,7 +2,7 @@
 //! (SPEC.md "Tolerance policies" derives each use). The policies themselves live with their ops;
 //! the numbers they combine live here.
 
-use crate::tensor::DType;
+use crate::registry::tensor::DType;
 
 /// f32 unit roundoff `u = 2^-24`.
 pub const U32: f64 = 1.0 / 16_777_216.0;

@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::check::{check, fmt_num, Mode};
-use crate::error::{Error, Result};
-use crate::gpu::{self, GpuMode};
-use crate::io::{SafeFile, TensorMap};
-use crate::registry::{self, REGISTRY};
-use crate::table::Table;
-use crate::verify_models::{run_model_case, ModelCase};
+use crate::model::verify::{run_model_case, ModelCase};
+use crate::ops::{self, REGISTRY};
+use crate::registry::check::{check, fmt_num, Mode};
+use crate::registry::error::{Error, Result};
+use crate::registry::gpu::{self, GpuMode};
+use crate::registry::io::{SafeFile, TensorMap};
+use crate::registry::table::Table;
 
 /// The manifest format this build reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -33,7 +33,7 @@ pub struct Manifest {
     /// Relative path → sha256.
     pub files: BTreeMap<String, String>,
     pub cases: Vec<Case>,
-    /// The model fixtures (checkpoints with transformers' logits): [`crate::verify_models`].
+    /// The model fixtures (checkpoints with transformers' logits): [`crate::model::verify`].
     #[serde(default)]
     pub models: Vec<ModelCase>,
 }
@@ -83,14 +83,14 @@ pub fn default_fixtures_dir() -> PathBuf {
 
 /// The fixture files a verify run reads, with their sha256 (the manifest's, which
 /// [`load_manifest`] has checked), the manifest first.
-pub fn fixture_digests(dir: &Path) -> Result<Vec<crate::report::FileDigest>> {
+pub fn fixture_digests(dir: &Path) -> Result<Vec<crate::registry::report::FileDigest>> {
     let manifest = dir.join("manifest.json");
-    let mut out = vec![crate::report::FileDigest {
+    let mut out = vec![crate::registry::report::FileDigest {
         path: manifest.display().to_string(),
-        sha256: crate::report::sha256_file(&manifest)?,
+        sha256: crate::registry::report::sha256_file(&manifest)?,
     }];
     for (rel, sha) in load_manifest(dir)?.files {
-        out.push(crate::report::FileDigest {
+        out.push(crate::registry::report::FileDigest {
             path: dir.join(rel).display().to_string(),
             sha256: sha,
         });
@@ -192,7 +192,7 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let m = load_manifest(dir)?;
     for case in &m.cases {
-        registry::find(&case.op).map_err(|e| Error::Fixture {
+        ops::find(&case.op).map_err(|e| Error::Fixture {
             msg: format!("case {}: {e}", case.name),
             hint: REGEN_HINT.into(),
         })?;
@@ -299,7 +299,7 @@ fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResu
         gpu: "-".into(),
         gpu_pass: None,
     };
-    let op = registry::find(&case.op).expect("checked in verify");
+    let op = ops::find(&case.op).expect("checked in verify");
     let outcome = (|| -> Result<_> {
         let config = op.parse_config(&case.config)?;
         let inputs = case_tensors(dir, &case.inputs)?;

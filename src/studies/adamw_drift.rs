@@ -17,9 +17,9 @@ use dsv3_reference::train::adamw::{
 use half::bf16;
 use std::io::Write;
 
-use crate::error::{Error, Result};
-use crate::rng::Rng;
-use crate::table::Table;
+use crate::registry::error::{Error, Result};
+use crate::registry::rng::Rng;
+use crate::registry::table::Table;
 
 #[derive(Debug, Clone)]
 pub struct AdamwDriftParams {
@@ -339,7 +339,7 @@ pub fn report(a: &AdamwDriftParams, out: &mut dyn Write) -> Result<bool> {
         ));
     }
     // about a dozen f32/f64/bf16 state vectors and a bound per parameter
-    crate::limits::ensure_elements(&format!("adamw-drift: --n {}", a.n), &[a.n, 16], 8)?;
+    crate::registry::limits::ensure_elements(&format!("adamw-drift: --n {}", a.n), &[a.n, 16], 8)?;
     let _ = writeln!(out,
         "adamw-drift: {} parameters, {} steps, lr {}, β1 0.9, β2 0.95, wd 0.1 (closed loop: wd 0), ε 1e-8, seed {}",
         a.n, a.steps, a.lr, a.seed

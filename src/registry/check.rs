@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::compare::{compare, TensorReport};
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::io::{SafeFile, TensorMap};
+use crate::registry::compare::{compare, TensorReport};
+use crate::registry::config::Config;
+use crate::registry::error::{Error, Result};
+use crate::registry::io::{SafeFile, TensorMap};
+use crate::registry::table::Table;
 use crate::registry::{OpEntry, PolicyCtx};
-use crate::table::Table;
 
 /// How outputs are judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -54,14 +54,14 @@ pub fn check(
     places: (&str, &str),
 ) -> Result<CheckReport> {
     let contract = op.contract();
-    // the layouts kernels emit (packed or MN-major scales, int32 ids): src/adapt.rs
-    let adapted = crate::adapt::adapt_inputs(op, inputs, config, places.0)?;
+    // the layouts kernels emit (packed or MN-major scales, int32 ids): src/registry/adapt.rs
+    let adapted = crate::registry::adapt::adapt_inputs(op, inputs, config, places.0)?;
     let inputs = adapted.as_ref().unwrap_or(inputs);
     let bindings = contract.check_inputs(inputs, config, places.0)?;
     let start = Instant::now();
     let reference = op.run_reference(inputs, config, &bindings)?;
     let reference_seconds = start.elapsed().as_secs_f64();
-    let widened = crate::adapt::adapt_outputs(candidate, &reference);
+    let widened = crate::registry::adapt::adapt_outputs(candidate, &reference);
     let candidate = widened.as_ref().unwrap_or(candidate);
     contract.check_outputs(candidate, &reference, &bindings, config, places.1)?;
     let tensors = judge(op, inputs, candidate, &reference, config, mode);
@@ -145,10 +145,10 @@ pub fn save_failure(
         dir.join("outputs.safetensors"),
         dir.join("config.json"),
     );
-    crate::io::save(&i, inputs, None)?;
-    crate::io::save(&o, outputs, None)?;
+    crate::registry::io::save(&i, inputs, None)?;
+    crate::registry::io::save(&o, outputs, None)?;
     let cfg = serde_json::to_string_pretty(&config.as_json()).unwrap_or_default() + "\n";
-    crate::io::write_file(&c, cfg.as_bytes())?;
+    crate::registry::io::write_file(&c, cfg.as_bytes())?;
     let command = format!(
         "dsv3 check {} --inputs {} --outputs {} --config {}",
         op.name,
@@ -156,7 +156,7 @@ pub fn save_failure(
         shell_quote(&o),
         shell_quote(&c)
     );
-    crate::io::write_file(
+    crate::registry::io::write_file(
         &dir.join("reproduce.sh"),
         format!("#!/bin/sh\n# reproduces a failing `dsv3 check` (exit 1)\n{command}\n").as_bytes(),
     )?;
@@ -187,7 +187,7 @@ pub fn read_config(op: &OpEntry, arg: Option<&str>) -> Result<Config> {
             })?
         }
         Some(path) => {
-            let text = crate::io::read_text(Path::new(path))?;
+            let text = crate::registry::io::read_text(Path::new(path))?;
             serde_json::from_str(&text).map_err(|e| Error::Config {
                 op: op.name,
                 msg: format!("{path}: {e}"),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::registry::error::{Error, Result};
 
 /// Ceilings of integer config fields (`FieldKind::Int`): what each field's type and meaning
 /// allow, so that no value is truncated (SPEC.md "Resource ceilings").
@@ -20,7 +20,7 @@ pub mod ceil {
     /// Tile edges, promotion intervals: 2^20 elements, above any GEMM dimension of the model.
     pub const BLOCK: u64 = 1 << 20;
     /// Counts of experts, groups, nodes, GPUs, replicas, top-k: 2^16 (V3: 256 experts).
-    pub const COUNT: u64 = crate::limits::MAX_MODEL_COUNT;
+    pub const COUNT: u64 = crate::registry::limits::MAX_MODEL_COUNT;
     /// Positions and step counters held as i32 by the official code and torch.
     pub const I32: u64 = i32::MAX as u64;
 }
@@ -267,7 +267,7 @@ macro_rules! choice {
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         $vis enum $name { $($(#[$vmeta])* $variant),+ }
 
-        impl $crate::config::Choice for $name {
+        impl $crate::registry::config::Choice for $name {
             const VALUES: &'static [&'static str] = &[$($text),+];
             fn from_index(i: usize) -> Self {
                 [$($name::$variant),+][i]
@@ -296,9 +296,9 @@ macro_rules! op_config {
             $(#[doc = $doc] pub $field: $ty,)*
         }
 
-        impl $crate::config::OpConfig for $name {
-            const FIELDS: &'static [$crate::config::ConfigField] = &[$(
-                $crate::config::ConfigField {
+        impl $crate::registry::config::OpConfig for $name {
+            const FIELDS: &'static [$crate::registry::config::ConfigField] = &[$(
+                $crate::registry::config::ConfigField {
                     name: stringify!($field),
                     kind: $kind,
                     default: $default,
@@ -308,7 +308,7 @@ macro_rules! op_config {
             #[allow(unused_variables)]
             fn from_values(values: &serde_json::Map<String, serde_json::Value>) -> Self {
                 $name {
-                    $($field: <$ty as $crate::config::FieldValue>::read(&values[stringify!($field)]),)*
+                    $($field: <$ty as $crate::registry::config::FieldValue>::read(&values[stringify!($field)]),)*
                 }
             }
         }

@@ -12,11 +12,11 @@ use dsv3_reference::linear::Precision;
 use dsv3_reference::model::{AttnImpl, Ffn, Logits, MainHidden, Model};
 use dsv3_reference::train::mtp_loss::{mtp_lambda, mtp_loss, mtp_module_loss};
 
-use crate::checkpoint::Checkpoint;
-use crate::config::Choice;
-use crate::error::{Error, Result};
-use crate::io::{self, TensorMap};
-use crate::tensor::Tensor;
+use crate::model::checkpoint::Checkpoint;
+use crate::registry::config::Choice;
+use crate::registry::error::{Error, Result};
+use crate::registry::io::{self, TensorMap};
+use crate::registry::tensor::Tensor;
 
 crate::choice! {
     /// `--precision` as asked: [`Precision`] without the FP8 path's activation scale format,
@@ -148,10 +148,10 @@ pub fn parse_layers(s: &str) -> Result<Vec<usize>> {
                 }
                 // layers are checked against the model later; refuse a range no model has
                 // before listing it
-                crate::limits::ensure_at_most(
+                crate::registry::limits::ensure_at_most(
                     &format!("--layers {item}"),
                     b as u64,
-                    crate::limits::MAX_MODEL_COUNT,
+                    crate::registry::limits::MAX_MODEL_COUNT,
                     "the largest layer index a model config may declare",
                 )?;
                 v.extend(a..=b);

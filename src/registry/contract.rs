@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::Config;
-use crate::error::{Error, Result, Role};
-use crate::io::TensorMap;
-use crate::tensor::{DType, Tensor};
+use crate::registry::config::Config;
+use crate::registry::error::{Error, Result, Role};
+use crate::registry::io::TensorMap;
+use crate::registry::tensor::{DType, Tensor};
 
 /// An integer config field a shape rule uses (`block_size`, `top_k`): its name for messages
 /// and listings, and how to read it from the op's typed config.
@@ -228,14 +228,15 @@ impl Contract<'_> {
     }
 
     /// Working memory of the outputs the inputs' bindings imply, with
-    /// [`crate::limits::WORKING_BYTES`] per element and zero-size dims counted as one: what
+    /// [`crate::registry::limits::WORKING_BYTES`] per element and zero-size dims counted as one: what
     /// `run` and `check` need on top of the loaded inputs, checked before the reference
     /// allocates.
     pub fn output_bytes(&self, b: &Bindings, config: &Config) -> Option<u64> {
         let mut total = 0u64;
         for spec in self.outputs {
             let shape = self.expected_shape(spec, b, config);
-            let bytes = crate::limits::extent(&shape)?.checked_mul(crate::limits::WORKING_BYTES)?;
+            let bytes = crate::registry::limits::extent(&shape)?
+                .checked_mul(crate::registry::limits::WORKING_BYTES)?;
             total = total.checked_add(bytes)?;
         }
         Some(total)

@@ -24,10 +24,10 @@ use dsv3_reference::fp8::{
     tile_scale, Saturation, ScaleFmt, TensorCoreBound, TensorCoreModel, E4M3,
 };
 
-use crate::error::{Error, Result};
-use crate::plot::{LineChart, Scale, Series};
-use crate::rng::Rng;
-use crate::table::Table;
+use crate::registry::error::{Error, Result};
+use crate::registry::rng::Rng;
+use crate::registry::table::Table;
+use crate::studies::plot::{LineChart, Scale, Series};
 
 crate::choice! {
     /// Input distributions.
@@ -199,8 +199,9 @@ fn errors_for_k(study: &Study, dist: Dist, k: usize, rng: &mut Rng) -> (Vec<Erro
                             slack += w.delta;
                         }
                         let windows = k.div_ceil(window) as f64;
-                        let tolerance =
-                            slack + crate::tolerance::gamma(windows + 2.0) * (magnitude + slack);
+                        let tolerance = slack
+                            + crate::registry::tolerance::gamma(windows + 2.0)
+                                * (magnitude + slack);
                         (f64::from(acc), tolerance)
                     })
                     .collect();
@@ -244,12 +245,12 @@ pub fn run(study: &Study, out: &mut dyn Write) -> Result<StudyResult> {
     }
     // operands (f64 codes of A and B) and the outputs of the largest K
     let k_max = study.ks.iter().copied().max().unwrap_or(1);
-    crate::limits::ensure_elements(
+    crate::registry::limits::ensure_elements(
         &format!("accum-study: --m {} --n {} --k {k_max}", study.m, study.n),
         &[study.m.saturating_add(study.n), k_max],
         8,
     )?;
-    crate::limits::ensure_elements(
+    crate::registry::limits::ensure_elements(
         &format!("accum-study: --m {} --n {}", study.m, study.n),
         &[study.m, study.n, 4],
         8,
@@ -397,7 +398,7 @@ fn plot(
     let metric = format!("{metric:?}").to_lowercase();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(format!("accum_study_{dist}_{metric}.svg"));
-    crate::io::write_file(&path, chart.to_svg().as_bytes())?;
+    crate::registry::io::write_file(&path, chart.to_svg().as_bytes())?;
     Ok(path)
 }
 

@@ -16,7 +16,7 @@ use dsv3_reference::model::ModelConfig;
 use dsv3_reference::moe::{GateConfig, ScoringFunc, TopkMethod};
 use dsv3_reference::rope::{RopeConfig, Yarn};
 
-use crate::error::{Error, Result};
+use crate::registry::error::{Error, Result};
 
 /// FP8 weight storage (`quantization_config`).
 #[derive(Debug, Clone, PartialEq)]
@@ -151,7 +151,7 @@ impl<'a> Obj<'a> {
 
 /// Read and parse `path` (a `config.json`).
 pub fn read(path: &Path) -> Result<Parsed> {
-    let text = crate::io::read_text(path)?;
+    let text = crate::registry::io::read_text(path)?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         msg: format!("not valid JSON: {e}"),
@@ -173,7 +173,7 @@ fn ceiling(field: &str) -> (u64, &'static str) {
         | "num_attention_heads"
         | "num_key_value_heads"
         | "moe_layer_freq" => (
-            crate::limits::MAX_MODEL_COUNT,
+            crate::registry::limits::MAX_MODEL_COUNT,
             "counts of layers, experts and heads; DeepSeek-V3 has 61 layers, 256 experts, 128 heads",
         ),
         _ => (

@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use dsv3_reference::moe::{bias_update, expert_load, node_limited_topk};
 use ndarray::{Array2, ArrayView1};
 
-use crate::error::{Error, Result};
-use crate::plot::{LineChart, Scale, Series};
-use crate::rng::Rng;
-use crate::table::Table;
+use crate::registry::error::{Error, Result};
+use crate::registry::rng::Rng;
+use crate::registry::table::Table;
+use crate::studies::plot::{LineChart, Scale, Series};
 
 /// The simulation's knobs.
 #[derive(Debug, Clone)]
@@ -93,7 +93,7 @@ pub fn simulate(a: &BalanceSimParams) -> Result<BalanceSim> {
         ));
     }
     // the step's scores (f64) for each of the two runs
-    crate::limits::ensure_elements(
+    crate::registry::limits::ensure_elements(
         &format!(
             "balance-sim: --tokens {} × --experts {}",
             a.tokens, a.experts
@@ -220,7 +220,7 @@ pub fn report(a: &BalanceSimParams, out: &mut dyn Write) -> Result<bool> {
         "correlation(popularity o_i, final bias b_i) = {corr:.3}"
     );
     if let Some(p) = &a.svg {
-        crate::io::write_file(p, chart(&sim, a).to_svg().as_bytes())?;
+        crate::registry::io::write_file(p, chart(&sim, a).to_svg().as_bytes())?;
         let _ = writeln!(out, "wrote {}", p.display());
     }
     Ok(true)
