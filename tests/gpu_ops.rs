@@ -1,3 +1,4 @@
+#![cfg(feature = "cuda")]
 //! GPU implementations against the reference, under each op's tolerance policy (the policy
 //! `dsv3 check` uses): random shapes and adversarial values from the op's generator, every test
 //! config, and DeepSeek-V3's real shapes at reduced M.

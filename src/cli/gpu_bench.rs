@@ -14,6 +14,22 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<bool> {
     let (require, quick) = (a.require, a.quick);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let why = dsv3::registry::gpu::device().err().unwrap_or_default();
+        if require {
+            return Err(Error::Usage(format!("gpu-bench --require: {why}")));
+        }
+        println!("SKIP gpu-bench: {why}");
+        let _ = quick;
+        Ok(true)
+    }
+    #[cfg(feature = "cuda")]
+    bench(require, quick)
+}
+
+#[cfg(feature = "cuda")]
+fn bench(require: bool, quick: bool) -> Result<bool> {
     use dsv3_gpu::bench::{
         bench_act_quant, bench_copy, bench_fp8_gemm, bench_mla_decode, BenchRow,
     };

@@ -50,7 +50,7 @@ pub static ACT_QUANT: OpEntry = OpEntry {
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant",
     gpu: &[GpuImpl {
         backend: "cuda",
-        run: act_quant_gpu,
+        run: crate::gpu_fn!(act_quant_gpu),
         kernel: "gpu/kernels/act_quant.cu",
         supports: every_config,
     }],
@@ -89,6 +89,7 @@ fn act_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     ]))
 }
 
+#[cfg(feature = "cuda")]
 fn act_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     use dsv3_gpu::{act_quant::act_quant, HostFloats};
     let x = get(inputs, "x");

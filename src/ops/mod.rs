@@ -74,7 +74,7 @@ use crate::registry::config::{ceil, FieldKind, FieldValue};
 use crate::registry::contract::Param;
 use crate::registry::io::TensorMap;
 use crate::registry::rng::Rng;
-use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tensor::Tensor;
 
 /// The tensor `name` of a map the contract has validated.
 pub(crate) fn get<'a>(m: &'a TensorMap, name: &str) -> &'a Tensor {
@@ -219,26 +219,6 @@ pub(crate) fn float_input(rng: &mut Rng, shape: Vec<usize>, values: &[f32]) -> T
             .map(|&x| dsv3_reference::numeric::round_to_bf16(x))
             .collect();
         Tensor::from_bf16(shape, &b)
-    }
-}
-
-/// A floating tensor's values for a GPU kernel: bf16 bit patterns for BF16 (the kernels read
-/// bf16 natively), f32 otherwise (F16 widens exactly).
-pub(crate) fn kernel_values(t: &Tensor) -> dsv3_gpu::Floats {
-    match t.dtype {
-        DType::BF16 => dsv3_gpu::Floats::Bf16(t.to_u16_bits()),
-        _ => dsv3_gpu::Floats::F32(t.floats()),
-    }
-}
-
-/// Values a GPU kernel returned (f32, or bf16 bit patterns) as a tensor of `shape`.
-pub(crate) fn floats_tensor(shape: Vec<usize>, values: dsv3_gpu::Floats) -> Tensor {
-    match values {
-        dsv3_gpu::Floats::F32(v) => Tensor::from_f32(shape, &v),
-        dsv3_gpu::Floats::Bf16(v) => {
-            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            Tensor::from_bytes(DType::BF16, shape, bytes).expect("one bf16 value per element")
-        }
     }
 }
 

@@ -105,7 +105,7 @@ topk_group, others −inf; ids = top_k(b); w = s[ids] (/Σ if norm_topk_prob) ·
     reference_fn: "reference/src/moe/gate.rs::route",
     gpu: &[GpuImpl {
         backend: "cuda",
-        run: moe_gate_gpu,
+        run: crate::gpu_fn!(moe_gate_gpu),
         kernel: "gpu/kernels/moe_gate.cu",
         supports: every_config,
     }],
@@ -172,6 +172,7 @@ fn moe_gate_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     ]))
 }
 
+#[cfg(feature = "cuda")]
 /// The kernel: f32 logits (any order within a warp), then the reference's routing in f64.
 fn moe_gate_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     use dsv3_gpu::moe_gate::{moe_gate, Method, Params};

@@ -1,10 +1,11 @@
 //! `rmsnorm`: `y = w ⊙ x / sqrt(mean(x²) + eps)` over the last dim.
 
+#[cfg(feature = "cuda")]
 use dsv3_gpu::rmsnorm::rmsnorm;
 use dsv3_reference::norm::rms_norm;
 
 use super::gen_fits;
-use super::{float_input, floats_tensor, get, kernel_values, outputs};
+use super::{float_input, get, outputs};
 use crate::registry::compare::Policy;
 use crate::registry::config::{Config, ConfigSchema, FieldKind};
 use crate::registry::contract::{Dim, TensorSpec};
@@ -37,7 +38,7 @@ pub static RMSNORM: OpEntry = OpEntry {
     reference_fn: "reference/src/norm.rs::rms_norm",
     gpu: &[GpuImpl {
         backend: "cuda",
-        run: rmsnorm_gpu,
+        run: crate::gpu_fn!(rmsnorm_gpu),
         kernel: "gpu/kernels/rmsnorm.cu",
         supports: every_config,
     }],
@@ -95,13 +96,14 @@ fn f32_rel_bound(d: f64) -> f64 {
     (d / 2.0 + 9.0) * U32 / (1.0 - 2.0 * (d + 3.0) * U32)
 }
 
+#[cfg(feature = "cuda")]
 fn rmsnorm_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let x = get(inputs, "x");
     let (rows, d) = x.rows_cols();
     let w = (get(inputs, "weight")).floats();
     let eps = cfg.get::<RmsNormConfig>().eps as f32;
-    let y = rmsnorm(gpu, kernel_values(x).as_host(), &w, (rows, d), eps)?;
-    Ok(outputs([("y", floats_tensor(x.shape.clone(), y))]))
+    let y = rmsnorm(gpu, x.kernel_values().as_host(), &w, (rows, d), eps)?;
+    Ok(outputs([("y", Tensor::from_floats(x.shape.clone(), y))]))
 }
 
 fn rmsnorm_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {

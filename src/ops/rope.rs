@@ -5,7 +5,7 @@ use ndarray::Array3;
 use dsv3_reference::rope::{angle, rope, RopeConfig, Yarn};
 
 use super::gen_fits;
-use super::{float_input, floats_tensor, get, kernel_values, outputs};
+use super::{float_input, get, outputs};
 use crate::registry::compare::Policy;
 use crate::registry::config::{ceil, Config, ConfigSchema, FieldKind};
 use crate::registry::contract::{Constraint, Dim, TensorSpec};
@@ -49,7 +49,7 @@ pub static ROPE: OpEntry = OpEntry {
     reference_fn: "reference/src/rope.rs::rope",
     gpu: &[GpuImpl {
         backend: "cuda",
-        run: rope_gpu,
+        run: crate::gpu_fn!(rope_gpu),
         kernel: "gpu/kernels/rope.cu",
         supports: every_config,
     }],
@@ -123,6 +123,7 @@ fn rope_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     )]))
 }
 
+#[cfg(feature = "cuda")]
 /// The kernel takes the inverse frequencies from the host: the reference's own f32 table (a
 /// `D/2`-entry table per model, as OFF precomputes `freqs_cis`), so the angle `f32(p)·f'` is
 /// bit-identical to the reference's and only sincos and the rotation differ.
@@ -137,13 +138,13 @@ fn rope_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<Ten
         .collect();
     let y = dsv3_gpu::rope::rope(
         gpu,
-        kernel_values(x).as_host(),
+        x.kernel_values().as_host(),
         &pos,
         &inv_freq,
         (s, h, d),
         rc.interleaved,
     )?;
-    Ok(outputs([("y", floats_tensor(x.shape.clone(), y))]))
+    Ok(outputs([("y", Tensor::from_floats(x.shape.clone(), y))]))
 }
 
 fn rope_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {

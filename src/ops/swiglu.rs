@@ -3,7 +3,7 @@
 use dsv3_reference::mlp::swiglu;
 
 use super::gen_fits;
-use super::{float_input, floats_tensor, get, kernel_values, outputs};
+use super::{float_input, get, outputs};
 use crate::registry::compare::Policy;
 use crate::registry::config::{Config, ConfigSchema, NoConfig};
 use crate::registry::contract::{Dim, TensorSpec};
@@ -29,7 +29,7 @@ pub static SWIGLU: OpEntry = OpEntry {
     reference_fn: "reference/src/mlp.rs::swiglu",
     gpu: &[GpuImpl {
         backend: "cuda",
-        run: swiglu_gpu,
+        run: crate::gpu_fn!(swiglu_gpu),
         kernel: "gpu/kernels/swiglu.cu",
         supports: every_config,
     }],
@@ -67,11 +67,12 @@ fn swiglu_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     }
 }
 
+#[cfg(feature = "cuda")]
 fn swiglu_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, _cfg: &Config) -> Result<TensorMap> {
     let (g, u) = (get(inputs, "gate"), get(inputs, "up"));
-    let (gate, up) = (kernel_values(g), kernel_values(u));
+    let (gate, up) = (g.kernel_values(), u.kernel_values());
     let y = dsv3_gpu::swiglu::swiglu(gpu, gate.as_host(), up.as_host())?;
-    Ok(outputs([("y", floats_tensor(g.shape.clone(), y))]))
+    Ok(outputs([("y", Tensor::from_floats(g.shape.clone(), y))]))
 }
 
 fn swiglu_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {

@@ -4,7 +4,7 @@ use dsv3_reference::fp8::{self, Saturation, E4M3};
 use dsv3_reference::numeric::round_to_bf16;
 
 use super::gen_fits;
-use super::{floats_tensor, get, outputs, quant_values, OutDtype, BLOCK_KIND};
+use super::{get, outputs, quant_values, OutDtype, BLOCK_KIND};
 use crate::registry::compare::Policy;
 use crate::registry::config::{Config, ConfigSchema, FieldKind};
 use crate::registry::contract::Param;
@@ -47,7 +47,7 @@ pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
     config: ConfigSchema::of::<DequantConfig>(),
     reference: weight_dequant_ref,
     reference_fn: "reference/src/fp8/weight_dequant.rs::weight_dequant",
-    gpu: &[GpuImpl { backend: "cuda", run: weight_dequant_gpu, kernel: "gpu/kernels/weight_dequant.cu", supports: every_config }],
+    gpu: &[GpuImpl { backend: "cuda", run: crate::gpu_fn!(weight_dequant_gpu), kernel: "gpu/kernels/weight_dequant.cu", supports: every_config }],
     policy: weight_dequant_policy,
     policy_doc: "exact: one IEEE f32 multiply (then one RNE to bf16); there is no approximate step to allow for",
     generate: weight_dequant_gen,
@@ -73,6 +73,7 @@ fn weight_dequant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     Ok(outputs([("w", out)]))
 }
 
+#[cfg(feature = "cuda")]
 fn weight_dequant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     use dsv3_gpu::weight_dequant::weight_dequant;
     let y = get(inputs, "y");
@@ -89,7 +90,7 @@ fn weight_dequant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> 
         cfg.block_size,
         bf16_out,
     )?;
-    Ok(outputs([("w", floats_tensor(vec![n, k], w))]))
+    Ok(outputs([("w", Tensor::from_floats(vec![n, k], w))]))
 }
 
 fn weight_dequant_policy<'a>(_: &PolicyCtx<'a>) -> Policy<'a> {

@@ -13,6 +13,7 @@ use crate::registry::io::TensorMap;
 use crate::registry::rng::Rng;
 use crate::registry::tensor::{DType, Tensor};
 use crate::registry::{every_config, GpuImpl, OpEntry, PolicyCtx, Sizes};
+#[cfg(feature = "cuda")]
 use dsv3_gpu::HostFloats;
 
 pub static WEIGHT_QUANT: OpEntry = OpEntry {
@@ -33,7 +34,7 @@ pub static WEIGHT_QUANT: OpEntry = OpEntry {
     config: ConfigSchema::of::<QuantConfig>(),
     reference: weight_quant_ref,
     reference_fn: "reference/src/fp8/weight_quant.rs::weight_quant",
-    gpu: &[GpuImpl { backend: "cuda", run: weight_quant_gpu, kernel: "gpu/kernels/weight_quant.cu", supports: every_config }],
+    gpu: &[GpuImpl { backend: "cuda", run: crate::gpu_fn!(weight_quant_gpu), kernel: "gpu/kernels/weight_quant.cu", supports: every_config }],
     policy: weight_quant_policy,
     policy_doc: "as act_quant (same division hazard), over B×B blocks",
     generate: weight_quant_gen,
@@ -57,6 +58,7 @@ fn weight_quant_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     ]))
 }
 
+#[cfg(feature = "cuda")]
 fn weight_quant_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     let w = get(inputs, "w");
     let (n, k) = (w.shape[0], w.shape[1]);

@@ -77,6 +77,7 @@ pub enum Error {
     Config { op: &'static str, msg: String },
     #[error(transparent)]
     Reference(#[from] dsv3_reference::Error),
+    #[cfg(feature = "cuda")]
     #[error("GPU: {0}")]
     Gpu(#[from] dsv3_gpu::Error),
     #[error("fixtures: {msg}\nHINT: {hint}")]

@@ -36,9 +36,63 @@ impl crate::registry::config::Choice for GpuMode {
     }
 }
 
+/// The device a GPU backend runs on (`dsv3_gpu::Gpu`).
+#[cfg(feature = "cuda")]
+pub use dsv3_gpu::Gpu as Device;
+
+/// Without the `cuda` feature there is no device: a type with no value, so no backend runs.
+#[cfg(not(feature = "cuda"))]
+pub enum Device {}
+
 /// The process-wide device, or why there is none.
-pub fn device() -> std::result::Result<&'static dsv3_gpu::Gpu, String> {
-    dsv3_gpu::Gpu::shared()
+pub fn device() -> std::result::Result<&'static Device, String> {
+    #[cfg(feature = "cuda")]
+    {
+        dsv3_gpu::Gpu::shared()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err("this dsv3 was built without the `cuda` feature".into())
+    }
+}
+
+/// The device's description (name, memory, driver).
+pub fn describe(device: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    {
+        device.description.clone()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        match *device {}
+    }
+}
+
+/// A GPU backend's run function in a build without the `cuda` feature (never called: there is
+/// no [`Device`] to call it with).
+#[cfg(not(feature = "cuda"))]
+pub fn not_compiled(device: &Device, _: &TensorMap, _: &Config) -> Result<TensorMap> {
+    match *device {}
+}
+
+/// An op's GPU run function, or [`not_compiled`] in a build without the `cuda` feature (the
+/// function itself is compiled only with it).
+#[cfg(feature = "cuda")]
+#[macro_export]
+macro_rules! gpu_fn {
+    ($f:path) => {
+        $f
+    };
+}
+
+/// An op's GPU run function, or [`not_compiled`] in a build without the `cuda` feature (the
+/// function itself is compiled only with it).
+#[cfg(not(feature = "cuda"))]
+#[macro_export]
+macro_rules! gpu_fn {
+    ($f:path) => {
+        $crate::registry::gpu::not_compiled
+    };
 }
 
 /// `REQUIRE_GPU=1` in the environment.
@@ -59,7 +113,7 @@ pub struct GpuDiff {
 pub fn diff(
     op: &OpEntry,
     imp: &GpuImpl,
-    gpu: &dsv3_gpu::Gpu,
+    gpu: &Device,
     inputs: &TensorMap,
     config: &Config,
 ) -> Result<GpuDiff> {
@@ -93,4 +147,28 @@ pub fn diff(
         gpu_seconds,
         pass,
     })
+}
+
+/// A floating tensor's values for a GPU kernel: bf16 bit patterns for BF16 (the kernels read
+/// bf16 natively), f32 otherwise (F16 widens exactly).
+#[cfg(feature = "cuda")]
+impl crate::registry::tensor::Tensor {
+    pub fn kernel_values(&self) -> dsv3_gpu::Floats {
+        match self.dtype {
+            crate::registry::tensor::DType::BF16 => dsv3_gpu::Floats::Bf16(self.to_u16_bits()),
+            _ => dsv3_gpu::Floats::F32(self.floats()),
+        }
+    }
+
+    /// Values a GPU kernel returned (f32, or bf16 bit patterns) as a tensor of `shape`.
+    pub fn from_floats(shape: Vec<usize>, values: dsv3_gpu::Floats) -> Self {
+        match values {
+            dsv3_gpu::Floats::F32(v) => Self::from_f32(shape, &v),
+            dsv3_gpu::Floats::Bf16(v) => {
+                let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Self::from_bytes(crate::registry::tensor::DType::BF16, shape, bytes)
+                    .expect("one bf16 value per element")
+            }
+        }
+    }
 }

@@ -36,7 +36,7 @@ use crate::registry::rng::Rng;
 /// Reference implementation: validated inputs and config → outputs.
 pub type RefFn = fn(&TensorMap, &Config) -> Result<TensorMap>;
 /// GPU implementation (same contract as the reference).
-pub type GpuFn = fn(&dsv3_gpu::Gpu, &TensorMap, &Config) -> Result<TensorMap>;
+pub type GpuFn = fn(&gpu::Device, &TensorMap, &Config) -> Result<TensorMap>;
 /// Whether a GPU backend implements a config: `Ok(())`, or `Err(reason)` when it declines it
 /// (the backend is then skipped for that config, never failed, and reports say why).
 pub type SupportsFn = fn(&Config) -> std::result::Result<(), &'static str>;

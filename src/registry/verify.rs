@@ -226,7 +226,7 @@ pub fn verify(
         out,
         "GPU: {}",
         match &device {
-            Ok(g) => g.description.clone(),
+            Ok(g) => gpu::describe(g),
             Err(why) => format!("not used: {why}"),
         }
     );
@@ -277,14 +277,14 @@ pub fn verify(
     Ok(VerifyReport {
         fixtures: dir.display().to_string(),
         oracles: m.oracles.clone(),
-        gpu_device: device.as_ref().ok().map(|g| g.description.clone()),
+        gpu_device: device.as_ref().ok().map(|g| gpu::describe(g)),
         gpu_unavailable: device.err(),
         cases: results,
         pass,
     })
 }
 
-fn run_case(dir: &Path, case: &Case, device: Option<&dsv3_gpu::Gpu>) -> CaseResult {
+fn run_case(dir: &Path, case: &Case, device: Option<&gpu::Device>) -> CaseResult {
     let mut r = CaseResult {
         case: case.name.clone(),
         op: case.op.clone(),

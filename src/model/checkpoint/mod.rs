@@ -42,7 +42,6 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// `block_size`).
 const DEFAULT_FP8_BLOCK: usize = 128;
 
-
 /// An opened model directory: its config and where each tensor lives.
 pub struct Checkpoint {
     pub dir: PathBuf,

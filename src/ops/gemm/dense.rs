@@ -1,14 +1,17 @@
 //! `fp8_gemm`: OFF `kernel.py fp8_gemm(a, a_s, b, b_s)`, `a`'s leading dims flattened.
 
+#[cfg(feature = "cuda")]
 use dsv3_gpu::fp8_gemm::Backend;
+#[cfg(feature = "cuda")]
 use dsv3_gpu::Floats;
 use dsv3_reference::fp8::fp8_gemm::{self as reference, BlockScaled};
 use ndarray::Array2;
 
 use super::generate::{codes, scales, size};
+#[cfg(feature = "cuda")]
+use super::gpu;
 use super::{
-    gpu, Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, POLICY_DOC, SCALE_DTYPES, SCHEMA,
-    TEST_CONFIGS,
+    Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, POLICY_DOC, SCALE_DTYPES, SCHEMA, TEST_CONFIGS,
 };
 use crate::ops::gemm::fast::{self, GemmOut};
 use crate::ops::{gen_fits, get, outputs};
@@ -138,6 +141,7 @@ impl Layout for Dense {
         ]))
     }
 
+    #[cfg(feature = "cuda")]
     fn gpu(g: &dsv3_gpu::Gpu, backend: Backend, ops: &Dense, cfg: &GemmConfig) -> Result<Floats> {
         let (a, b) = ops.tiles();
         gpu::gemm_on_gpu(g, backend, a, b, cfg)

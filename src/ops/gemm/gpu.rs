@@ -2,15 +2,22 @@
 //! and `wgmma` (gpu/kernels/fp8_gemm_wgmma.cu, Hopper Tensor Cores), the configs each
 //! implements, and the one host-side gather/scatter of the grouped layouts.
 
+#[cfg(feature = "cuda")]
 use dsv3_gpu::fp8_gemm::Backend;
+#[cfg(feature = "cuda")]
 use dsv3_gpu::Floats;
-use dsv3_reference::fp8::fp8_gemm::{Accumulation, BlockScaled};
+use dsv3_reference::fp8::fp8_gemm::Accumulation;
+#[cfg(feature = "cuda")]
+use dsv3_reference::fp8::fp8_gemm::BlockScaled;
+#[cfg(feature = "cuda")]
 use dsv3_reference::fp8::grouped_gemm::{ExpertWeights, GroupRows};
 use dsv3_reference::fp8::HOPPER_FP8_WGMMA;
 
 use super::GemmConfig;
+#[cfg(feature = "cuda")]
 use crate::ops::OutDtype;
 use crate::registry::config::Config;
+#[cfg(feature = "cuda")]
 use crate::registry::error::Result;
 
 pub(super) const SIMT_KERNEL: &str = "gpu/kernels/fp8_gemm.cu";
@@ -64,6 +71,7 @@ pub(super) fn wgmma_supports(cfg: &Config) -> std::result::Result<(), &'static s
     }
 }
 
+#[cfg(feature = "cuda")]
 /// One GEMM on the GPU: contiguous copies of the operands (scales as f32: F8_E8M0 decodes
 /// exactly; a transposed view, as Dgrad's `wᵀ`, copied in its logical order), the f32
 /// accumulators or their bf16 rounding as the config asks. The kernels read `b`'s scales in
@@ -89,6 +97,7 @@ pub(super) fn gemm_on_gpu(
     )?)
 }
 
+#[cfg(feature = "cuda")]
 /// A grouped GEMM on the GPU, one launch per group: the group's rows of `a` gathered, run
 /// against its weight and scattered back ([`GroupRows`], the reference's gather/scatter);
 /// undefined rows are 0, as the reference writes them. Rows in output order: `[R, N]`.

@@ -2,16 +2,18 @@
 //! `_masked`): one [`GroupRows`] says which rows each expert multiplies, for the reference, the
 //! fast path and the GPU alike.
 
+#[cfg(feature = "cuda")]
 use dsv3_gpu::fp8_gemm::Backend;
+#[cfg(feature = "cuda")]
 use dsv3_gpu::Floats;
 use dsv3_reference::fp8::fp8_gemm::BlockScaled;
 use dsv3_reference::fp8::grouped_gemm::{self, flatten, ExpertWeights, GroupRows};
 use ndarray::{Array2, Array3};
 
 use super::generate::{codes, scales, scribble_rows, size};
-use super::{
-    gpu, Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, SCALE_DTYPES, SCHEMA, TEST_CONFIGS,
-};
+#[cfg(feature = "cuda")]
+use super::gpu;
+use super::{Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, SCALE_DTYPES, SCHEMA, TEST_CONFIGS};
 use crate::ops::gemm::fast::{self, GemmOut};
 use crate::ops::{gen_fits, get, outputs};
 use crate::registry::contract::{Dim, TensorSpec};
@@ -99,6 +101,7 @@ impl Grouped {
         )
     }
 
+    #[cfg(feature = "cuda")]
     fn gpu(&self, g: &dsv3_gpu::Gpu, backend: Backend, cfg: &GemmConfig) -> Result<Floats> {
         gpu::grouped_on_gpu(g, backend, self.parts(), &self.rows, cfg)
     }
@@ -191,6 +194,7 @@ impl Layout for Contiguous {
         ]))
     }
 
+    #[cfg(feature = "cuda")]
     fn gpu(g: &dsv3_gpu::Gpu, backend: Backend, ops: &Grouped, cfg: &GemmConfig) -> Result<Floats> {
         ops.gpu(g, backend, cfg)
     }
@@ -286,6 +290,7 @@ impl Layout for Masked {
         ]))
     }
 
+    #[cfg(feature = "cuda")]
     fn gpu(g: &dsv3_gpu::Gpu, backend: Backend, ops: &Grouped, cfg: &GemmConfig) -> Result<Floats> {
         ops.gpu(g, backend, cfg)
     }

@@ -1,15 +1,18 @@
 //! A Linear's training GEMMs (V3 §3.3.1 Fig. 6): Fprop, Dgrad, Wgrad, each `fp8_gemm` on its
 //! operands read the way the GEMM needs them (`reference/src/fp8/linear_fp8.rs`).
 
+#[cfg(feature = "cuda")]
 use dsv3_gpu::fp8_gemm::Backend;
+#[cfg(feature = "cuda")]
 use dsv3_gpu::Floats;
 use dsv3_reference::fp8::fp8_gemm::{self as reference, BlockScaled, GemmNames, ScaleLayout};
 use ndarray::Array2;
 
 use super::generate::{codes, scales, size, tiled_operand, transpose_scales, weight};
+#[cfg(feature = "cuda")]
+use super::gpu;
 use super::{
-    gpu, Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, POLICY_DOC, SCALE_DTYPES, SCHEMA,
-    TEST_CONFIGS,
+    Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, POLICY_DOC, SCALE_DTYPES, SCHEMA, TEST_CONFIGS,
 };
 use crate::ops::gemm::fast::{self, GemmOut};
 use crate::ops::{gen_fits, get, outputs};
@@ -118,6 +121,7 @@ impl<X: TrainingGemm> Layout for X {
         (X::T.generate)(rng, cfg, sizes)
     }
 
+    #[cfg(feature = "cuda")]
     fn gpu(
         g: &dsv3_gpu::Gpu,
         backend: Backend,

@@ -33,7 +33,9 @@ pub use dense::FP8_GEMM;
 pub use grouped::{M_GROUPED_CONTIGUOUS, M_GROUPED_MASKED};
 pub use linear::{LINEAR_FP8_DGRAD, LINEAR_FP8_FPROP, LINEAR_FP8_WGRAD};
 
+#[cfg(feature = "cuda")]
 use dsv3_gpu::fp8_gemm::Backend;
+#[cfg(feature = "cuda")]
 use dsv3_gpu::Floats;
 use dsv3_reference::fp8::accumulate::{MAX_FRAC_BITS, MAX_GROUP};
 use dsv3_reference::fp8::fp8_gemm::{self as reference, Accumulation};
@@ -241,6 +243,7 @@ pub(crate) trait Layout: 'static {
     /// Random inputs (registry [`crate::registry::GenFn`]).
     fn generate(rng: &mut Rng, cfg: &GemmConfig, sizes: &Sizes) -> Result<TensorMap>;
     /// The output computed on the GPU by `backend`, rows in output order (`[rows, N]`).
+    #[cfg(feature = "cuda")]
     fn gpu(
         gpu: &dsv3_gpu::Gpu,
         backend: Backend,
@@ -274,6 +277,7 @@ fn generate<L: Layout>(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<Ten
     L::generate(rng, cfg.get::<GemmConfig>(), sizes)
 }
 
+#[cfg(feature = "cuda")]
 /// `L` on one GPU backend.
 fn run_gpu<L: Layout, const WGMMA: bool>(
     g: &dsv3_gpu::Gpu,
@@ -286,7 +290,7 @@ fn run_gpu<L: Layout, const WGMMA: bool>(
     let (shape, _) = L::shape(inputs);
     Ok(super::outputs([(
         L::OUTPUT,
-        super::floats_tensor(shape, out),
+        Tensor::from_floats(shape, out),
     )]))
 }
 
@@ -297,13 +301,13 @@ impl<L: Layout> Backends<L> {
     const BOTH: &'static [GpuImpl] = &[
         GpuImpl {
             backend: "simt",
-            run: run_gpu::<L, false>,
+            run: crate::gpu_fn!(run_gpu::<L, false>),
             kernel: gpu::SIMT_KERNEL,
             supports: gpu::simt_supports,
         },
         GpuImpl {
             backend: "wgmma",
-            run: run_gpu::<L, true>,
+            run: crate::gpu_fn!(run_gpu::<L, true>),
             kernel: gpu::WGMMA_KERNEL,
             supports: gpu::wgmma_supports,
         },

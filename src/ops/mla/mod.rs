@@ -11,7 +11,7 @@ use ndarray::{s, Array3};
 use dsv3_reference::mla::attention;
 
 use super::gen_fits;
-use super::{floats_tensor, get, kernel_values, outputs};
+use super::{get, outputs};
 use crate::registry::compare::Policy;
 use crate::registry::config::{Config, ConfigSchema, FieldKind};
 use crate::registry::contract::{Dim, TensorSpec};
@@ -35,7 +35,7 @@ const POLICY_DOC: &str = "per query row (T visible keys, R = T − 1 rescales, u
 |Δout| ≤ V·(2·L̄·e^{2Λ} + 2γ_{T+R}/(1 − γ_{T+R}) + 3u) [+ 2^-8·V + 1 bf16 ulp for BF16], \
 |Δlse| ≤ L̄·e^{2Λ} + γ_{T+R}/(1 − γ_{T+R}) + 2u(ln T + 1) + 2u|lse|, with L̄ = (1+4u)δσ + (2 ln T + 4(1+R))u, \
 Λ = 3δσ + 4(1+R)u, δσ = scale·γ_{D+2}·max_t Σ|q k_t|, V = max visible |v| (an f32 kernel in any order, online \
-softmax allowed; module doc of src/ops/mla.rs, SPEC.md); ±inf and NaN must match";
+softmax allowed; module doc of src/ops/mla/policy.rs, SPEC.md); ±inf and NaN must match";
 
 pub static MLA: OpEntry = OpEntry {
     name: "mla",
@@ -86,7 +86,7 @@ out = softmax(scale·q·kᵀ)·k[:, :512], lse natural log; causal (s_q > 1, MTP
     reference_fn: "reference/src/mla.rs::attention",
     gpu: &[GpuImpl {
         backend: "cuda",
-        run: mla_decode_gpu,
+        run: crate::gpu_fn!(mla_decode_gpu),
         kernel: "gpu/kernels/mla_decode.cu",
         supports: every_config,
     }],
@@ -230,6 +230,7 @@ fn mla_decode_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
     run(&decode_batch(inputs)?, get(inputs, "q"), D_V, cfg)
 }
 
+#[cfg(feature = "cuda")]
 /// The kernel reads the paged cache itself (FlashMLA's layout); the wrapper checks every
 /// sequence length and every block-table entry a sequence reads.
 fn mla_decode_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> {
@@ -244,7 +245,7 @@ fn mla_decode_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Resu
         n_blocks: k_cache.shape[0],
         max_blocks: table.shape[1],
     };
-    let (q_values, cache_values) = (kernel_values(q), kernel_values(k_cache));
+    let (q_values, cache_values) = (q.kernel_values(), k_cache.kernel_values());
     let (table_values, len_values) = (ints(table), ints(lens));
     let cache = PagedCache {
         k_cache: cache_values.as_host(),
@@ -261,7 +262,7 @@ fn mla_decode_gpu(gpu: &dsv3_gpu::Gpu, inputs: &TensorMap, cfg: &Config) -> Resu
     )?;
     let (b, s_len, h) = (dims.batch, dims.s_q, dims.heads);
     Ok(outputs([
-        ("out", floats_tensor(vec![b, s_len, h, D_V], r.out)),
+        ("out", Tensor::from_floats(vec![b, s_len, h, D_V], r.out)),
         ("lse", Tensor::from_f32(vec![b, h, s_len], &r.lse)),
     ]))
 }

@@ -139,4 +139,3 @@ pub(super) fn attention_policy<'a>(ctx: &PolicyCtx<'a>, batch: Option<Batch>) ->
         }),
     }
 }
-

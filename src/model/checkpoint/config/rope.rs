@@ -105,4 +105,3 @@ fn yarn_mscale(factor: f64, m: f64) -> f64 {
         0.1 * m * factor.ln() + 1.0
     }
 }
-

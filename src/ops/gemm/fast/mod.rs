@@ -554,4 +554,3 @@ pub fn grouped(
 }
 
 mod lanes;
-
