@@ -78,19 +78,10 @@ const RUNS: [Run; 3] = [
 /// The rows of one model fixture: main logits per [`RUNS`] entry, and with an MTP layer its
 /// logits per run and per `h^0` (before and after the final norm).
 pub fn run_model_case(dir: &Path, case: &ModelCase) -> Vec<CaseResult> {
-    let row = |what: String| CaseResult {
-        case: format!("model/{}/{what}", case.name),
-        op: "forward".into(),
-        oracle: case.oracle.clone(),
-        compare: format!("max|Δ| ≤ {LOGITS_REL_TOL:e}·max|ref|"),
-        elements: 0,
-        exact_fraction: 0.0,
-        max_abs: 0.0,
-        max_ulp: 0,
-        pass: false,
-        detail: None,
-        gpu: "-".into(),
-        gpu_pass: None,
+    let compare = format!("max|Δ| ≤ {LOGITS_REL_TOL:e}·max|ref|");
+    let row = |what: String| {
+        let name = format!("model/{}/{what}", case.name);
+        CaseResult::new(&name, "forward", &case.oracle, &compare)
     };
     let failed = |e: crate::Error| {
         let mut r = row("load".into());

@@ -173,6 +173,26 @@ pub struct CaseResult {
     pub gpu_pass: Option<bool>,
 }
 
+impl CaseResult {
+    /// A row not yet run: failing, nothing compared, no GPU.
+    pub fn new(case: &str, op: &str, oracle: &str, compare: &str) -> Self {
+        CaseResult {
+            case: case.to_string(),
+            op: op.to_string(),
+            oracle: oracle.to_string(),
+            compare: compare.to_string(),
+            elements: 0,
+            exact_fraction: 0.0,
+            max_abs: 0.0,
+            max_ulp: 0,
+            pass: false,
+            detail: None,
+            gpu: "-".into(),
+            gpu_pass: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     pub fixtures: String,
@@ -285,20 +305,7 @@ pub fn verify(
 }
 
 fn run_case(dir: &Path, case: &Case, device: Option<&gpu::Device>) -> CaseResult {
-    let mut r = CaseResult {
-        case: case.name.clone(),
-        op: case.op.clone(),
-        oracle: case.oracle.clone(),
-        compare: case.compare.name().to_string(),
-        elements: 0,
-        exact_fraction: 0.0,
-        max_abs: 0.0,
-        max_ulp: 0,
-        pass: false,
-        detail: None,
-        gpu: "-".into(),
-        gpu_pass: None,
-    };
+    let mut r = CaseResult::new(&case.name, &case.op, &case.oracle, case.compare.name());
     let op = ops::find(&case.op).expect("checked in verify");
     let outcome = (|| -> Result<_> {
         let config = op.parse_config(&case.config)?;
