@@ -5,7 +5,7 @@ use std::path::Path;
 
 use dsv3::ops::REGISTRY;
 use dsv3::registry::gpu::GpuMode;
-use dsv3::registry::verify::{load_manifest, verify};
+use dsv3::verify::{load_manifest, verify};
 
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

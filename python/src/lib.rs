@@ -167,8 +167,7 @@ fn reference(
     py.detach(|| {
         guarded(|| {
             let (op, cfg) = op_and_config(op, config)?;
-            let adapted =
-                dsv3::registry::adapt::adapt_inputs(op, &inputs, &cfg, "").map_err(input_error)?;
+            let adapted = op.adapt_inputs(&inputs, &cfg, "").map_err(input_error)?;
             let inputs = adapted.as_ref().unwrap_or(&inputs);
             let b = op
                 .contract()

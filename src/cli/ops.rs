@@ -1,6 +1,8 @@
 //! `dsv3 ops`: the registered ops, their contracts, configs and tolerances.
 
-use dsv3::registry::{report, verify};
+use dsv3::ops::REGISTRY;
+use dsv3::registry::report;
+use dsv3::registry::table::Table;
 use dsv3::Result;
 
 #[derive(clap::Args)]
@@ -27,7 +29,7 @@ pub fn run(a: Args) -> Result<bool> {
             });
             println!("{}", json(&v));
         }
-        (None, false) => print!("{}", verify::ops_table()),
+        (None, false) => print!("{}", ops_table()),
         (Some(name), true) => println!("{}", json(&dsv3::ops::find(&name)?.describe_json())),
         (Some(name), false) => {
             let op = dsv3::ops::find(&name)?;
@@ -58,4 +60,36 @@ pub fn run(a: Args) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// The list of ops as a table (`dsv3 ops`).
+fn ops_table() -> String {
+    let mut t = Table::new(&["op", "inputs", "outputs", "config", "GPU", "source"]);
+    for op in REGISTRY {
+        let ins: Vec<String> = op.inputs.iter().map(|s| s.describe()).collect();
+        let outs: Vec<String> = op.outputs.iter().map(|s| s.describe()).collect();
+        let mut cfg: Vec<String> = op.config.fields().map(|f| f.describe()).collect();
+        cfg.extend(op.constraints.iter().map(|c| c.describe()));
+        t.row(vec![
+            op.name.into(),
+            ins.join("; "),
+            outs.join("; "),
+            if cfg.is_empty() {
+                "-".into()
+            } else {
+                cfg.join("; ")
+            },
+            if op.gpu.is_empty() {
+                "-".into()
+            } else {
+                op.gpu
+                    .iter()
+                    .map(|g| g.backend)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            op.source.into(),
+        ]);
+    }
+    t.render()
 }

@@ -26,7 +26,7 @@ pub fn run(a: Args) -> Result<bool> {
     let cfg = check::read_config(op, a.config.as_deref())?;
     let place = format!(" in {}", a.inputs.display());
     let loaded = io::load(&a.inputs)?;
-    let ins = dsv3::registry::adapt::adapt_inputs(op, &loaded, &cfg, &place)?.unwrap_or(loaded);
+    let ins = op.adapt_inputs(&loaded, &cfg, &place)?.unwrap_or(loaded);
     let bindings = op.contract().check_inputs(&ins, &cfg, &place)?;
     let outs = registry::without_aux(op.run_reference(&ins, &cfg, &bindings)?);
     io::save(&a.out, &outs, None)?;

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use dsv3::registry::gpu::GpuMode;
-use dsv3::registry::{report, verify};
+use dsv3::registry::report;
+use dsv3::verify;
 use dsv3::Result;
 
 #[derive(clap::Args)]

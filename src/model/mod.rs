@@ -1,6 +1,5 @@
-//! The model: checkpoints in the hub layout ([`checkpoint`]), the forward of `dsv3 forward`
-//! ([`forward`]), and `dsv3 verify`'s model cases against transformers' logits ([`verify`]).
+//! The model: checkpoints in the hub layout ([`checkpoint`]) and the forward of `dsv3 forward`
+//! ([`forward`]); `dsv3 verify` runs it on the model fixtures ([`crate::verify::models`]).
 
 pub mod checkpoint;
 pub mod forward;
-pub mod verify;

@@ -46,6 +46,7 @@ pub static ACT_QUANT: OpEntry = OpEntry {
     ],
     constraints: &[Constraint::MultipleOf("K", QUANT_BLOCK)],
     config: ConfigSchema::of::<QuantConfig>(),
+    adapt: None,
     reference: act_quant_ref,
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant",
     gpu: &[GpuImpl {
@@ -145,6 +146,7 @@ pub static ACT_QUANT_128X1: OpEntry = OpEntry {
     ],
     constraints: &[],
     config: ConfigSchema::of::<QuantConfig>(),
+    adapt: None,
     reference: act_quant_128x1_ref,
     reference_fn: "reference/src/fp8/act_quant.rs::act_quant_128x1",
     gpu: &[],

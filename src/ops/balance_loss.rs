@@ -72,6 +72,7 @@ pub static BALANCE_LOSS: OpEntry = OpEntry {
         Constraint::NonEmpty("E", "top_k experts are chosen among them"),
     ],
     config: ConfigSchema::of::<BalanceLossConfig>(),
+    adapt: None,
     reference: balance_loss_ref,
     reference_fn: "reference/src/moe/balance_loss.rs::balance_loss",
     gpu: &[],

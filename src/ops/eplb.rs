@@ -52,6 +52,7 @@ pub static EPLB: OpEntry = OpEntry {
     ],
     constraints: &[Constraint::NonEmpty("E", "logical experts to replicate")],
     config: ConfigSchema::of::<EplbConfig>(),
+    adapt: None,
     reference: eplb_ref,
     reference_fn: "reference/src/moe/eplb.rs::rebalance_experts",
     gpu: &[],

@@ -70,6 +70,7 @@ pub static GRPO_LOSS: OpEntry = OpEntry {
         Constraint::NonEmpty("L", "every output needs a token: J divides by |o_i|"),
     ],
     config: ConfigSchema::of::<GrpoLossConfig>(),
+    adapt: None,
     reference: grpo_loss_ref,
     reference_fn: "reference/src/train/grpo.rs::grpo_loss",
     gpu: &[],

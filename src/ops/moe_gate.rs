@@ -101,6 +101,7 @@ topk_group, others −inf; ids = top_k(b); w = s[ids] (/Σ if norm_topk_prob) ·
     ],
     constraints: &[Constraint::NonEmpty("E", "top_k experts are chosen among them"), Constraint::MultipleOf("E", N_GROUP)],
     config: ConfigSchema::of::<MoeGateConfig>(),
+    adapt: None,
     reference: moe_gate_ref,
     reference_fn: "reference/src/moe/gate.rs::route",
     gpu: &[GpuImpl {

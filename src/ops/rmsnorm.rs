@@ -34,6 +34,7 @@ pub static RMSNORM: OpEntry = OpEntry {
     outputs: &[TensorSpec { name: "y", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Batch, Dim::Var("D")], doc: "normalized (dtype of x)" }],
     constraints: &[],
     config: ConfigSchema::of::<RmsNormConfig>(),
+    adapt: None,
     reference: rmsnorm_ref,
     reference_fn: "reference/src/norm.rs::rms_norm",
     gpu: &[GpuImpl {

@@ -45,6 +45,7 @@ pub static ROPE: OpEntry = OpEntry {
     outputs: &[TensorSpec { name: "y", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("S"), Dim::Var("H"), Dim::Var("D")], doc: "rotated (official interleaved layout)" }],
     constraints: &[Constraint::EvenNonEmpty("D", "RoPE rotates pairs of features")],
     config: ConfigSchema::of::<RopeOpConfig>(),
+    adapt: None,
     reference: rope_ref,
     reference_fn: "reference/src/rope.rs::rope",
     gpu: &[GpuImpl {

@@ -25,6 +25,7 @@ pub static SWIGLU: OpEntry = OpEntry {
     outputs: &[TensorSpec { name: "y", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Batch, Dim::Var("I")], doc: "input of w2 (dtype of gate)" }],
     constraints: &[],
     config: ConfigSchema::of::<NoConfig>(),
+    adapt: None,
     reference: swiglu_ref,
     reference_fn: "reference/src/mlp.rs::swiglu",
     gpu: &[GpuImpl {

@@ -45,6 +45,7 @@ pub static WEIGHT_DEQUANT: OpEntry = OpEntry {
     outputs: &[TensorSpec { name: "w", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("N"), Dim::Var("K")], doc: "dequantized weight (dtype = out_dtype)" }],
     constraints: &[],
     config: ConfigSchema::of::<DequantConfig>(),
+    adapt: None,
     reference: weight_dequant_ref,
     reference_fn: "reference/src/fp8/weight_dequant.rs::weight_dequant",
     gpu: &[GpuImpl { backend: "cuda", run: crate::gpu_fn!(weight_dequant_gpu), kernel: "gpu/kernels/weight_dequant.cu", supports: every_config }],

@@ -32,6 +32,7 @@ pub static WEIGHT_QUANT: OpEntry = OpEntry {
     ],
     constraints: &[],
     config: ConfigSchema::of::<QuantConfig>(),
+    adapt: None,
     reference: weight_quant_ref,
     reference_fn: "reference/src/fp8/weight_quant.rs::weight_quant",
     gpu: &[GpuImpl { backend: "cuda", run: crate::gpu_fn!(weight_quant_gpu), kernel: "gpu/kernels/weight_quant.cu", supports: every_config }],

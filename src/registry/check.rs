@@ -55,7 +55,7 @@ pub fn check(
 ) -> Result<CheckReport> {
     let contract = op.contract();
     // the layouts kernels emit (packed or MN-major scales, int32 ids): src/registry/adapt.rs
-    let adapted = crate::registry::adapt::adapt_inputs(op, inputs, config, places.0)?;
+    let adapted = op.adapt_inputs(inputs, config, places.0)?;
     let inputs = adapted.as_ref().unwrap_or(inputs);
     let bindings = contract.check_inputs(inputs, config, places.0)?;
     let start = Instant::now();

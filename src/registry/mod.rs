@@ -21,7 +21,6 @@ pub mod rng;
 pub mod table;
 pub mod tensor;
 pub mod tolerance;
-pub mod verify;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,6 +39,10 @@ pub type GpuFn = fn(&gpu::Device, &TensorMap, &Config) -> Result<TensorMap>;
 /// Whether a GPU backend implements a config: `Ok(())`, or `Err(reason)` when it declines it
 /// (the backend is then skipped for that config, never failed, and reports say why).
 pub type SupportsFn = fn(&Config) -> std::result::Result<(), &'static str>;
+/// The layouts an op accepts besides its contract's (DeepGEMM's packed and MN-major scales),
+/// converted to the contract: `Ok(None)` when `inputs` need nothing; `place` says where they
+/// came from in errors.
+pub type AdaptFn = fn(&OpEntry, &TensorMap, &Config, &str) -> Result<Option<TensorMap>>;
 /// The tolerance policy of one output, given everything the comparison can see.
 pub type PolicyFn = for<'a> fn(&PolicyCtx<'a>) -> Policy<'a>;
 /// Random inputs satisfying the contract under `config`; `sizes` pins named sizes (`M`, `K`),
@@ -142,6 +145,8 @@ pub struct OpEntry {
     pub constraints: &'static [Constraint],
     /// The op's config (its typed struct and fields: [`crate::op_config!`]).
     pub config: ConfigSchema,
+    /// Other input layouts the op accepts (`None`: only the contract's).
+    pub adapt: Option<AdaptFn>,
     pub reference: RefFn,
     /// `path::function` of the reference implementation (SPEC.md links it).
     pub reference_fn: &'static str,
@@ -165,6 +170,20 @@ impl OpEntry {
             inputs: self.inputs,
             outputs: self.outputs,
             constraints: self.constraints,
+        }
+    }
+
+    /// `inputs` in the contract's layout when the op accepts another one they are in
+    /// ([`OpEntry::adapt`]); `Ok(None)` when they need nothing.
+    pub fn adapt_inputs(
+        &self,
+        inputs: &TensorMap,
+        config: &Config,
+        place: &str,
+    ) -> Result<Option<TensorMap>> {
+        match self.adapt {
+            Some(adapt) => adapt(self, inputs, config, place),
+            None => Ok(None),
         }
     }
 

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::registry::check::CheckReport;
 use crate::registry::error::{Error, Result};
-use crate::registry::verify::VerifyReport;
+use crate::verify::VerifyReport;
 
 /// Version of the JSON report layout: bumped when a field changes meaning or disappears.
 pub const SCHEMA_VERSION: u32 = 1;

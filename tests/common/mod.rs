@@ -12,7 +12,7 @@ use dsv3::registry::io::SafeFile;
 
 /// The bar of the model fixtures (issue 4), defined beside `dsv3 verify`'s model cases.
 #[allow(unused_imports)]
-pub use dsv3::model::verify::LOGITS_REL_TOL;
+pub use dsv3::verify::models::LOGITS_REL_TOL;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

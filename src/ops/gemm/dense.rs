@@ -35,6 +35,7 @@ pub static FP8_GEMM: OpEntry = OpEntry {
     outputs: &[TensorSpec { name: "c", dtypes: OUT_DTYPES, shape: &[Dim::Batch, Dim::Var("N")], doc: "a·bᵀ (dtype = out_dtype)" }],
     constraints: &[],
     config: SCHEMA,
+    adapt: Some(super::layouts::adapt_inputs),
     reference: super::reference::<Dense>,
     reference_fn: "reference/src/fp8/fp8_gemm.rs::fp8_gemm",
     gpu: Backends::<Dense>::BOTH,

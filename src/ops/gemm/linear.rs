@@ -157,6 +157,7 @@ pub static LINEAR_FP8_FPROP: OpEntry = OpEntry {
     outputs: &[TensorSpec { name: "y", dtypes: OUT_DTYPES, shape: &[Dim::Var("M"), Dim::Var("N")], doc: "x·wᵀ" }],
     constraints: &[],
     config: SCHEMA,
+    adapt: Some(super::layouts::adapt_inputs),
     reference: super::reference::<Fprop>,
     reference_fn: "reference/src/fp8/linear_fp8.rs::fprop",
     gpu: Backends::<Fprop>::BOTH,
@@ -239,6 +240,7 @@ pub static LINEAR_FP8_DGRAD: OpEntry = OpEntry {
     }],
     constraints: &[],
     config: SCHEMA,
+    adapt: Some(super::layouts::adapt_inputs),
     reference: super::reference::<Dgrad>,
     reference_fn: "reference/src/fp8/linear_fp8.rs::dgrad",
     gpu: Backends::<Dgrad>::BOTH,
@@ -303,6 +305,7 @@ pub static LINEAR_FP8_WGRAD: OpEntry = OpEntry {
     constraints: &[],
     // V3 Fig. 6: the weight gradient stays FP32
     config: WGRAD_SCHEMA,
+    adapt: Some(super::layouts::adapt_inputs),
     reference: super::reference::<Wgrad>,
     reference_fn: "reference/src/fp8/linear_fp8.rs::wgrad",
     gpu: &[],

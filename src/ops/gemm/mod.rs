@@ -26,6 +26,7 @@ pub mod fast;
 mod generate;
 mod gpu;
 mod grouped;
+mod layouts;
 mod linear;
 mod policy;
 

@@ -19,7 +19,7 @@ use crate::registry::compare::{compare, Policy};
 use crate::registry::error::Result;
 use crate::registry::io::SafeFile;
 use crate::registry::tensor::Tensor;
-use crate::registry::verify::CaseResult;
+use crate::verify::CaseResult;
 
 /// The model fixtures' bar (issue 4): `max|Δ|/max|ref| ≤ 1e-4` over all logits. Both sides
 /// compute in f32 (ours sums in f64); what is left is f32 rounding through a few layers, about

@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::verify::{run_model_case, ModelCase};
-use crate::ops::{self, REGISTRY};
+pub mod models;
+
+use crate::ops;
 use crate::registry::check::{check, fmt_num, Mode};
 use crate::registry::error::{Error, Result};
 use crate::registry::gpu::{self, GpuMode};
 use crate::registry::io::{SafeFile, TensorMap};
-use crate::registry::table::Table;
+use models::{run_model_case, ModelCase};
 
 /// The manifest format this build reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -33,7 +34,7 @@ pub struct Manifest {
     /// Relative path → sha256.
     pub files: BTreeMap<String, String>,
     pub cases: Vec<Case>,
-    /// The model fixtures (checkpoints with transformers' logits): [`crate::model::verify`].
+    /// The model fixtures (checkpoints with transformers' logits): [`crate::verify::models`].
     #[serde(default)]
     pub models: Vec<ModelCase>,
 }
@@ -394,36 +395,4 @@ fn run_case(dir: &Path, case: &Case, device: Option<&gpu::Device>) -> CaseResult
         r.gpu = cells.join("; ");
     }
     r
-}
-
-/// The list of ops as a table (`dsv3 ops`).
-pub fn ops_table() -> String {
-    let mut t = Table::new(&["op", "inputs", "outputs", "config", "GPU", "source"]);
-    for op in REGISTRY {
-        let ins: Vec<String> = op.inputs.iter().map(|s| s.describe()).collect();
-        let outs: Vec<String> = op.outputs.iter().map(|s| s.describe()).collect();
-        let mut cfg: Vec<String> = op.config.fields().map(|f| f.describe()).collect();
-        cfg.extend(op.constraints.iter().map(|c| c.describe()));
-        t.row(vec![
-            op.name.into(),
-            ins.join("; "),
-            outs.join("; "),
-            if cfg.is_empty() {
-                "-".into()
-            } else {
-                cfg.join("; ")
-            },
-            if op.gpu.is_empty() {
-                "-".into()
-            } else {
-                op.gpu
-                    .iter()
-                    .map(|g| g.backend)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-            op.source.into(),
-        ]);
-    }
-    t.render()
 }
