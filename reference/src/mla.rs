@@ -188,6 +188,108 @@ pub fn attention(
     Ok(Attention { out, lse })
 }
 
+/// The gradients of [`attention`] (f64, unrounded): `dq [S, H, Dqk]`, `dk [T, H, Dqk]`,
+/// `dv [T, H, Dv]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionGrad {
+    pub dq: Array3<f64>,
+    pub dk: Array3<f64>,
+    pub dv: Array3<f64>,
+}
+
+/// The backward of [`attention`] with one key head per query head (the naive MLA form's
+/// `[k^C; k^R]`), given `dout = ∂L/∂out`. Per head and query `s`, with `P_t` the softmax of
+/// `scale · q_s·k_t` over the visible keys:
+///
+/// - `dv_t = Σ_s P_{s,t} · dout_s`;
+/// - `dP_{s,t} = dout_s · v_t`, and `delta_s = Σ_t P_{s,t} dP_{s,t} = rowsum(dout_s ⊙ out_s)`
+///   (FlashAttention's convention: kernels read `delta` from the forward's `out`);
+/// - `dS_{s,t} = P_{s,t} · (dP_{s,t} − delta_s)`;
+/// - `dq_s = scale · Σ_t dS_{s,t} k_t`, `dk_t = scale · Σ_s dS_{s,t} q_s`.
+///
+/// Causal as the forward (query s sees keys `t ≤ T − S + s`); a query without keys has no
+/// gradient. P and delta are recomputed here in f64 from q, k, v (not read from a forward's
+/// rounded `out`/`lse`). Shapes: `q: [S, H, Dqk]`, `k: [T, H, Dqk]`, `v: [T, H, Dv]`,
+/// `dout: [S, H, Dv]` → [`AttentionGrad`].
+pub fn attention_backward(
+    q: ArrayView3<f32>,
+    k: ArrayView3<f32>,
+    v: ArrayView3<f32>,
+    dout: ArrayView3<f32>,
+    softmax_scale: f64,
+    causal: bool,
+) -> Result<AttentionGrad> {
+    const OP: &str = "attention_backward";
+    let (s_len, heads, d_qk) = q.dim();
+    let (t_len, d_v) = (k.dim().0, v.dim().2);
+    let shape_err = |tensor: &'static str, got: &[usize], expected: String| Error::Shape {
+        op: OP,
+        tensor,
+        got: got.to_vec(),
+        expected,
+    };
+    if k.dim() != (t_len, heads, d_qk) {
+        return Err(shape_err("k", k.shape(), format!("[T, {heads}, {d_qk}]")));
+    }
+    if v.dim() != (t_len, heads, d_v) {
+        return Err(shape_err("v", v.shape(), format!("[{t_len}, {heads}, Dv]")));
+    }
+    if dout.dim() != (s_len, heads, d_v) {
+        return Err(shape_err(
+            "dout",
+            dout.shape(),
+            format!("[{s_len}, {heads}, {d_v}]"),
+        ));
+    }
+    let mut dq = Array3::<f64>::zeros((s_len, heads, d_qk));
+    let mut dk = Array3::<f64>::zeros((t_len, heads, d_qk));
+    let mut dv = Array3::<f64>::zeros((t_len, heads, d_v));
+    let mut p = vec![0f64; t_len];
+    for h in 0..heads {
+        for si in 0..s_len {
+            let visible = visible_keys(t_len, s_len, si, causal);
+            if visible == 0 {
+                continue;
+            }
+            // the softmax row, as in the forward
+            let mut max = f64::NEG_INFINITY;
+            for (t, pt) in p.iter_mut().enumerate().take(visible) {
+                let dot: f64 = (0..d_qk)
+                    .map(|d| f64::from(q[[si, h, d]]) * f64::from(k[[t, h, d]]))
+                    .sum();
+                *pt = dot * softmax_scale;
+                max = max.max(*pt);
+            }
+            let mut sum = 0f64;
+            for pt in p.iter_mut().take(visible) {
+                *pt = (*pt - max).exp();
+                sum += *pt;
+            }
+            p.iter_mut().take(visible).for_each(|pt| *pt /= sum);
+            // dP_t = dout·v_t; delta = Σ_t P_t dP_t (= dout·out)
+            let dp: Vec<f64> = (0..visible)
+                .map(|t| {
+                    (0..d_v)
+                        .map(|d| f64::from(dout[[si, h, d]]) * f64::from(v[[t, h, d]]))
+                        .sum()
+                })
+                .collect();
+            let delta: f64 = (0..visible).map(|t| p[t] * dp[t]).sum();
+            for t in 0..visible {
+                let ds = p[t] * (dp[t] - delta);
+                for d in 0..d_v {
+                    dv[[t, h, d]] += p[t] * f64::from(dout[[si, h, d]]);
+                }
+                for d in 0..d_qk {
+                    dq[[si, h, d]] += softmax_scale * ds * f64::from(k[[t, h, d]]);
+                    dk[[t, h, d]] += softmax_scale * ds * f64::from(q[[si, h, d]]);
+                }
+            }
+        }
+    }
+    Ok(AttentionGrad { dq, dk, dv })
+}
+
 /// What both forms compute before attending (eqs. (1), (3), (6)–(9)).
 struct Projected {
     /// `q^C` `[S, H, dn]`.
@@ -530,5 +632,66 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("k has shape"), "{e}");
+    }
+
+    /// Central differences of `L = Σ dout ⊙ attention(q, k, v)` in f64, causal with S < T and
+    /// with a query that sees no key (S > T).
+    #[test]
+    fn attention_backward_is_the_gradient_by_central_differences() {
+        let val = |i: usize, s: f64| ((i as f64 * 0.61 + s).sin() * 1.5) as f32;
+        for (s_len, t_len, causal) in [(2usize, 4usize, true), (3, 2, true), (2, 3, false)] {
+            let (h, dqk, dv, scale) = (2usize, 3usize, 2usize, 0.7);
+            let q =
+                Array3::from_shape_fn((s_len, h, dqk), |(a, b, c)| val(a * 31 + b * 7 + c, 0.2));
+            let k =
+                Array3::from_shape_fn((t_len, h, dqk), |(a, b, c)| val(a * 29 + b * 5 + c, 1.3));
+            let v = Array3::from_shape_fn((t_len, h, dv), |(a, b, c)| val(a * 23 + b * 3 + c, 2.9));
+            let dout =
+                Array3::from_shape_fn((s_len, h, dv), |(a, b, c)| val(a * 19 + b * 11 + c, 4.1));
+            let g = attention_backward(q.view(), k.view(), v.view(), dout.view(), scale, causal)
+                .unwrap();
+            // the loss through the f64 forward: attention on f32 inputs rounds, so redo it in f64
+            let loss = |q: &Array3<f64>, k: &Array3<f64>, v: &Array3<f64>| {
+                let mut l = 0.0;
+                for hh in 0..h {
+                    for si in 0..s_len {
+                        let vis = visible_keys(t_len, s_len, si, causal);
+                        let z: Vec<f64> = (0..vis)
+                            .map(|t| {
+                                scale
+                                    * (0..dqk)
+                                        .map(|d| q[[si, hh, d]] * k[[t, hh, d]])
+                                        .sum::<f64>()
+                            })
+                            .collect();
+                        let sum: f64 = z.iter().map(|x| x.exp()).sum();
+                        for d in 0..dv {
+                            let o: f64 = (0..vis).map(|t| z[t].exp() / sum * v[[t, hh, d]]).sum();
+                            l += f64::from(dout[[si, hh, d]]) * o;
+                        }
+                    }
+                }
+                l
+            };
+            let (q64, k64, v64) = (q.mapv(f64::from), k.mapv(f64::from), v.mapv(f64::from));
+            let h_ = 1e-6;
+            let fd = |which: usize, idx: (usize, usize, usize)| {
+                let mut ts = [q64.clone(), k64.clone(), v64.clone()];
+                ts[which][idx] += h_;
+                let lp = loss(&ts[0], &ts[1], &ts[2]);
+                ts[which][idx] -= 2.0 * h_;
+                let lm = loss(&ts[0], &ts[1], &ts[2]);
+                (lp - lm) / (2.0 * h_)
+            };
+            for (which, grad) in [(0, &g.dq), (1, &g.dk), (2, &g.dv)] {
+                for (idx, &want) in grad.indexed_iter() {
+                    let got = fd(which, idx);
+                    assert!(
+                        (got - want).abs() < 1e-7,
+                        "S {s_len} T {t_len} tensor {which} {idx:?}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }

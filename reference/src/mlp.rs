@@ -31,6 +31,38 @@ pub fn swiglu(gate: ArrayView2<f32>, up: ArrayView2<f32>) -> Result<Array2<f32>>
     Ok(y)
 }
 
+/// The gradients of [`swiglu`] given `dy = ∂L/∂y` (f64, unrounded), with `σ = σ(gate)`:
+///
+/// - `dgate = dy · up · σ · (1 + gate·(1 − σ))` (`silu'(z) = σ(z)(1 + z(1 − σ(z)))`);
+/// - `dup = dy · silu(gate) = dy · gate · σ`.
+///
+/// Shapes: `dy, gate, up: [M, I]` → `(dgate, dup)`, both `[M, I]`.
+pub fn swiglu_backward(
+    dy: ArrayView2<f32>,
+    gate: ArrayView2<f32>,
+    up: ArrayView2<f32>,
+) -> Result<(Array2<f64>, Array2<f64>)> {
+    for (name, t) in [("dy", &dy), ("up", &up)] {
+        if t.dim() != gate.dim() {
+            return Err(Error::Shape {
+                op: "swiglu_backward",
+                tensor: name,
+                got: t.shape().to_vec(),
+                expected: format!("{:?} (the shape of gate)", gate.shape()),
+            });
+        }
+    }
+    let mut dgate = Array2::<f64>::zeros(gate.dim());
+    let mut dup = Array2::<f64>::zeros(gate.dim());
+    for ((i, j), &g) in gate.indexed_iter() {
+        let (z, d, u) = (f64::from(g), f64::from(dy[[i, j]]), f64::from(up[[i, j]]));
+        let sigma = 1.0 / (1.0 + (-z).exp());
+        dgate[[i, j]] = d * u * sigma * (1.0 + z * (1.0 - sigma));
+        dup[[i, j]] = d * z * sigma;
+    }
+    Ok((dgate, dup))
+}
+
 /// A SwiGLU MLP: `w1` = `gate_proj` `[I, D]`, `w3` = `up_proj` `[I, D]`, `w2` = `down_proj` `[D, I]`.
 #[derive(Debug, Clone)]
 pub struct Mlp<'a> {
@@ -86,5 +118,31 @@ mod tests {
         let a = Array2::<f32>::zeros((2, 3));
         let b = Array2::<f32>::zeros((3, 2));
         assert!(swiglu(a.view(), b.view()).is_err());
+    }
+
+    /// Central differences of `L = Σ dy ⊙ silu(gate) ⊙ up` in f64.
+    #[test]
+    fn swiglu_backward_is_the_gradient_by_central_differences() {
+        let gate = array![[-30.0f32, -1.2785, -0.3, 0.0], [0.7, 2.5, 9.0, 40.0]];
+        let up = gate.mapv(|g| 0.3 - 0.2 * g.sin());
+        let dy = gate.mapv(|g| 1.0 + 0.5 * g.cos());
+        let (dgate, dup) = swiglu_backward(dy.view(), gate.view(), up.view()).unwrap();
+        let h = 1e-6;
+        for ((i, j), &g) in gate.indexed_iter() {
+            let (z, u, d) = (f64::from(g), f64::from(up[[i, j]]), f64::from(dy[[i, j]]));
+            let f = |z: f64, u: f64| d * silu(z) * u;
+            let fd_g = (f(z + h, u) - f(z - h, u)) / (2.0 * h);
+            let fd_u = (f(z, u + h) - f(z, u - h)) / (2.0 * h);
+            assert!(
+                (fd_g - dgate[[i, j]]).abs() < 1e-8,
+                "dgate[{i}, {j}]: {fd_g} vs {}",
+                dgate[[i, j]]
+            );
+            assert!(
+                (fd_u - dup[[i, j]]).abs() < 1e-8,
+                "dup[{i}, {j}]: {fd_u} vs {}",
+                dup[[i, j]]
+            );
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! list, [`REGISTRY`].
 
 pub mod act_quant;
+pub mod attention_backward;
 pub mod balance_loss;
 mod bound_policy;
 pub mod eplb;
@@ -11,12 +12,16 @@ pub mod gemm;
 pub mod grpo;
 pub mod mla;
 pub mod moe_gate;
+pub mod moe_gate_backward;
+pub mod moe_permute;
 pub mod optim;
 mod quant_policy;
 pub mod rmsnorm;
+pub mod rmsnorm_backward;
 pub mod rope;
 pub mod routing;
 pub mod swiglu;
+pub mod swiglu_backward;
 pub mod weight_dequant;
 pub mod weight_quant;
 
@@ -31,9 +36,16 @@ pub static REGISTRY: &[&OpEntry] = &[
     &rmsnorm::RMSNORM,
     &rope::ROPE,
     &swiglu::SWIGLU,
+    &rmsnorm_backward::RMSNORM_BACKWARD,
+    &swiglu_backward::SWIGLU_BACKWARD,
     &moe_gate::MOE_GATE,
+    &moe_gate_backward::MOE_GATE_BACKWARD,
+    &moe_permute::MOE_PERMUTE,
+    &moe_permute::MOE_PERMUTE_FP8,
+    &moe_permute::MOE_COMBINE,
     &mla::MLA,
     &mla::MLA_DECODE,
+    &attention_backward::ATTENTION_BACKWARD,
     &gemm::FP8_GEMM,
     &gemm::M_GROUPED_CONTIGUOUS,
     &gemm::M_GROUPED_MASKED,

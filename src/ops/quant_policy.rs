@@ -74,20 +74,25 @@ pub(crate) fn quant_policy<'a>(
                 why: "the power-of-two ceiling of a value within 2 ulp of amax/448",
                 allow: Box::new(move |i| {
                     let (r, c) = (i / grid.1, i % grid.1);
-                    let raw = amax[[r, c]].max(AMAX_FLOOR) / E4M3_MAX;
-                    let got = s_cand[[r, c]];
-                    (-(SCALE_ULPS as i64)..=SCALE_ULPS as i64).any(|d| {
-                        let near = f32::from_bits((raw.to_bits() as i64 + d) as u32);
-                        ue8m0::ceil_pow2(near) == Some(got)
-                    })
+                    ue8m0_scale_ok(amax[[r, c]], s_cand[[r, c]])
                 }),
             }
         }
     }
 }
 
+/// Whether `got` is the power-of-two ceiling of some value within 2 ulp of
+/// `max(amax, 1e-4)/448`: an acceptable UE8M0 scale of a tile whose largest magnitude is `amax`.
+pub(crate) fn ue8m0_scale_ok(amax: f32, got: f32) -> bool {
+    let raw = amax.max(AMAX_FLOOR) / E4M3_MAX;
+    (-(SCALE_ULPS as i64)..=SCALE_ULPS as i64).any(|d| {
+        let near = f32::from_bits((raw.to_bits() as i64 + d) as u32);
+        ue8m0::ceil_pow2(near) == Some(got)
+    })
+}
+
 /// Whether code `got` is an acceptable quantization of `x` under the scale `s`.
-fn code_ok(x: f32, s: f32, got: u16) -> bool {
+pub(crate) fn code_ok(x: f32, s: f32, got: u16) -> bool {
     if !(s.is_finite() && s > 0.0) || E4M3.is_nan(got) {
         return false;
     }

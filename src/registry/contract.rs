@@ -40,6 +40,15 @@ pub enum Dim {
     Fixed(usize),
     /// The size a config field gives (`top_k`).
     Field(Param),
+    /// A size computed from sizes bound before it and the config (the rows of a padded buffer).
+    Rule(Rule),
+}
+
+/// A size rule: `name` for messages, `get` from the bindings so far and the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Rule {
+    pub name: &'static str,
+    pub get: fn(&Bindings, &Config) -> usize,
 }
 
 /// Name, dtypes and shape rule of one tensor.
@@ -90,6 +99,7 @@ pub fn shape_rule(shape: &[Dim]) -> String {
             Dim::CeilDiv(v, f) => format!("ceil({v}/{})", f.name),
             Dim::Fixed(n) => n.to_string(),
             Dim::Field(f) => f.name.to_string(),
+            Dim::Rule(r) => r.name.to_string(),
         })
         .collect();
     format!("[{}]", dims.join(", "))
@@ -253,6 +263,7 @@ impl Contract<'_> {
                 Dim::CeilDiv(v, f) => shape.push(b.get(v).div_ceil((f.get)(config))),
                 Dim::Fixed(n) => shape.push(n),
                 Dim::Field(f) => shape.push((f.get)(config)),
+                Dim::Rule(r) => shape.push((r.get)(b, config)),
             }
         }
         shape
@@ -322,6 +333,7 @@ impl Contract<'_> {
                 ),
                 Dim::Fixed(w) => (w, w.to_string()),
                 Dim::Field(f) => ((f.get)(config), f.name.to_string()),
+                Dim::Rule(r) => ((r.get)(b, config), r.name.to_string()),
             };
             if want.0 != n {
                 return Err(err(b, format!("{} must be {}, got {n}", want.1, want.0)));

@@ -47,6 +47,50 @@ pub fn bf16_half_gap_toward(got: f64, r: f64) -> f64 {
     }
 }
 
+/// Half the distance from `got` (a value of `dtype`: F32 or BF16) to its neighbour in the
+/// direction of `r`: a real value that rounds to `got` lies within it on that side.
+pub fn half_gap_toward(dtype: DType, got: f64, r: f64) -> f64 {
+    if dtype == DType::BF16 {
+        return bf16_half_gap_toward(got, r);
+    }
+    let g = got as f32;
+    if !g.is_finite() || got == r {
+        return 0.0;
+    }
+    // the neighbouring f32 (MSRV 1.85: no f32::next_up), by the bits of |g|
+    let away = (r > got) == (g > 0.0) || g == 0.0;
+    let next = if g == 0.0 {
+        f32::from_bits(1).copysign(if r > got { 1.0 } else { -1.0 })
+    } else if away {
+        f32::from_bits(g.to_bits() + 1)
+    } else {
+        f32::from_bits(g.to_bits() - 1)
+    };
+    (f64::from(next) - got).abs() / 2.0
+}
+
+/// [`crate::registry::compare::Policy::Bounded`]'s measure of an output that is the `dtype`
+/// rounding of a value within `tolerance` of the exact `r`: the excess over one half gap,
+/// as a fraction of `tolerance` (0 when the difference is rounding alone; +∞ for a
+/// non-finite `got`, or any excess over a zero tolerance).
+pub fn rounded_bound_use(dtype: DType, got: f64, r: f64, tolerance: f64) -> f64 {
+    if !got.is_finite() || !r.is_finite() {
+        return if got.to_bits() == r.to_bits() {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+    }
+    let excess = ((got - r).abs() - half_gap_toward(dtype, got, r)).max(0.0);
+    if excess == 0.0 {
+        0.0
+    } else if tolerance > 0.0 {
+        excess / tolerance
+    } else {
+        f64::INFINITY
+    }
+}
+
 /// FP8 GEMM, exact and tensor_core modes: `E = 2·γ_{W+2}·magnitude + (W+2)·2^-147`, how far two
 /// f32 evaluations of the same W scaled partials may drift apart (SPEC.md "FP8 GEMM
 /// tolerance").
@@ -149,5 +193,26 @@ mod tests {
         // bf16 spacing at 1 is 2^-7: half of it 2^-8; at 3 (binade [2, 4)) 2^-7
         assert_eq!(half_bf16_ulp(1.0), 2f64.powi(-8));
         assert_eq!(half_bf16_ulp(-3.0), 2f64.powi(-7));
+    }
+
+    #[test]
+    fn rounded_bound_use_allows_one_rounding_beyond_the_tolerance() {
+        // f32 1.0: the gap above is 2^-23 (half 2^-24), below 2^-24 (half 2^-25)
+        assert_eq!(half_gap_toward(DType::F32, 1.0, 2.0), 2f64.powi(-24));
+        assert_eq!(half_gap_toward(DType::F32, 1.0, 0.0), 2f64.powi(-25));
+        // exact 1 + 2^-20, tolerance 2^-21: got 1.0 is 2^-20 away, less a half gap of 2^-24
+        let r = 1.0 + 2f64.powi(-20);
+        let used = rounded_bound_use(DType::F32, 1.0, r, 2f64.powi(-21));
+        assert!((used - (2f64.powi(-20) - 2f64.powi(-24)) / 2f64.powi(-21)).abs() < 1e-12);
+        // zero tolerance: only the rounding of the exact value itself passes
+        assert_eq!(rounded_bound_use(DType::F32, 0.0, 0.0, 0.0), 0.0);
+        assert_eq!(
+            rounded_bound_use(DType::F32, 1e-30, 0.0, 0.0),
+            f64::INFINITY
+        );
+        assert_eq!(
+            rounded_bound_use(DType::F32, f64::NAN, 1.0, 1.0),
+            f64::INFINITY
+        );
     }
 }

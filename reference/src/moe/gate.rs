@@ -259,6 +259,93 @@ pub fn route(logits: ArrayView2<f32>, bias: Option<&[f32]>, cfg: &GateConfig) ->
     Ok(Routing { weights, ids })
 }
 
+/// The gradient of the router logits `u [N, E]` from `d topk_weights [N, K]`, the experts
+/// `topk_ids [N, K]` having been selected (V3 eqs. (13)–(16) backwards; OFF `Gate.forward`):
+///
+/// - the weights `w_k = ρ · s_{i_k} / Σ_j s_{i_j}` (`norm_topk_prob`, ρ = `routed_scaling_factor`)
+///   or `w_k = ρ · s_{i_k}`, so `∂L/∂s_{i_k} = ρ · (dw_k − Σ_j dw_j w_j / ρ) / Σ_j s_{i_j}`
+///   (normalised) or `ρ · dw_k`, and 0 for experts no slot holds;
+/// - sigmoid (eq. (15)): `du_e = ds_e · s_e (1 − s_e)`; softmax (V2):
+///   `du_e = s_e · (ds_e − Σ_j s_j ds_j)`, over every expert.
+///
+/// The selection itself (the bias `b_i` of eq. (16), the group limit, top-k) has no gradient:
+/// the bias only chooses which `s` enter. Shapes: `logits [N, E]`, `topk_ids [N, K]` (distinct
+/// per row, in `0..E`), `d_topk_weights [N, K]` → `d_logits [N, E]`, in f64 (the caller rounds).
+pub fn moe_gate_backward(
+    logits: ArrayView2<f32>,
+    topk_ids: ArrayView2<i64>,
+    d_topk_weights: ArrayView2<f32>,
+    cfg: &GateConfig,
+) -> Result<Array2<f64>> {
+    const OP: &str = "moe_gate_backward";
+    let (n, e) = logits.dim();
+    let k = topk_ids.ncols();
+    if topk_ids.nrows() != n || d_topk_weights.dim() != (n, k) {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "d_topk_weights",
+            got: d_topk_weights.shape().to_vec(),
+            expected: format!("{:?} (the shape of topk_ids, {n} rows)", topk_ids.shape()),
+        });
+    }
+    let mut du = Array2::<f64>::zeros((n, e));
+    for t in 0..n {
+        let u: Vec<f64> = logits.row(t).iter().map(|&v| f64::from(v)).collect();
+        let s: Vec<f64> = match cfg.scoring_func {
+            ScoringFunc::Sigmoid => u.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect(),
+            ScoringFunc::Softmax => {
+                let max = u.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let ex: Vec<f64> = u.iter().map(|&v| (v - max).exp()).collect();
+                let sum: f64 = ex.iter().sum();
+                ex.iter().map(|v| v / sum).collect()
+            }
+        };
+        let mut ids = Vec::with_capacity(k);
+        for j in 0..k {
+            let id = topk_ids[[t, j]];
+            if id < 0 || id as usize >= e || ids.contains(&(id as usize)) {
+                return Err(Error::Value {
+                    op: OP,
+                    tensor: "topk_ids",
+                    index: vec![t, j],
+                    value: id.to_string(),
+                    why: "expert ids must be distinct per token and in 0..E",
+                });
+            }
+            ids.push(id as usize);
+        }
+        let rho = cfg.routed_scaling_factor;
+        let dw = |j: usize| f64::from(d_topk_weights[[t, j]]);
+        // ∂L/∂s for every expert (0 where no slot holds it)
+        let mut ds = vec![0f64; e];
+        if cfg.norm_topk_prob {
+            let sum: f64 = ids.iter().map(|&i| s[i]).sum();
+            let along: f64 = (0..k).map(|j| dw(j) * s[ids[j]]).sum::<f64>() / sum;
+            for (j, &i) in ids.iter().enumerate() {
+                ds[i] = rho * (dw(j) - along) / sum;
+            }
+        } else {
+            for (j, &i) in ids.iter().enumerate() {
+                ds[i] = rho * dw(j);
+            }
+        }
+        match cfg.scoring_func {
+            ScoringFunc::Sigmoid => {
+                for i in 0..e {
+                    du[[t, i]] = ds[i] * s[i] * (1.0 - s[i]);
+                }
+            }
+            ScoringFunc::Softmax => {
+                let along: f64 = (0..e).map(|i| s[i] * ds[i]).sum();
+                for i in 0..e {
+                    du[[t, i]] = s[i] * (ds[i] - along);
+                }
+            }
+        }
+    }
+    Ok(du)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +440,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("e_score_correction_bias"), "{e}");
+    }
+
+    /// Central differences of `L = Σ dw ⊙ w(u)` with the selection held, for both scoring
+    /// functions, with and without normalisation.
+    #[test]
+    fn moe_gate_backward_is_the_gradient_by_central_differences() {
+        let (n, e) = (2usize, 6usize);
+        let logits = Array2::from_shape_fn((n, e), |(t, i)| ((t * e + i) as f32 * 0.9).sin() * 2.0);
+        let ids = ndarray::array![[4i64, 1, 2], [0, 5, 3]];
+        let dw = ndarray::array![[0.3f32, -1.1, 0.7], [2.0, 0.1, -0.4]];
+        for scoring_func in [ScoringFunc::Sigmoid, ScoringFunc::Softmax] {
+            for norm_topk_prob in [true, false] {
+                let cfg = GateConfig {
+                    top_k: 3,
+                    n_group: 1,
+                    topk_group: 1,
+                    scoring_func,
+                    topk_method: TopkMethod::Greedy,
+                    norm_topk_prob,
+                    routed_scaling_factor: 2.5,
+                };
+                let loss = |u: &Array2<f64>| {
+                    let mut l = 0.0;
+                    for t in 0..n {
+                        let s: Vec<f64> = match scoring_func {
+                            ScoringFunc::Sigmoid => {
+                                u.row(t).iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect()
+                            }
+                            ScoringFunc::Softmax => {
+                                let z: f64 = u.row(t).iter().map(|v| v.exp()).sum();
+                                u.row(t).iter().map(|v| v.exp() / z).collect()
+                            }
+                        };
+                        let sum: f64 = ids.row(t).iter().map(|&i| s[i as usize]).sum();
+                        for j in 0..3 {
+                            let w =
+                                s[ids[[t, j]] as usize] / if norm_topk_prob { sum } else { 1.0 };
+                            l += f64::from(dw[[t, j]]) * 2.5 * w;
+                        }
+                    }
+                    l
+                };
+                let du = moe_gate_backward(logits.view(), ids.view(), dw.view(), &cfg).unwrap();
+                let u = logits.mapv(f64::from);
+                let h = 1e-6;
+                for t in 0..n {
+                    for i in 0..e {
+                        let (mut up, mut um) = (u.clone(), u.clone());
+                        up[[t, i]] += h;
+                        um[[t, i]] -= h;
+                        let fd = (loss(&up) - loss(&um)) / (2.0 * h);
+                        assert!(
+                            (fd - du[[t, i]]).abs() < 1e-8,
+                            "{scoring_func:?} norm {norm_topk_prob} [{t}, {i}]: {fd} vs {}",
+                            du[[t, i]]
+                        );
+                    }
+                }
+            }
+        }
     }
 }

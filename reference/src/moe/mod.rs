@@ -12,6 +12,8 @@
 //! - [`balance_loss`]: the complementary sequence-wise balance loss, eqs. (17)–(20), and its
 //!   gradient.
 //! - [`eplb`]: redundant experts and their placement on nodes and GPUs (deepseek-ai/EPLB).
+//! - [`permute`]: dispatch and combine on one rank in DeepGEMM's contiguous layout.
+//! - [`gate::moe_gate_backward`]: the router's gradient, the selection held.
 //!
 //! Dimension letters used here: `T` tokens (of one sequence for the balance loss), `E` routed
 //! experts (`N_r` in the paper), `K` experts per token (`K_r`), `G` expert groups (= nodes in
@@ -22,6 +24,7 @@ pub mod bias_update;
 pub mod eplb;
 pub mod gate;
 pub mod node_routing;
+pub mod permute;
 
 pub use balance_loss::{balance_loss, balance_loss_grad, BalanceLoss};
 pub use bias_update::{bias_update, bias_update_speed, expert_load};

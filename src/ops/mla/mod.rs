@@ -4,7 +4,10 @@
 //!
 //! The tolerance policy and its derivation: [`policy`].
 
+mod fp8_cache;
 mod policy;
+
+pub use fp8_cache::quantize_cache;
 
 use ndarray::{s, Array3};
 
@@ -73,7 +76,7 @@ FlashMLA flash_mla_with_kvcache (tests/ref.py)",
 out = softmax(scale·q·kᵀ)·k[:, :512], lse natural log; causal (s_q > 1, MTP): t ≤ len − s_q + s; no keys: out 0, lse +inf",
     inputs: &[
         TensorSpec { name: "q", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("B"), Dim::Var("Sq"), Dim::Var("H"), Dim::Fixed(576)], doc: "[q_abs (512) | q_pe (64)]" },
-        TensorSpec { name: "k_cache", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("NB"), Dim::Fixed(64), Dim::Fixed(1), Dim::Fixed(576)], doc: "paged [c_kv (512) | k_pe (64)], 64 tokens per block" },
+        TensorSpec { name: "k_cache", dtypes: &[DType::F32, DType::BF16], shape: &[Dim::Var("NB"), Dim::Fixed(64), Dim::Fixed(1), Dim::Fixed(576)], doc: "paged [c_kv (512) | k_pe (64)], 64 tokens per block; FlashMLA's FP8 layout accepted: U8 or F8_E4M3 [NB, 64, 1, 656] (src/ops/mla/fp8_cache.rs)" },
         TensorSpec { name: "block_table", dtypes: &[DType::I32], shape: &[Dim::Var("B"), Dim::Var("MB")], doc: "block of each 64-token page per sequence (unused entries are not read)" },
         TensorSpec { name: "cache_seqlens", dtypes: &[DType::I32], shape: &[Dim::Var("B")], doc: "tokens in each sequence's cache (the new ones included)" },
     ],
@@ -83,7 +86,7 @@ out = softmax(scale·q·kᵀ)·k[:, :512], lse natural log; causal (s_q > 1, MTP
     ],
     constraints: &[],
     config: ConfigSchema::of::<AttentionConfig>(),
-    adapt: None,
+    adapt: Some(fp8_cache::adapt_inputs),
     reference: mla_decode_ref,
     reference_fn: "reference/src/mla.rs::attention",
     gpu: &[GpuImpl {
@@ -100,9 +103,9 @@ out = softmax(scale·q·kᵀ)·k[:, :512], lse natural log; causal (s_q > 1, MTP
 };
 
 /// FlashMLA's page size and the latent/value widths.
-const PAGE: usize = 64;
-const D_QK: usize = 576;
-const D_V: usize = 512;
+pub(crate) const PAGE: usize = 64;
+pub(crate) const D_QK: usize = 576;
+pub(crate) const D_V: usize = 512;
 
 /// Keys (and values) of every batch entry as `[T, Hk, D]` arrays, with the queries `[S, H, D]`.
 struct Batch {
@@ -277,7 +280,7 @@ fn mla_decode_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     policy::attention_policy(ctx, decode_batch(ctx.inputs).ok())
 }
 
-fn normal_input(rng: &mut Rng, shape: Vec<usize>, scale: f64, bf16: bool) -> Tensor {
+pub(crate) fn normal_input(rng: &mut Rng, shape: Vec<usize>, scale: f64, bf16: bool) -> Tensor {
     let n = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
     Tensor::from_f32_as(if bf16 { DType::BF16 } else { DType::F32 }, shape, &v)
