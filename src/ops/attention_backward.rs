@@ -490,15 +490,6 @@ mod tests {
                 let rep = policy_report(op, &inputs, &cand(&g), &cfg);
                 for t in &rep.tensors {
                     let used = t.bound_use.as_ref().map_or(0.0, |b| b.max);
-                    if used > 0.5 {
-                        println!(
-                            "{} seed {seed} {} {:?}: {:?}",
-                            cfg.as_json(),
-                            t.name,
-                            q.dtype,
-                            t.bound_use
-                        );
-                    }
                     worst = worst.max(used);
                 }
                 assert!(rep.pass, "{} seed {seed}: {:?}", cfg.as_json(), rep.tensors);
