@@ -2,6 +2,7 @@
 //! `run` (`Ok(pass)` or a bad-input error; `main` turns them into exit codes 0, 1, 2).
 
 mod accum_study;
+mod calibration;
 mod check;
 mod forward;
 mod gpu_bench;
@@ -87,15 +88,22 @@ enum Command {
         after_help = "Examples:\n  dsv3 adamw-drift\n  dsv3 adamw-drift --steps 10000 --n 1024"
     )]
     AdamwDrift(sims::AdamwDriftArgs),
-    /// Run OP's reference on your inputs and write its outputs.
+    /// Run OP's reference (or, with --backend, one of its GPU kernels) on your inputs and write its outputs.
     #[command(
-        after_help = "Examples:\n  dsv3 run act_quant --inputs in.safetensors --out expected.safetensors\n  dsv3 run moe_gate --inputs router.safetensors --out ids.safetensors --config '{\"top_k\":8}'"
+        after_help = "Examples:\n  dsv3 run act_quant --inputs in.safetensors --out expected.safetensors\n  dsv3 run moe_gate --inputs router.safetensors --out ids.safetensors --config '{\"top_k\":8}'\n  dsv3 run fp8_gemm --inputs ab.safetensors --out wgmma.safetensors --backend wgmma --config '{\"accumulation\":\"tensor_core\"}'"
     )]
     Run(run::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(
         after_help = "Examples:\n  dsv3 completions bash > ~/.local/share/bash-completion/completions/dsv3\n  dsv3 completions zsh > ~/.zfunc/_dsv3"
     )]
+    /// Judge the GPU calibration dumps of benches/calibrate.py: every kernel's output under
+    /// exact, tensor_core_bound and the tensor_core parameter grid (which parameters the
+    /// hardware follows).
+    #[command(
+        after_help = "Examples:\n  dsv3 judge-calibration gpu-out/calib\n  dsv3 judge-calibration gpu-out/calib --full"
+    )]
+    JudgeCalibration(calibration::Args),
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
@@ -117,6 +125,7 @@ pub fn run(cli: Cli) -> Result<bool> {
         Command::Schedule(a) => sims::schedule(a),
         Command::AdamwDrift(a) => sims::adamw_drift(a),
         Command::Run(a) => run::run(a),
+        Command::JudgeCalibration(a) => calibration::run(a),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "dsv3", &mut std::io::stdout());

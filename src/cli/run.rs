@@ -19,6 +19,10 @@ pub struct Args {
     /// Op config: a JSON file, or inline JSON such as '{"scale_fmt":"ue8m0"}'.
     #[arg(long)]
     config: Option<String>,
+    /// Run this GPU backend of the op (`dsv3 ops OP` lists them: cuda, simt, wgmma) instead of
+    /// the reference, and write its outputs (the GPU calibration dumps them this way).
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<bool> {
@@ -28,13 +32,41 @@ pub fn run(a: Args) -> Result<bool> {
     let loaded = io::load(&a.inputs)?;
     let ins = op.adapt_inputs(&loaded, &cfg, &place)?.unwrap_or(loaded);
     let bindings = op.contract().check_inputs(&ins, &cfg, &place)?;
-    let outs = registry::without_aux(op.run_reference(&ins, &cfg, &bindings)?);
+    let outs = match &a.backend {
+        None => registry::without_aux(op.run_reference(&ins, &cfg, &bindings)?),
+        Some(name) => run_backend(op, name, &ins, &cfg)?,
+    };
     io::save(&a.out, &outs, None)?;
     for (name, t) in &outs {
         println!("{name}: {} {:?}", t.dtype, t.shape);
     }
     println!("wrote {}", a.out.display());
     Ok(true)
+}
+
+/// The outputs of `op`'s GPU backend `name` on `inputs` (exit 2 when the op has no such backend,
+/// the backend declines the config, or there is no device).
+fn run_backend(
+    op: &'static registry::OpEntry,
+    name: &str,
+    inputs: &io::TensorMap,
+    cfg: &registry::config::Config,
+) -> Result<io::TensorMap> {
+    let usage =
+        |why: String| dsv3::Error::Usage(format!("dsv3 run {} --backend {name}: {why}", op.name));
+    let Some(imp) = op.gpu.iter().find(|g| g.backend == name) else {
+        let known: Vec<&str> = op.gpu.iter().map(|g| g.backend).collect();
+        return Err(usage(if known.is_empty() {
+            "this op has no GPU backend".into()
+        } else {
+            format!("no such backend; this op has {}", known.join(", "))
+        }));
+    };
+    if let Some(why) = imp.declines(cfg) {
+        return Err(usage(format!("the backend declines this config: {why}")));
+    }
+    let device = registry::gpu::device().map_err(|why| usage(format!("no GPU: {why}")))?;
+    (imp.run)(device, inputs, cfg)
 }
 
 #[derive(clap::Args)]
