@@ -93,10 +93,6 @@ enum Command {
         after_help = "Examples:\n  dsv3 run act_quant --inputs in.safetensors --out expected.safetensors\n  dsv3 run moe_gate --inputs router.safetensors --out ids.safetensors --config '{\"top_k\":8}'\n  dsv3 run fp8_gemm --inputs ab.safetensors --out wgmma.safetensors --backend wgmma --config '{\"accumulation\":\"tensor_core\"}'"
     )]
     Run(run::Args),
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    #[command(
-        after_help = "Examples:\n  dsv3 completions bash > ~/.local/share/bash-completion/completions/dsv3\n  dsv3 completions zsh > ~/.zfunc/_dsv3"
-    )]
     /// Judge the GPU calibration dumps of benches/calibrate.py: every kernel's output under
     /// exact, tensor_core_bound and the tensor_core parameter grid (which parameters the
     /// hardware follows).
@@ -104,6 +100,10 @@ enum Command {
         after_help = "Examples:\n  dsv3 judge-calibration gpu-out/calib\n  dsv3 judge-calibration gpu-out/calib --full"
     )]
     JudgeCalibration(calibration::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  dsv3 completions bash > ~/.local/share/bash-completion/completions/dsv3\n  dsv3 completions zsh > ~/.zfunc/_dsv3"
+    )]
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
