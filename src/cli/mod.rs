@@ -6,6 +6,7 @@ mod calibration;
 mod check;
 mod forward;
 mod gpu_bench;
+mod model_stats;
 mod ops;
 mod run;
 mod sims;
@@ -93,6 +94,13 @@ enum Command {
         after_help = "Examples:\n  dsv3 run act_quant --inputs in.safetensors --out expected.safetensors\n  dsv3 run moe_gate --inputs router.safetensors --out ids.safetensors --config '{\"top_k\":8}'\n  dsv3 run fp8_gemm --inputs ab.safetensors --out wgmma.safetensors --backend wgmma --config '{\"accumulation\":\"tensor_core\"}'"
     )]
     Run(run::Args),
+    /// A DeepSeek-V3-style model's arithmetic from its config: parameters by component (total,
+    /// activated), KV-cache bytes (MLA vs MHA), FLOPs per token, training compute and cost,
+    /// dispatch/combine bytes.
+    #[command(
+        after_help = "Examples:\n  dsv3 model-stats --config fixtures/configs/deepseek-v3/config.json\n  dsv3 model-stats --config DeepSeek-V3/ --json\n  dsv3 model-stats --config DeepSeek-V3/ --svg-dir plots/"
+    )]
+    ModelStats(model_stats::Args),
     /// Judge the GPU calibration dumps of benches/calibrate.py: every kernel's output under
     /// exact, tensor_core_bound and the tensor_core parameter grid (which parameters the
     /// hardware follows).
@@ -126,6 +134,7 @@ pub fn run(cli: Cli) -> Result<bool> {
         Command::AdamwDrift(a) => sims::adamw_drift(a),
         Command::Run(a) => run::run(a),
         Command::JudgeCalibration(a) => calibration::run(a),
+        Command::ModelStats(a) => model_stats::run(a),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "dsv3", &mut std::io::stdout());

@@ -47,13 +47,53 @@ fn tr(v: f64, scale: Scale) -> Option<f64> {
     }
 }
 
+/// A tick label: plain digits from 0.001 to 999999 (K = 4096 reads as 4096), else `1e{e}`.
+fn number(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 || (1e-3..1e6).contains(&a) {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        let e = a.log10().floor() as i32;
+        let m = v / 10f64.powi(e);
+        if (m - m.round()).abs() < 1e-9 && m.round() == 1.0 {
+            format!("1e{e}")
+        } else {
+            format!("{}e{e}", (m * 100.0).round() / 100.0)
+        }
+    }
+}
+
+/// Ticks of a log axis over `[lo, hi]` (in log10 units): the decades inside the range, and when
+/// fewer than three fit, the 2× and 5× (then every 1–9×) values as well, so that a range inside a
+/// single decade still gets labelled ticks.
+fn log_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
+    for mantissas in [
+        &[1.0][..],
+        &[1.0, 2.0, 5.0],
+        &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+    ] {
+        let mut out = Vec::new();
+        for e in (lo.floor() as i32 - 1)..=(hi.ceil() as i32) {
+            for &m in mantissas {
+                let v = m * 10f64.powi(e);
+                let l = v.log10();
+                if l >= lo - 1e-9 && l <= hi + 1e-9 {
+                    out.push((l, number(v)));
+                }
+            }
+        }
+        if out.len() >= 3 {
+            return out;
+        }
+    }
+    // a range too narrow for any 1–9× value: its two ends
+    vec![(lo, number(10f64.powf(lo))), (hi, number(10f64.powf(hi)))]
+}
+
 fn ticks(lo: f64, hi: f64, scale: Scale) -> Vec<(f64, String)> {
     match scale {
-        // only the decades inside the plotted range
-        Scale::Log10 => (lo.floor() as i32..=hi.ceil() as i32)
-            .filter(|&e| f64::from(e) >= lo - 1e-9 && f64::from(e) <= hi + 1e-9)
-            .map(|e| (f64::from(e), format!("1e{e}")))
-            .collect(),
+        Scale::Log10 => log_ticks(lo, hi),
         Scale::Linear => {
             let span = (hi - lo).max(1e-300);
             let step = 10f64.powf((span / 5.0).log10().floor());
@@ -65,7 +105,7 @@ fn ticks(lo: f64, hi: f64, scale: Scale) -> Vec<(f64, String)> {
             let mut v = (lo / step).ceil() * step;
             let mut out = Vec::new();
             while v <= hi + step * 1e-9 {
-                out.push((v, format!("{}", (v / step).round() * step)));
+                out.push((v, number((v / step).round() * step)));
                 v += step;
             }
             out
@@ -169,9 +209,16 @@ impl LineChart {
                 r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
                 path.join(" ")
             );
-            for p in &path {
-                let (x, y) = p.split_once(',').expect("x,y");
-                let _ = writeln!(s, r#"<circle cx="{x}" cy="{y}" r="3" fill="{color}"/>"#);
+            // small hollow markers drawn under nothing: the line stays visible through them;
+            // none on dense series, where they would only blot it
+            if path.len() <= 40 {
+                for p in &path {
+                    let (x, y) = p.split_once(',').expect("x,y");
+                    let _ = writeln!(
+                        s,
+                        r#"<circle cx="{x}" cy="{y}" r="2.5" fill="white" fill-opacity="0.6" stroke="{color}" stroke-width="1.2"/>"#
+                    );
+                }
             }
             let ly = top + 14.0 + 18.0 * i as f64;
             let _ = writeln!(
@@ -184,6 +231,102 @@ impl LineChart {
                 esc(&series.label)
             );
         }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+/// One bar of a [`BarChart`].
+pub struct Bar {
+    pub label: String,
+    pub value: f64,
+    /// The text printed after the bar (the value with its unit).
+    pub text: String,
+    /// Palette index: bars of one kind share a colour.
+    pub color: usize,
+}
+
+/// A horizontal bar chart (linear or log axis), one labelled bar per row.
+pub struct BarChart {
+    pub title: String,
+    pub x_label: String,
+    pub scale: Scale,
+    pub bars: Vec<Bar>,
+}
+
+impl BarChart {
+    /// Render to an SVG document.
+    pub fn to_svg(&self) -> String {
+        let (w, left, right, top, row) = (860.0, 230.0, 150.0, 44.0, 24.0);
+        let ph = row * self.bars.len().max(1) as f64;
+        let h = top + ph + 56.0;
+        let pw = w - left - right;
+        let vals: Vec<f64> = self
+            .bars
+            .iter()
+            .filter_map(|b| tr(b.value, self.scale))
+            .collect();
+        let hi = vals.iter().copied().fold(f64::MIN, f64::max);
+        let (x0, x1) = match self.scale {
+            Scale::Linear => (0.0, if hi > 0.0 { hi } else { 1.0 }),
+            Scale::Log10 => {
+                let lo = vals.iter().copied().fold(f64::MAX, f64::min);
+                if vals.is_empty() {
+                    (0.0, 1.0)
+                } else {
+                    (lo.floor(), hi.ceil().max(lo.floor() + 1.0))
+                }
+            }
+        };
+        let sx = |v: f64| left + (v - x0) / (x1 - x0) * pw;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="24" font-size="15" text-anchor="middle">{}</text>"#,
+            w / 2.0,
+            esc(&self.title)
+        );
+        for (v, label) in ticks(x0, x1, self.scale) {
+            let x = sx(v);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+                top + ph,
+                top + ph + 16.0,
+                esc(&label)
+            );
+        }
+        for (i, b) in self.bars.iter().enumerate() {
+            let y = top + row * i as f64;
+            let end = tr(b.value, self.scale).map_or(left, |v| sx(v).max(left));
+            let color = PALETTE[b.color % PALETTE.len()];
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><rect x="{left}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                left - 8.0,
+                y + row * 0.65,
+                esc(&b.label),
+                y + row * 0.15,
+                (end - left).max(0.5),
+                row * 0.7,
+                end + 6.0,
+                y + row * 0.65,
+                esc(&b.text)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<line x1="{left}" y1="{top}" x2="{left}" y2="{:.1}" stroke="black"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            top + ph,
+            left + pw / 2.0,
+            h - 14.0,
+            esc(&self.x_label)
+        );
         s.push_str("</svg>\n");
         s
     }
@@ -309,5 +452,58 @@ mod tests {
             svg.contains(r#"<rect x="90.0" y="68.0" width="10.0""#),
             "{svg}"
         );
+    }
+
+    #[test]
+    fn log_ticks_label_a_single_decade_and_k_as_numbers() {
+        // 128 … 16384 (K in accum-study): decades 1000 and 10000 plus 2× and 5× values, digits
+        let t = log_ticks(128f64.log10(), 16384f64.log10());
+        let labels: Vec<&str> = t.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(labels, ["200", "500", "1000", "2000", "5000", "10000"]);
+        // inside one decade: 2 … 8 gets every integer
+        let t = log_ticks(2f64.log10(), 8f64.log10());
+        let labels: Vec<&str> = t.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(labels, ["2", "3", "4", "5", "6", "7", "8"]);
+        // wide ranges keep the decades, in exponent form beyond 10^6
+        let t = log_ticks(-9.0, 12.0);
+        assert_eq!(t.first().unwrap().1, "1e-9");
+        assert_eq!(t.last().unwrap().1, "1e12");
+        assert!(t.iter().any(|(_, l)| l == "1000"));
+        assert_eq!(number(0.25), "0.25");
+        assert_eq!(number(2.5e9), "2.5e9");
+    }
+
+    #[test]
+    fn bar_chart_draws_every_bar_with_its_text() {
+        let c = BarChart {
+            title: "t".into(),
+            x_label: "parameters".into(),
+            scale: Scale::Log10,
+            bars: vec![
+                Bar {
+                    label: "experts".into(),
+                    value: 6.5e11,
+                    text: "650B".into(),
+                    color: 0,
+                },
+                Bar {
+                    label: "norms".into(),
+                    value: 1e6,
+                    text: "1M".into(),
+                    color: 1,
+                },
+                Bar {
+                    label: "none".into(),
+                    value: 0.0,
+                    text: "0".into(),
+                    color: 1,
+                },
+            ],
+        };
+        let svg = c.to_svg();
+        assert_eq!(svg.matches("<rect x=").count(), 3);
+        for t in ["650B", "1M", "experts", "norms", "1e6", "1e12"] {
+            assert!(svg.contains(t), "{t}");
+        }
     }
 }
