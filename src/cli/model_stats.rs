@@ -21,6 +21,10 @@ pub struct Args {
     /// bytes, MLA against MHA) into this folder.
     #[arg(long)]
     svg_dir: Option<PathBuf>,
+    /// Context lengths (tokens) for the KV-cache and attention-FLOP figures; repeatable
+    /// (default 4096, 32768, 131072).
+    #[arg(long = "context", value_parser = clap::value_parser!(u32).range(1..))]
+    contexts: Vec<u32>,
 }
 
 fn gb(bytes: u64) -> String {
@@ -46,7 +50,16 @@ pub fn run(a: Args) -> Result<bool> {
         a.config.clone()
     };
     let parsed = dsv3::model::checkpoint::config::read(&path)?;
-    let s = model_stats(&parsed.model, parsed.fp8.as_ref().map(|f| f.block));
+    let contexts: Vec<usize> = if a.contexts.is_empty() {
+        dsv3::studies::model_stats::CONTEXTS.to_vec()
+    } else {
+        a.contexts.iter().map(|&c| c as usize).collect()
+    };
+    let s = model_stats(
+        &parsed.model,
+        parsed.fp8.as_ref().map(|f| f.block),
+        &contexts,
+    );
     if a.json {
         let mut v = serde_json::to_value(&s).expect("serializable");
         v["config"] = serde_json::Value::String(path.display().to_string());

@@ -29,7 +29,7 @@ pub const CLUSTER_GPUS: f64 = 2048.0;
 /// H800 SXM5 dense peaks (the H100 SXM5's SMs and clocks): BF16 and FP8 Tensor Core TFLOP/s.
 pub const H800_BF16_TFLOPS: f64 = 989.5;
 pub const H800_FP8_TFLOPS: f64 = 1979.0;
-/// The contexts the KV-cache and attention figures are given at.
+/// The contexts the KV-cache and attention figures are given at by default (4K, 32K, 128K).
 pub const CONTEXTS: [usize; 3] = [4096, 32768, 131072];
 
 /// One component's parameters.
@@ -69,7 +69,7 @@ pub struct Flops {
     /// 2 × the activated GEMM parameters (the head included, the embedding lookup not).
     pub gemm_per_token: f64,
     /// Attention scores and values of one new token against a context of T keys (naive form:
-    /// `2·layers·heads·(d_qk + d_v)·T`), per context in [`CONTEXTS`].
+    /// `2·layers·heads·(d_qk + d_v)·T`), per requested context.
     pub attention_per_token: Vec<(usize, f64)>,
 }
 
@@ -131,9 +131,9 @@ fn scale_blocks(n: u64, k: u64, block: u64) -> u64 {
     n.div_ceil(block) * k.div_ceil(block)
 }
 
-/// The model's arithmetic. `fp8_block`: the FP8 weight block edge when the checkpoint stores
+/// The model's arithmetic, the KV cache and attention FLOPs at `contexts`. `fp8_block`: the FP8 weight block edge when the checkpoint stores
 /// FP8 weights (`quantization_config.weight_block_size`).
-pub fn model_stats(c: &ModelConfig, fp8_block: Option<usize>) -> ModelStats {
+pub fn model_stats(c: &ModelConfig, fp8_block: Option<usize>, contexts: &[usize]) -> ModelStats {
     let u = |x: usize| x as u64;
     let (h, v) = (u(c.hidden_size), u(c.vocab_size));
     let m = &c.mla;
@@ -236,7 +236,7 @@ pub fn model_stats(c: &ModelConfig, fp8_block: Option<usize>) -> ModelStats {
     // KV cache
     let mla_values = rkv + dr;
     let mha_values = heads * (dqk + dv);
-    let per_context = CONTEXTS
+    let per_context = contexts
         .iter()
         .map(|&t| {
             let n = u(t) * u(layers);
@@ -258,7 +258,7 @@ pub fn model_stats(c: &ModelConfig, fp8_block: Option<usize>) -> ModelStats {
     let non_embedding = activated as f64;
     let flops = Flops {
         gemm_per_token: 2.0 * non_embedding,
-        attention_per_token: CONTEXTS
+        attention_per_token: contexts
             .iter()
             .map(|&t| {
                 (
@@ -329,7 +329,7 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("fixtures/configs/deepseek-v3/config.json");
         let parsed = crate::model::checkpoint::config::read(&path).unwrap();
-        model_stats(&parsed.model, parsed.fp8.map(|f| f.block))
+        model_stats(&parsed.model, parsed.fp8.map(|f| f.block), &CONTEXTS)
     }
 
     /// V3 §4.2 / the abstract: "671B total parameters with 37B activated for each token".
@@ -410,7 +410,7 @@ mod tests {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/v3_yarn_qlora");
         let parsed = crate::model::checkpoint::config::read(&dir.join("config.json")).unwrap();
-        let s = model_stats(&parsed.model, None);
+        let s = model_stats(&parsed.model, None, &CONTEXTS);
         let tensors = crate::registry::io::load(dir.join("model.safetensors")).unwrap();
         let on_disk: u64 = tensors.values().map(|t| t.numel() as u64).sum();
         assert_eq!(s.total + s.mtp_with_copies, on_disk);
