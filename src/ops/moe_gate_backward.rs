@@ -69,6 +69,9 @@ B = the magnitude of ∂L/∂s; then one rounding (module doc of src/ops/moe_gat
     v3_sizes: &[&[("N", 4), ("E", 256), ("K", 8)]],
 };
 
+/// The smallest sum of the selected scores the normalised gradient is judged at (2^-60).
+const MIN_SELECTED_SUM: f64 = 8.673_617_379_884_035e-19;
+
 fn gate_config(cfg: &Config, top_k: usize) -> GateConfig {
     let c = cfg.get::<MoeGateBackwardConfig>();
     GateConfig {
@@ -125,6 +128,17 @@ fn moe_gate_backward_ref(inputs: &TensorMap, cfg: &Config) -> Result<TensorMap> 
         let mut b = vec![0f64; e];
         let n_b = if g.norm_topk_prob {
             let sum: f64 = sel.iter().map(|&i| s[i]).sum();
+            if k > 0 && sum < MIN_SELECTED_SUM {
+                return Err(dsv3_reference::Error::Value {
+                    op: OP,
+                    tensor: "topk_ids",
+                    index: vec![t, 0],
+                    value: format!("experts whose scores sum to {sum:e}"),
+                    why: "the normalisation divides by that sum (below 2^-60): the gradient grows as its inverse \
+square, beyond what an f32 kernel computes meaningfully; a router selects its largest scores",
+                }
+                .into());
+            }
             let along: f64 = (0..k)
                 .map(|j| f64::from(dw[[t, j]]).abs() * s[sel[j]])
                 .sum::<f64>()
@@ -185,11 +199,17 @@ fn moe_gate_backward_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<T
     let mut ids = Vec::with_capacity(n * k);
     let mut dw = Vec::with_capacity(n * k);
     let norm = cfg.get::<MoeGateBackwardConfig>().norm_topk_prob;
-    for _ in 0..n {
+    for t in 0..n {
         let mut pool: Vec<i64> = (0..e as i64).collect();
-        for j in 0..k {
-            let at = rng.range(j, e - 1);
-            pool.swap(j, at);
+        if spread > 4.0 {
+            // wide logits: the router's own choice (its k largest scores), as a kernel sees them
+            let row = &logits[t * e..(t + 1) * e];
+            pool.sort_by(|&x, &y| row[y as usize].total_cmp(&row[x as usize]));
+        } else {
+            for j in 0..k {
+                let at = rng.range(j, e - 1);
+                pool.swap(j, at);
+            }
         }
         ids.extend_from_slice(&pool[..k]);
         // a constant dw makes the normalised gradient cancel to 0 exactly
@@ -360,5 +380,23 @@ mod tests {
         println!("a dropped term was caught in {caught} of {cases} cases");
         // a few cases where the dropped term is ~0 (softmax over E = 1, a gradient that vanishes)
         assert!(caught * 100 >= cases * 90, "{caught} of {cases}");
+    }
+
+    #[test]
+    fn a_normalisation_over_vanishing_scores_is_refused_by_name() {
+        let op = &MOE_GATE_BACKWARD;
+        let cfg = op
+            .parse_config(&serde_json::json!({"scoring_func": "softmax"}))
+            .unwrap();
+        // expert 1's softmax score is e^-100: normalising by it is not computable in f32
+        let inputs = outputs([
+            ("logits", Tensor::from_f32(vec![1, 3], &[0.0, -100.0, -1.0])),
+            ("topk_ids", Tensor::from_i64(vec![1, 1], &[1])),
+            ("d_topk_weights", Tensor::from_f32(vec![1, 1], &[1.0])),
+        ]);
+        let e = moe_gate_backward_ref(&inputs, &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("topk_ids[0, 0]") && e.contains("2^-60"), "{e}");
     }
 }

@@ -3,9 +3,11 @@
 //! proves the identity on random shapes, K not a multiple of the block, zero tiles and outliers.
 //!
 //! Why the exact mode can be fast and still identical: a block dot of E4M3 products is exact in
-//! f64 in any order (at most 43 significant bits for B = 128), so a blocked f64 GEMM
-//! (`matrixmultiply::dgemm`, SIMD and FMA, any internal order) yields the very same f64 block
-//! dots as the reference's plain loop. Everything after that (the rounding to f32, `(p·a_s)·b_s`,
+//! f64 in any order (at most 43 significant bits for B = 128), so a blocked f64 GEMM yields the
+//! very same f64 block dots as the reference's plain loop. Blocks up to 1024 deep go through the
+//! fused kernel ([`fused`]: a 6×16 register-tiled micro-kernel whose block dots are promoted at
+//! once, no M×N intermediate); the bound mode and larger blocks through `matrixmultiply::dgemm`
+//! per K-segment. Everything after that (the rounding to f32, `(p·a_s)·b_s`,
 //! the f32 accumulation in ascending block order) is done element by element with the same
 //! expressions in the same order. Rows are spread over threads with rayon; each output element
 //! is computed by exactly one thread.
@@ -98,6 +100,9 @@ pub fn gemm(
             block_size,
         };
         match accumulation {
+            Accumulation::Exact if block_size <= fused::MAX_FUSED_BLOCK => {
+                fused::exact_fused(&ops, &mut c, &mut magnitude)
+            }
             Accumulation::Exact => exact(&ops, &mut c, &mut magnitude, None),
             Accumulation::TensorCoreBound {
                 bound,
@@ -109,6 +114,9 @@ pub fn gemm(
                 Some((bound, *promote_interval, &mut bounds)),
             ),
             // without magnitudes the bound mode's output is the exact mode's
+            Accumulation::TensorCoreBound { .. } if block_size <= fused::MAX_FUSED_BLOCK => {
+                fused::exact_fused(&ops, &mut c, &mut magnitude)
+            }
             Accumulation::TensorCoreBound { .. } => exact(&ops, &mut c, &mut magnitude, None),
             Accumulation::TensorCore { .. } => {
                 per_element(&ops, accumulation, &mut c, &mut magnitude)
@@ -153,6 +161,16 @@ impl Operands<'_> {
     /// The scale row of row `j` of `b`.
     fn b_scale_row(&self, j: usize) -> usize {
         self.scale_row(self.layouts.1, j)
+    }
+
+    /// `a_s` of row `i` of `a` in K-block `kb`.
+    fn a_scale(&self, i: usize, kb: usize) -> f32 {
+        self.a_s[[self.a_scale_row(i), kb]]
+    }
+
+    /// `b_s` of row `j` of `b` in K-block `kb`.
+    fn b_scale(&self, j: usize, kb: usize) -> f32 {
+        self.b_s[[self.b_scale_row(j), kb]]
     }
 }
 
@@ -553,4 +571,5 @@ pub fn grouped(
     out
 }
 
+mod fused;
 mod lanes;
