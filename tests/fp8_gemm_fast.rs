@@ -98,9 +98,11 @@ fn accumulation(s: &mut Stream, block: usize) -> (Accumulation, bool) {
         _ => (
             Accumulation::TensorCore {
                 model: TensorCoreModel {
-                    frac_bits: 10 + s.below(8) as u32,
+                    // F > 40 takes the readable step (tc.rs), the others the i64 one
+                    frac_bits: [10 + s.below(8) as u32, 23, 45][s.below(3) as usize],
                     group: [8, 16, 32, 48][s.below(4) as usize],
-                    term_cut: [TermCut::TowardZero, TermCut::Floor][s.below(2) as usize],
+                    term_cut: [TermCut::TowardZero, TermCut::Floor, TermCut::Nearest]
+                        [s.below(3) as usize],
                     out_frac_bits: [13, 23][s.below(2) as usize],
                     out_round: [WriteBack::TowardZero, WriteBack::NearestEven][s.below(2) as usize],
                 },

@@ -491,6 +491,7 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
 /// Tensor Core mode: the reference's per-element function, rows in parallel.
 fn per_element(ops: &Operands, accumulation: &Accumulation, c: &mut [f32], magnitude: &mut [f64]) {
     let values = e4m3_values();
+    let codes = tc::Codes::new();
     let n = ops.b.nrows();
     let with_magnitude = !magnitude.is_empty();
     let compute_row = |i: usize, c_row: &mut [f32], mut mag_row: Option<&mut [f64]>| {
@@ -501,21 +502,38 @@ fn per_element(ops: &Operands, accumulation: &Accumulation, c: &mut [f32], magni
             a_s.as_slice().expect("standard layout"),
         );
         for j in 0..n {
-            let d = scaled_dot(
-                a,
-                a_s,
-                ops.b.row(j).to_slice().expect("standard layout"),
-                ops.b_s
-                    .row(ops.b_scale_row(j))
-                    .to_slice()
-                    .expect("standard layout"),
-                ops.block_size,
-                accumulation,
-                &values,
-            );
-            c_row[j] = d.c;
+            let b = ops.b.row(j).to_slice().expect("standard layout");
+            let b_s = ops
+                .b_s
+                .row(ops.b_scale_row(j))
+                .to_slice()
+                .expect("standard layout");
+            let (c, m) = match accumulation {
+                // scaled_dot's Tensor Core branch with the fast step (tc.rs), same order
+                Accumulation::TensorCore {
+                    model,
+                    promote_interval,
+                } => {
+                    let k = a.len();
+                    let window = window_len(*promote_interval, k);
+                    let (mut acc, mut magnitude) = (0f32, 0f64);
+                    for w0 in (0..k).step_by(window) {
+                        let w1 = (w0 + window).min(k);
+                        let p = tc::accumulate_e4m3(model, &codes, &a[w0..w1], &b[w0..w1]);
+                        let kb = w0 / ops.block_size;
+                        acc += p * a_s[kb] * b_s[kb];
+                        magnitude += f64::from(p.abs()) * f64::from(a_s[kb]) * f64::from(b_s[kb]);
+                    }
+                    (acc, magnitude)
+                }
+                _ => {
+                    let d = scaled_dot(a, a_s, b, b_s, ops.block_size, accumulation, &values);
+                    (d.c, d.magnitude)
+                }
+            };
+            c_row[j] = c;
             if let Some(mag) = mag_row.as_deref_mut() {
-                mag[j] = d.magnitude;
+                mag[j] = m;
             }
         }
     };
@@ -573,3 +591,4 @@ pub fn grouped(
 
 mod fused;
 mod lanes;
+mod tc;
