@@ -245,7 +245,7 @@ impl TensorCoreModel {
 /// Round `sum · 2^q` to an f32 with `out_frac_bits` fraction bits (quantum never below
 /// `2^(−126 − out_frac_bits)`); a zero sum gives `+0`. Overflow saturates to the largest
 /// such value under truncation and gives ±inf under nearest-even.
-pub fn write_back(sum: i128, q: i32, out_frac_bits: u32, round: WriteBack) -> f32 {
+fn write_back(sum: i128, q: i32, out_frac_bits: u32, round: WriteBack) -> f32 {
     if sum == 0 {
         return 0.0;
     }

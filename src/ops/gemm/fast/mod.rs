@@ -519,7 +519,7 @@ fn per_element(ops: &Operands, accumulation: &Accumulation, c: &mut [f32], magni
                     let (mut acc, mut magnitude) = (0f32, 0f64);
                     for w0 in (0..k).step_by(window) {
                         let w1 = (w0 + window).min(k);
-                        let p = tc::accumulate_e4m3(model, &codes, &a[w0..w1], &b[w0..w1]);
+                        let p = tc::accumulate_e4m3_fast(model, &codes, &a[w0..w1], &b[w0..w1]);
                         let kb = w0 / ops.block_size;
                         acc += p * a_s[kb] * b_s[kb];
                         magnitude += f64::from(p.abs()) * f64::from(a_s[kb]) * f64::from(b_s[kb]);
