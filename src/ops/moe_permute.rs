@@ -288,14 +288,30 @@ fn claims(ids: &Array2<i64>, perm: &Permutation, cand_rows: &Tensor) -> Claims {
     Claims { pair_ok, owner }
 }
 
+/// A row-wise output (`width` values per row) judged through the candidate's map: the rows some
+/// `(t, k)` claims by `judge(t, flat index)`, the padding rows not at all.
+fn through_map<'a>(
+    owner: BTreeMap<usize, usize>,
+    width: usize,
+    why: &'static str,
+    judge: impl Fn(usize, usize) -> Option<&'static str> + 'a,
+) -> Policy<'a> {
+    let judged = owner.clone();
+    Policy::Partial {
+        why: "padding rows",
+        judged: Box::new(move |i| judged.contains_key(&(i / width))),
+        inner: Box::new(Policy::Relational {
+            why,
+            judge: Box::new(move |i| judge(*owner.get(&(i / width))?, i)),
+        }),
+    }
+}
+
 fn permute_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
     let Ok((ids, perm)) = permutation(ctx.inputs, ctx.config) else {
         return Policy::Exact;
     };
     let c = claims(&ids, &perm, get(ctx.candidate, "token_row"));
-    let owned_row = move |owner: &BTreeMap<usize, usize>, i: usize, width: usize| {
-        owner.get(&(i / width)).copied()
-    };
     match ctx.output {
         "m_indices" => Policy::Exact,
         "token_row" => Policy::Relational {
@@ -308,62 +324,45 @@ fn permute_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
             let got = get(ctx.candidate, "permuted");
             let scales = get(ctx.candidate, "permuted_scales");
             let cols = d.div_ceil(QUANT_TILE);
-            let owner = c.owner;
-            let judged = owner.clone();
-            Policy::Partial {
-                why: "padding rows",
-                judged: Box::new(move |i| judged.contains_key(&(i / d))),
-                inner: Box::new(Policy::Relational {
-                    why: "e4m3(x[t]/s') with s' the candidate's scale for the row, or a neighbouring code at a near-tie",
-                    judge: Box::new(move |i| {
-                        let t = owned_row(&owner, i, d)?;
-                        let (r, col) = (i / d, i % d);
-                        let s = scales.value(r * cols + col / QUANT_TILE) as f32;
-                        code_ok(x[[t, col]], s, got.bits(i) as u16).then_some("the row's own scale")
-                    }),
-                }),
-            }
+            through_map(
+                c.owner,
+                d,
+                "e4m3(x[t]/s') with s' the candidate's scale for the row, or a neighbouring code at a near-tie",
+                move |t, i| {
+                    let (r, col) = (i / d, i % d);
+                    let s = scales.value(r * cols + col / QUANT_TILE) as f32;
+                    code_ok(x[[t, col]], s, got.bits(i) as u16).then_some("the row's own scale")
+                },
+            )
         }
         "permuted_scales" => {
             let x = get(ctx.inputs, "x").matrix_f32();
             let d = x.ncols();
             let cols = d.div_ceil(QUANT_TILE).max(1);
             let got = get(ctx.candidate, "permuted_scales");
-            let owner = c.owner;
-            let judged = owner.clone();
-            Policy::Partial {
-                why: "padding rows",
-                judged: Box::new(move |i| judged.contains_key(&(i / cols))),
-                inner: Box::new(Policy::Relational {
-                    why: "the power-of-two ceiling of x[t]'s tile amax/448 (within 2 ulp)",
-                    judge: Box::new(move |i| {
-                        let t = owned_row(&owner, i, cols)?;
-                        let tile = i % cols;
-                        let cols_of = tile * QUANT_TILE..((tile + 1) * QUANT_TILE).min(d);
-                        let amax = cols_of.map(|col| x[[t, col]].abs()).fold(0f32, f32::max);
-                        ue8m0_scale_ok(amax, got.value(i) as f32).then_some("an admissible power of two")
-                    }),
-                }),
-            }
+            through_map(
+                c.owner,
+                cols,
+                "the power-of-two ceiling of x[t]'s tile amax/448 (within 2 ulp)",
+                move |t, i| {
+                    let tile = i % cols;
+                    let cols_of = tile * QUANT_TILE..((tile + 1) * QUANT_TILE).min(d);
+                    let amax = cols_of.map(|col| x[[t, col]].abs()).fold(0f32, f32::max);
+                    ue8m0_scale_ok(amax, got.value(i) as f32).then_some("an admissible power of two")
+                },
+            )
         }
         _ => {
             // moe_permute's rows: x[t] bit for bit
             let x = get(ctx.inputs, "x");
             let d = x.shape.get(1).copied().unwrap_or(1).max(1);
             let got = get(ctx.candidate, "permuted");
-            let owner = c.owner;
-            let judged = owner.clone();
-            Policy::Partial {
-                why: "padding rows",
-                judged: Box::new(move |i| judged.contains_key(&(i / d))),
-                inner: Box::new(Policy::Relational {
-                    why: "the row holds x[t] of the (t, k) the candidate's token_row puts there, bit for bit",
-                    judge: Box::new(move |i| {
-                        let t = owned_row(&owner, i, d)?;
-                        (got.bits(i) == x.bits(t * d + i % d)).then_some("x[t] of the row's (t, k)")
-                    }),
-                }),
-            }
+            through_map(
+                c.owner,
+                d,
+                "the row holds x[t] of the (t, k) the candidate's token_row puts there, bit for bit",
+                move |t, i| (got.bits(i) == x.bits(t * d + i % d)).then_some("x[t] of the row's (t, k)"),
+            )
         }
     }
 }

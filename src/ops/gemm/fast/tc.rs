@@ -88,19 +88,25 @@ pub fn accumulate_e4m3(model: &TensorCoreModel, codes: &Codes, a: &[u8], b: &[u8
     c
 }
 
-/// One step, `F ≤ 40`: the readable step's algorithm on i64.
-#[inline]
-fn step(model: &TensorCoreModel, codes: &Codes, a: &[u8], b: &[u8], c: f32) -> f32 {
-    // the accumulator as a term: 24-bit significand at its exponent (or −126), frac 23
+/// The accumulator as a term: its signed 24-bit significand and exponent (−126 for zero and
+/// subnormals), the significand's binary point 23 bits up.
+#[inline(always)]
+fn accumulator_term(c: f32) -> (i64, i32) {
     let bits = c.to_bits();
     let field = ((bits >> 23) & 0xFF) as i32;
     let mantissa = i64::from(bits & 0x7F_FFFF);
-    let (c_sig, c_exp) = if field == 0 {
+    let (sig, exp) = if field == 0 {
         (mantissa, -126)
     } else {
         (mantissa | (1 << 23), field - 127)
     };
-    let c_sig = if c.is_sign_negative() { -c_sig } else { c_sig };
+    (if c.is_sign_negative() { -sig } else { sig }, exp)
+}
+
+/// One step, `F ≤ 40`: the readable step's algorithm on i64.
+#[inline]
+fn step(model: &TensorCoreModel, codes: &Codes, a: &[u8], b: &[u8], c: f32) -> f32 {
+    let (c_sig, c_exp) = accumulator_term(c);
     // the largest nominal exponent among the non-zero terms
     let mut emax = if c_sig != 0 { c_exp } else { i32::MIN };
     for (&x, &y) in a.iter().zip(b) {
@@ -160,15 +166,7 @@ fn step32(model: &TensorCoreModel, a: &[u8], b: &[u8], c: f32) -> f32 {
         let e = ex.max(1) + ey.max(1) - 14;
         exp[k] = if s != 0 { e } else { -1_000_000 };
     }
-    let bits = c.to_bits();
-    let field = ((bits >> 23) & 0xFF) as i32;
-    let mantissa = i64::from(bits & 0x7F_FFFF);
-    let (c_sig, c_exp) = if field == 0 {
-        (mantissa, -126)
-    } else {
-        (mantissa | (1 << 23), field - 127)
-    };
-    let c_sig = if c.is_sign_negative() { -c_sig } else { c_sig };
+    let (c_sig, c_exp) = accumulator_term(c);
     let mut emax = if c_sig != 0 { c_exp } else { -1_000_000 };
     for &e in &exp {
         emax = emax.max(e);
