@@ -40,58 +40,23 @@ fn run_backend_refuses_unknown_backends_and_missing_devices() {
     let out = dir.join("c.safetensors");
     let o = out.to_str().unwrap();
     assert!(dsv3(&["gen", "fp8_gemm", "--out", i]).status.success());
-    let r = dsv3(&[
-        "run",
-        "fp8_gemm",
-        "--inputs",
-        i,
-        "--out",
-        o,
-        "--backend",
-        "nope",
-    ]);
-    assert_eq!(r.status.code(), Some(2));
-    assert!(
-        text(&r).contains("no such backend; this op has simt, wgmma"),
-        "{}",
-        text(&r)
-    );
-    let r = dsv3(&[
-        "run",
-        "fp8_gemm",
-        "--inputs",
-        i,
-        "--out",
-        o,
-        "--backend",
-        "wgmma",
-    ]);
-    assert_eq!(r.status.code(), Some(2));
-    assert!(text(&r).contains("declines this config"), "{}", text(&r));
-    let r = dsv3(&[
-        "run",
-        "swiglu_backward",
-        "--inputs",
-        i,
-        "--out",
-        o,
-        "--backend",
-        "cuda",
-    ]);
-    assert_eq!(r.status.code(), Some(2));
-    if dsv3::registry::gpu::device().is_err() {
-        let r = dsv3(&[
-            "run",
+    // (op, backend, what the refusal says); no device: simt cannot run here
+    let mut cases = vec![
+        (
             "fp8_gemm",
-            "--inputs",
-            i,
-            "--out",
-            o,
-            "--backend",
-            "simt",
-        ]);
-        assert_eq!(r.status.code(), Some(2));
-        assert!(text(&r).contains("no GPU"), "{}", text(&r));
+            "nope",
+            "no such backend; this op has simt, wgmma",
+        ),
+        ("fp8_gemm", "wgmma", "declines this config"),
+        ("swiglu_backward", "cuda", "this op has no GPU backend"),
+    ];
+    if dsv3::registry::gpu::device().is_err() {
+        cases.push(("fp8_gemm", "simt", "no GPU"));
+    }
+    for (op, backend, needle) in cases {
+        let r = dsv3(&["run", op, "--inputs", i, "--out", o, "--backend", backend]);
+        assert_eq!(r.status.code(), Some(2), "{op} {backend}: {}", text(&r));
+        assert!(text(&r).contains(needle), "{op} {backend}: {}", text(&r));
     }
 }
 

@@ -11,6 +11,28 @@ pub fn round_to_bf16(x: f32) -> bf16 {
     bf16::from_f32(x)
 }
 
+/// Round an f64 to the nearest BF16 value (ties to even), **once**: `half`'s `bf16::from_f64`
+/// goes through f32, a double rounding that can land half an ulp off (1 + 2^-8 + 2^-30 becomes
+/// 1.0 instead of 1 + 2^-7). Normal values keep 8 significant bits of the f64 significand;
+/// values below 2^-126 are rounded on bf16's subnormal grid 2^-133; overflow gives ±inf.
+pub fn f64_to_bf16(x: f64) -> bf16 {
+    if !x.is_finite() {
+        return bf16::from_f64(x);
+    }
+    let rounded = if x.abs() < f64::from(f32::MIN_POSITIVE) {
+        // the subnormal grid: an integer multiple of 2^-133, exact in f64
+        (x * 2f64.powi(133)).round_ties_even() * 2f64.powi(-133)
+    } else {
+        // keep the top 7 of the 52 stored significand bits, ties to even
+        let bits = x.to_bits();
+        let shift = 52 - 7;
+        let half_ulp = 1u64 << (shift - 1);
+        f64::from_bits((bits + half_ulp - 1 + ((bits >> shift) & 1)) & !((1u64 << shift) - 1))
+    };
+    // a bf16 value (or beyond f32's range: ±inf): both conversions below are exact
+    bf16::from_f32(rounded as f32)
+}
+
 /// Round an f32 to BF16 and return it widened back to f32 (exact widening).
 pub fn bf16_round_f32(x: f32) -> f32 {
     round_to_bf16(x).to_f32()
@@ -104,5 +126,31 @@ mod tests {
         assert_eq!(f32_ulp(1.5), 2f64.powi(-23));
         assert_eq!(f32_ulp(2.0), 2f64.powi(-22));
         assert_eq!(f32_ulp(0.0), 2f64.powi(-149));
+    }
+
+    #[test]
+    fn f64_to_bf16_rounds_once() {
+        // above the midpoint 1 + 2^-8 by 2^-30: rounds up; through f32 it would tie to 1.0
+        let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-30);
+        assert_eq!(f64_to_bf16(v).to_f64(), 1.0 + 2f64.powi(-7));
+        assert_eq!(
+            bf16::from_f64(v).to_f64(),
+            1.0,
+            "half's double rounding (why this exists)"
+        );
+        assert_eq!(f64_to_bf16(1.0 + 2f64.powi(-8)).to_f64(), 1.0);
+        assert_eq!(
+            f64_to_bf16(1.0 + 3.0 * 2f64.powi(-8)).to_f64(),
+            1.0 + 2f64.powi(-6)
+        );
+        assert_eq!(f64_to_bf16(-3.0).to_f64(), -3.0);
+        assert_eq!(f64_to_bf16(1e300).to_f64(), f64::INFINITY);
+        assert_eq!(f64_to_bf16(-1e300).to_f64(), f64::NEG_INFINITY);
+        assert!(f64_to_bf16(f64::NAN).is_nan());
+        // subnormal: 2^-133 + 2^-134 + 2^-160 is past the midpoint of 2^-133 and 2^-132
+        let tiny = 2f64.powi(-133) + 2f64.powi(-134) + 2f64.powi(-160);
+        assert_eq!(f64_to_bf16(tiny).to_f64(), 2f64.powi(-132));
+        assert_eq!(f64_to_bf16(2f64.powi(-134)).to_f64(), 0.0); // a tie to even (0)
+        assert_eq!(f64_to_bf16(-2f64.powi(-127)).to_f64(), -2f64.powi(-127));
     }
 }

@@ -28,13 +28,18 @@ pub struct Args {
 pub fn run(a: Args) -> Result<bool> {
     let op = dsv3::ops::find(&a.op)?;
     let cfg = check::read_config(op, a.config.as_deref())?;
+    // a backend that cannot run is refused before the inputs are read
+    let backend = match &a.backend {
+        None => None,
+        Some(name) => Some(backend(op, name, &cfg)?),
+    };
     let place = format!(" in {}", a.inputs.display());
     let loaded = io::load(&a.inputs)?;
     let ins = op.adapt_inputs(&loaded, &cfg, &place)?.unwrap_or(loaded);
     let bindings = op.contract().check_inputs(&ins, &cfg, &place)?;
-    let outs = match &a.backend {
+    let outs = match backend {
         None => registry::without_aux(op.run_reference(&ins, &cfg, &bindings)?),
-        Some(name) => run_backend(op, name, &ins, &cfg)?,
+        Some((imp, device)) => (imp.run)(device, &ins, &cfg)?,
     };
     io::save(&a.out, &outs, None)?;
     for (name, t) in &outs {
@@ -44,14 +49,13 @@ pub fn run(a: Args) -> Result<bool> {
     Ok(true)
 }
 
-/// The outputs of `op`'s GPU backend `name` on `inputs` (exit 2 when the op has no such backend,
+/// `op`'s GPU backend `name` and the device it runs on (exit 2 when the op has no such backend,
 /// the backend declines the config, or there is no device).
-fn run_backend(
+fn backend(
     op: &'static registry::OpEntry,
     name: &str,
-    inputs: &io::TensorMap,
     cfg: &registry::config::Config,
-) -> Result<io::TensorMap> {
+) -> Result<(&'static registry::GpuImpl, &'static registry::gpu::Device)> {
     let usage =
         |why: String| dsv3::Error::Usage(format!("dsv3 run {} --backend {name}: {why}", op.name));
     let Some(imp) = op.gpu.iter().find(|g| g.backend == name) else {
@@ -66,7 +70,7 @@ fn run_backend(
         return Err(usage(format!("the backend declines this config: {why}")));
     }
     let device = registry::gpu::device().map_err(|why| usage(format!("no GPU: {why}")))?;
-    (imp.run)(device, inputs, cfg)
+    Ok((imp, device))
 }
 
 #[derive(clap::Args)]

@@ -335,21 +335,15 @@ fn attention_backward_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 }
 
 fn attention_backward_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let size = |rng: &mut Rng, name, lo, hi| {
-        sizes
-            .get(name)
-            .copied()
-            .unwrap_or_else(|| rng.range(lo, hi))
-    };
-    let b = size(rng, "B", 1, 2);
-    let sq = size(rng, "Sq", 1, 5);
+    let b = sizes.or_draw("B", rng, 1, 2);
+    let sq = sizes.or_draw("Sq", rng, 1, 5);
     let sk = sizes
         .get("Sk")
         .copied()
         .unwrap_or_else(|| (sq + rng.range(0, 4)).saturating_sub(rng.range(0, 1)));
-    let h = size(rng, "H", 1, 3);
-    let dqk = size(rng, "Dqk", 1, 24);
-    let dv = size(rng, "Dv", 1, 16);
+    let h = sizes.or_draw("H", rng, 1, 3);
+    let dqk = sizes.or_draw("Dqk", rng, 1, 24);
+    let dv = sizes.or_draw("Dv", rng, 1, 16);
     gen_fits(&[
         &[b, sq, h, dqk],
         &[b, sk, h, dqk],

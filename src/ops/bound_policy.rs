@@ -58,30 +58,12 @@ pub(crate) fn put_bounded(
     exact: &[f64],
     tolerance: &[f64],
 ) {
-    let rounded = match dtype {
-        DType::BF16 => Tensor::from_bf16(
-            shape.clone(),
-            &exact.iter().map(|&v| bf16_rne(v)).collect::<Vec<_>>(),
-        ),
-        _ => Tensor::from_f64_as(dtype, shape.clone(), exact),
-    };
-    map.insert(name.into(), rounded);
+    map.insert(
+        name.into(),
+        Tensor::from_f64_as(dtype, shape.clone(), exact),
+    );
     map.insert(aux_exact(name), Tensor::from_f64(shape.clone(), exact));
     map.insert(aux_tolerance(name), Tensor::from_f64(shape, tolerance));
-}
-
-/// `v` rounded to bf16 once, to nearest even (`half`'s `from_f64` goes through f32: a double
-/// rounding that can land half an ulp off).
-fn bf16_rne(v: f64) -> half::bf16 {
-    if !v.is_finite() || v.abs() < f64::from(f32::MIN_POSITIVE) {
-        return half::bf16::from_f32(v as f32);
-    }
-    // keep 8 significant bits of the f64 significand (52 stored → 7 stored), ties to even
-    let bits = v.to_bits();
-    let shift = 52 - 7;
-    let half_ulp = 1u64 << (shift - 1);
-    let rounded = (bits + half_ulp - 1 + ((bits >> shift) & 1)) & !((1u64 << shift) - 1);
-    half::bf16::from_f32(f64::from_bits(rounded) as f32)
 }
 
 /// Every element within its own derived tolerance of the exact value, plus one rounding to the
@@ -99,27 +81,5 @@ pub(crate) fn derived_bound_policy<'a>(ctx: &PolicyCtx<'a>, why: &'static str) -
             // a reference without its tolerances is a bug of ours: nothing passes
             _ => f64::INFINITY,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bf16_rounding_is_single() {
-        // 1 + 2^-8 + 2^-30: above the bf16 midpoint 1 + 2^-8, so it rounds up to 1 + 2^-7; through
-        // f32 it first becomes the midpoint 1 + 2^-8 (2^-30 is below f32's half ulp), then ties
-        // to even: 1.0
-        let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-30);
-        assert_eq!(bf16_rne(v).to_f64(), 1.0 + 2f64.powi(-7));
-        assert_eq!(
-            half::bf16::from_f64(v).to_f64(),
-            1.0,
-            "half's double rounding (why bf16_rne exists)"
-        );
-        assert_eq!(bf16_rne(1.0 + 2f64.powi(-8)).to_f64(), 1.0);
-        assert_eq!(bf16_rne(-3.0).to_f64(), -3.0);
-        assert_eq!(bf16_rne(1e300).to_f64(), f64::INFINITY);
     }
 }

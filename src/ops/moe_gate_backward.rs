@@ -182,12 +182,12 @@ fn moe_gate_backward_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 }
 
 fn moe_gate_backward_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let e = sizes.get("E").copied().unwrap_or_else(|| rng.range(1, 40));
+    let e = sizes.or_draw("E", rng, 1, 40);
     let k = sizes
         .get("K")
         .copied()
         .unwrap_or_else(|| if e == 0 { 0 } else { rng.range(1, e.min(9)) });
-    let n = sizes.get("N").copied().unwrap_or_else(|| rng.range(1, 8));
+    let n = sizes.or_draw("N", rng, 1, 8);
     gen_fits(&[&[n, e], &[n, k], &[n, k]])?;
     if k > e {
         return Err(crate::registry::error::Error::Usage(format!(

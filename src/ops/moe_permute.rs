@@ -445,9 +445,9 @@ fn ids_tensor(rng: &mut Rng, shape: Vec<usize>, ids: &[i64]) -> Tensor {
 
 fn permute_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
     let p = cfg.get::<PermuteConfig>();
-    let t = sizes.get("T").copied().unwrap_or_else(|| rng.range(1, 40));
-    let k = sizes.get("K").copied().unwrap_or_else(|| rng.range(1, 8));
-    let d = sizes.get("D").copied().unwrap_or_else(|| rng.range(1, 300));
+    let t = sizes.or_draw("T", rng, 1, 40);
+    let k = sizes.or_draw("K", rng, 1, 8);
+    let d = sizes.or_draw("D", rng, 1, 300);
     let rows = permuted_rows(t, k, p.num_experts, p.block_m);
     gen_fits(&[&[t, d], &[t, k], &[rows, d]])?;
     let x: Vec<f32> = (0..t * d)
@@ -461,14 +461,10 @@ fn permute_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<TensorMap> 
 }
 
 fn combine_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let t = sizes.get("T").copied().unwrap_or_else(|| rng.range(1, 40));
-    let k = sizes.get("K").copied().unwrap_or_else(|| rng.range(1, 8));
-    let d = sizes.get("D").copied().unwrap_or_else(|| rng.range(1, 300));
-    let e = sizes
-        .get("E")
-        .copied()
-        .unwrap_or_else(|| rng.range(1, 12))
-        .max(1);
+    let t = sizes.or_draw("T", rng, 1, 40);
+    let k = sizes.or_draw("K", rng, 1, 8);
+    let d = sizes.or_draw("D", rng, 1, 300);
+    let e = sizes.or_draw("E", rng, 1, 12).max(1);
     let block_m = *rng.pick(&[1usize, 4, 128]);
     let rows = permuted_rows(t, k, e, block_m);
     gen_fits(&[&[rows, d], &[t, k], &[t, k]])?;

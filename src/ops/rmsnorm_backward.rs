@@ -108,8 +108,8 @@ fn rmsnorm_backward_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 }
 
 fn rmsnorm_backward_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let d = sizes.get("D").copied().unwrap_or_else(|| rng.range(1, 300));
-    let m = sizes.get("M").copied().unwrap_or_else(|| rng.range(1, 6));
+    let d = sizes.or_draw("D", rng, 1, 300);
+    let m = sizes.or_draw("M", rng, 1, 6);
     gen_fits(&[&[m, d], &[m, d], &[d]])?;
     let (mut x, mut dy) = (Vec::with_capacity(m * d), Vec::with_capacity(m * d));
     for _ in 0..m {

@@ -98,8 +98,8 @@ fn swiglu_backward_policy<'a>(ctx: &PolicyCtx<'a>) -> Policy<'a> {
 }
 
 fn swiglu_backward_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let i = sizes.get("I").copied().unwrap_or_else(|| rng.range(1, 200));
-    let m = sizes.get("M").copied().unwrap_or_else(|| rng.range(1, 5));
+    let i = sizes.or_draw("I", rng, 1, 200);
+    let m = sizes.or_draw("M", rng, 1, 5);
     gen_fits(&[&[m, i], &[m, i], &[m, i]])?;
     let wide = rng.chance(0.3);
     let g: Vec<f32> = (0..m * i)

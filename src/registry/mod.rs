@@ -75,6 +75,12 @@ impl Sizes {
         self.pinned.get(name)
     }
 
+    /// The pinned value of `name`, else one drawn uniformly from `lo..=hi` (the generators'
+    /// usual size).
+    pub fn or_draw(&self, name: &str, rng: &mut Rng, lo: usize, hi: usize) -> usize {
+        self.get(name).copied().unwrap_or_else(|| rng.range(lo, hi))
+    }
+
     /// Whether no size is pinned.
     pub fn is_empty(&self) -> bool {
         self.pinned.is_empty()

@@ -248,7 +248,7 @@ impl Tensor {
         }
     }
 
-    /// f64 values rounded to `dtype` (F64 as is, BF16 and F32 by RNE).
+    /// f64 values rounded to `dtype` (F64 as is, BF16 and F32 by one RNE).
     pub fn from_f64_as(dtype: DType, shape: Vec<usize>, values: &[f64]) -> Self {
         match dtype {
             DType::F64 => Self::from_f64(shape, values),
@@ -256,7 +256,7 @@ impl Tensor {
                 shape,
                 &values
                     .iter()
-                    .map(|&v| bf16::from_f64(v))
+                    .map(|&v| dsv3_reference::numeric::f64_to_bf16(v))
                     .collect::<Vec<_>>(),
             ),
             _ => Self::from_f32(shape, &values.iter().map(|&v| v as f32).collect::<Vec<_>>()),

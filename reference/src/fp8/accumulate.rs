@@ -95,7 +95,7 @@ struct Term {
 
 /// Sign-free integer significand and nominal exponent of a finite E4M3 code:
 /// `|value| = sig · 2^(exp − 3)`; subnormals use emin = −6.
-fn e4m3_parts(code: u8) -> (i64, i32) {
+pub fn e4m3_parts(code: u8) -> (i64, i32) {
     let exponent_field = i32::from((code >> 3) & 0x0F);
     let mantissa = i64::from(code & 0x07);
     if exponent_field == 0 {

@@ -135,36 +135,6 @@ fn read_tokens(inputs: &TensorMap, n_blocks: usize) -> Vec<bool> {
     read
 }
 
-/// FlashMLA's `quantize_k_cache` (V32_FP8Sparse) of a `[NB, 64, 1, 576]` cache: the layout's
-/// bytes (tests and generators).
-pub fn quantize_cache(values: &[f32], n_blocks: usize) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(n_blocks * PAGE * TOKEN_BYTES);
-    for token in values.chunks(D_QK) {
-        let mut scales = [0f32; D_V / TILE];
-        let mut codes = [0u8; D_V];
-        for (tile, s) in scales.iter_mut().enumerate() {
-            let part = &token[tile * TILE..(tile + 1) * TILE];
-            let amax = part.iter().fold(0f32, |m, v| m.max(v.abs()));
-            *s = dsv3_reference::fp8::ue8m0::ceil_pow2(
-                amax.max(dsv3_reference::fp8::AMAX_FLOOR) / dsv3_reference::fp8::E4M3_MAX,
-            )
-            .expect("a finite positive scale");
-            for (j, &v) in part.iter().enumerate() {
-                codes[tile * TILE + j] =
-                    E4M3.encode(v / *s, dsv3_reference::fp8::Saturation::SatFinite) as u8;
-            }
-        }
-        bytes.extend_from_slice(&codes);
-        scales
-            .iter()
-            .for_each(|s| bytes.extend_from_slice(&s.to_le_bytes()));
-        for &v in &token[D_V..] {
-            bytes.extend_from_slice(&dsv3_reference::numeric::round_to_bf16(v).to_le_bytes());
-        }
-    }
-    bytes
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +142,27 @@ mod tests {
     use crate::ops::policy_report;
     use crate::registry::rng::Rng;
     use crate::registry::Sizes;
+    use dsv3_reference::fp8::{act_quant_any_k, ScaleFmt};
+    use ndarray::ArrayView2;
+
+    /// A `[NB, 64, 1, 576]` cache in the FP8 layout's bytes: `c_kv` in 1×128 tiles with ue8m0
+    /// scales by the existing `act_quant` rule (its floor applies to amax, FlashMLA's
+    /// quantizer's to amax/448: both give powers of two, which is what the layout holds), `k_pe`
+    /// rounded to BF16.
+    fn quantize_cache(values: &[f32]) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(values.len() / D_QK * TOKEN_BYTES);
+        for token in values.chunks(D_QK) {
+            let c_kv = ArrayView2::from_shape((1, D_V), &token[..D_V]).expect("512 values");
+            let q = act_quant_any_k(c_kv, TILE, ScaleFmt::Ue8m0).expect("finite values");
+            bytes.extend(q.y.iter());
+            q.s.iter()
+                .for_each(|s| bytes.extend_from_slice(&s.to_le_bytes()));
+            for &v in &token[D_V..] {
+                bytes.extend_from_slice(&dsv3_reference::numeric::round_to_bf16(v).to_le_bytes());
+            }
+        }
+        bytes
+    }
 
     /// The generator's inputs with the cache in the FP8 layout: the bf16 cache the adapter
     /// decodes, and the FP8 inputs.
@@ -187,7 +178,7 @@ mod tests {
             .iter()
             .map(|v| if v.is_finite() { *v } else { 0.0 })
             .collect();
-        let bytes = quantize_cache(&vals, n_blocks);
+        let bytes = quantize_cache(&vals);
         let fp8 =
             Tensor::from_bytes(DType::U8, vec![n_blocks, PAGE, 1, TOKEN_BYTES], bytes).unwrap();
         inputs.insert("k_cache".into(), fp8);

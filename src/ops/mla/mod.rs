@@ -7,8 +7,6 @@
 mod fp8_cache;
 mod policy;
 
-pub use fp8_cache::quantize_cache;
-
 use ndarray::{s, Array3};
 
 use dsv3_reference::mla::attention;
@@ -287,21 +285,15 @@ pub(crate) fn normal_input(rng: &mut Rng, shape: Vec<usize>, scale: f64, bf16: b
 }
 
 fn mla_gen(rng: &mut Rng, _cfg: &Config, sizes: &Sizes) -> Result<TensorMap> {
-    let size = |rng: &mut Rng, name, lo, hi| {
-        sizes
-            .get(name)
-            .copied()
-            .unwrap_or_else(|| rng.range(lo, hi))
-    };
-    let b = size(rng, "B", 1, 2);
-    let sq = size(rng, "Sq", 1, 5);
+    let b = sizes.or_draw("B", rng, 1, 2);
+    let sq = sizes.or_draw("Sq", rng, 1, 5);
     let sk = sizes
         .get("Sk")
         .copied()
         .unwrap_or_else(|| sq.saturating_add(rng.range(0, 4)));
-    let h = size(rng, "H", 1, 3);
-    let dqk = size(rng, "Dqk", 1, 24);
-    let dv = size(rng, "Dv", 1, 16);
+    let h = sizes.or_draw("H", rng, 1, 3);
+    let dqk = sizes.or_draw("Dqk", rng, 1, 24);
+    let dv = sizes.or_draw("Dv", rng, 1, 16);
     gen_fits(&[&[b, sq, h, dqk], &[b, sk, h, dqk], &[b, sk, h, dv]])?;
     let bf16 = rng.chance(0.4);
     Ok(outputs([

@@ -9,6 +9,7 @@
 //! steps against `fdpa_step` below, and the tensor_core mode against the readable loop in
 //! `tests/fp8_gemm_fast.rs`.
 
+use dsv3_reference::fp8::accumulate::e4m3_parts;
 use dsv3_reference::fp8::{TensorCoreModel, TermCut, WriteBack};
 
 /// Largest F the i64 sum covers.
@@ -29,11 +30,10 @@ impl Codes {
             exp: [0; 256],
             neg: [false; 256],
         };
-        for code in 0..256usize {
-            let e = ((code >> 3) & 0x0F) as i32;
-            let m = (code & 0x07) as i64;
-            (c.sig[code], c.exp[code]) = if e == 0 { (m, -6) } else { (8 + m, e - 7) };
-            c.neg[code] = code & 0x80 != 0;
+        for code in 0..=255u8 {
+            let i = usize::from(code);
+            (c.sig[i], c.exp[i]) = e4m3_parts(code);
+            c.neg[i] = code & 0x80 != 0;
         }
         c
     }
