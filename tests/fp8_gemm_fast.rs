@@ -261,3 +261,71 @@ fn the_fused_kernel_is_bit_identical_across_several_tiles() {
         assert_eq!(bits(&out.c), bits(&readable), "M={m} N={n} K={k} B={block}");
     }
 }
+
+/// The fused bound kernel's tiles (192 × 256 outputs per task, 6 × 16 per micro-tile, steps of
+/// L inside windows inside K-blocks) with partial tiles on both sides, a partial last K-block,
+/// windows shorter than the block, steps that do not divide the window, and configurations it
+/// does not take (windows across blocks, steps of over 255 products: the blocked-GEMM path, whose
+/// counters carry past 255): window magnitudes, slacks,
+/// magnitudes and accumulators equal the readable `scaled_dot`'s bit for bit.
+#[test]
+fn the_fused_bound_kernel_is_bit_identical_across_several_tiles() {
+    let mut s = Stream(2024);
+    let values = e4m3_values();
+    for (m, n, k, block, promote_interval, group) in [
+        (400usize, 530usize, 300usize, 128usize, 128usize, 32usize),
+        (200, 270, 200, 128, 64, 48),
+        (9, 40, 260, 32, 32, 8),
+        (13, 20, 300, 128, 256, 32),
+        (5, 30, 700, 512, 512, 300),
+    ] {
+        let kb = k.div_ceil(block);
+        let uniform = block % promote_interval != 0;
+        let a = codes(&mut s, m, k, block);
+        let b = codes(&mut s, n, k, block);
+        let a_s = scales(&mut s, m, kb, uniform);
+        let b_s = scales(&mut s, n.div_ceil(block), kb, uniform);
+        let acc = Accumulation::TensorCoreBound {
+            bound: TensorCoreBound {
+                frac_bits: 13,
+                group,
+            },
+            promote_interval,
+        };
+        let out = fast::gemm(
+            BlockScaled::tiles(a.view(), a_s.view()),
+            BlockScaled::blocks(b.view(), b_s.view()),
+            block,
+            &acc,
+            true,
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let d = scaled_dot(
+                    a.row(i).as_slice().unwrap(),
+                    a_s.row(i).as_slice().unwrap(),
+                    b.row(j).as_slice().unwrap(),
+                    b_s.row(j / block).as_slice().unwrap(),
+                    block,
+                    &acc,
+                    &values,
+                );
+                assert_eq!(
+                    (
+                        out.c[[i, j]].to_bits(),
+                        out.magnitude[[i, j]].to_bits(),
+                        out.window_magnitude[[i, j]].to_bits(),
+                        out.slack[[i, j]].to_bits()
+                    ),
+                    (
+                        d.c.to_bits(),
+                        d.magnitude.to_bits(),
+                        d.window_magnitude.to_bits(),
+                        d.slack.to_bits()
+                    ),
+                    "[{i}, {j}] M={m} N={n} K={k} B={block} {acc:?}"
+                );
+            }
+        }
+    }
+}

@@ -125,13 +125,37 @@ pub fn tc_bound_tolerance(
     magnitude: f64,
     window_magnitude: f64,
     slack: f64,
-    (w_b, w_w): (usize, usize),
+    partials: (usize, usize),
 ) -> f64 {
-    let e = gamma((w_b + 3) as f64) * magnitude
-        + gamma((w_w + 2) as f64) * (window_magnitude + slack)
-        + slack
-        + (w_b + w_w + 4) as f64 * 2f64.powi(-147);
-    e * (1.0 + 2f64.powi(-40))
+    TcBoundTolerance::new(partials).of(magnitude, window_magnitude, slack)
+}
+
+/// [`tc_bound_tolerance`] for many elements of one GEMM: its constants computed once.
+#[derive(Debug, Clone, Copy)]
+pub struct TcBoundTolerance {
+    gamma_blocks: f64,
+    gamma_windows: f64,
+    underflow: f64,
+}
+
+impl TcBoundTolerance {
+    /// The constants for `w_b` K-blocks and `w_w` windows.
+    pub fn new((w_b, w_w): (usize, usize)) -> Self {
+        TcBoundTolerance {
+            gamma_blocks: gamma((w_b + 3) as f64),
+            gamma_windows: gamma((w_w + 2) as f64),
+            underflow: (w_b + w_w + 4) as f64 * 2f64.powi(-147),
+        }
+    }
+
+    /// The tolerance of one element (the same operations as [`tc_bound_tolerance`]'s doc).
+    pub fn of(&self, magnitude: f64, window_magnitude: f64, slack: f64) -> f64 {
+        let e = self.gamma_blocks * magnitude
+            + self.gamma_windows * (window_magnitude + slack)
+            + slack
+            + self.underflow;
+        e * (1.0 + 2f64.powi(-40))
+    }
 }
 
 /// The fraction of its tolerance that `got` (an f32 or bf16 value) uses around the reference

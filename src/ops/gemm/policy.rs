@@ -4,6 +4,7 @@
 use std::cell::OnceCell;
 
 use dsv3_reference::fp8::fp8_gemm::Accumulation;
+use rayon::prelude::*;
 
 use super::{compute, windows, GemmConfig, Layout};
 use crate::ops::gemm::fast::GemmOut;
@@ -12,7 +13,7 @@ use crate::registry::compare::Policy;
 use crate::registry::error::Result;
 use crate::registry::io::TensorMap;
 use crate::registry::tensor::{DType, Tensor};
-use crate::registry::tolerance::{bound_use, tc_bound_tolerance, within_bound};
+use crate::registry::tolerance::{bound_use, within_bound, TcBoundTolerance};
 use crate::registry::PolicyCtx;
 
 /// Names of the auxiliary tensors a bound-mode reference hands its policy.
@@ -22,13 +23,25 @@ const AUX_TOLERANCE: &str = "aux:tolerance";
 /// Each element's `tensor_core_bound` tolerance, from the accumulators' magnitudes, window
 /// magnitudes and slack, over a reduction of length `k`.
 fn tolerances(out: &GemmOut, cfg: &GemmConfig, k: usize, promote_interval: usize) -> Vec<f64> {
-    let w = (cfg.partials(k), windows(promote_interval, k));
-    out.magnitude
-        .iter()
-        .zip(&out.window_magnitude)
-        .zip(&out.slack)
-        .map(|((&m, &mw), &d)| tc_bound_tolerance(m, mw, d, w))
-        .collect()
+    let tolerance = TcBoundTolerance::new((cfg.partials(k), windows(promote_interval, k)));
+    match (
+        out.magnitude.as_slice(),
+        out.window_magnitude.as_slice(),
+        out.slack.as_slice(),
+    ) {
+        // row-major arrays (every layout's today): in parallel
+        (Some(m), Some(mw), Some(d)) => (0..m.len())
+            .into_par_iter()
+            .map(|i| tolerance.of(m[i], mw[i], d[i]))
+            .collect(),
+        _ => out
+            .magnitude
+            .iter()
+            .zip(&out.window_magnitude)
+            .zip(&out.slack)
+            .map(|((&m, &mw), &d)| tolerance.of(m, mw, d))
+            .collect(),
+    }
 }
 
 /// The reference outputs of `L`: its output under `out_dtype`; in bound mode also the f32

@@ -20,11 +20,11 @@ use rayon::prelude::*;
 use super::Operands;
 
 /// Micro-tile: rows × columns of the output per kernel call.
-const MR: usize = 6;
-const NR: usize = 16;
+pub(super) const MR: usize = 6;
+pub(super) const NR: usize = 16;
 /// Rows and columns of one task.
 const MC: usize = 256;
-const NC: usize = 256;
+pub(super) const NC: usize = 256;
 /// The largest block the fused path takes (larger: the blocked-GEMM path).
 pub const MAX_FUSED_BLOCK: usize = 1024;
 
@@ -46,7 +46,7 @@ fn kernel_body(kc: usize, a: &[f64], b: &[f64]) -> [[f64; NR]; MR] {
 
 /// Which instruction set the tiles are compiled for on this CPU.
 #[derive(Clone, Copy)]
-enum Isa {
+pub(super) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -54,7 +54,7 @@ enum Isa {
     Portable,
 }
 
-fn isa() -> Isa {
+pub(super) fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
@@ -200,7 +200,7 @@ fn tile(job: &Job, r0: usize, n0: usize) {
 /// Decode rows `r0..r0 + rows` of `codes` (`[_, k]` row-major), K-range `k0..k0 + kc`, into
 /// panels of `width` rows interleaved per k: `dst[p][kk][i]` (rows past the end as 0).
 #[inline(always)]
-fn pack(
+pub(super) fn pack(
     dst: &mut [f64],
     codes: &[u8],
     (r0, rows, width): (usize, usize, usize),
@@ -225,7 +225,13 @@ fn pack(
 /// The reference's promotion of one block for a run of columns: `p = f32(dot)`,
 /// `acc += (p·a_s)·b_s`, and `magnitude += |p|·a_s·b_s` (f64).
 #[inline(always)]
-fn promote(c: &mut [f32], magnitude: Option<&mut [f64]>, dots: &[f64], s_a: f32, s_b: &[f32]) {
+pub(super) fn promote(
+    c: &mut [f32],
+    magnitude: Option<&mut [f64]>,
+    dots: &[f64],
+    s_a: f32,
+    s_b: &[f32],
+) {
     for ((acc, &d), &sb) in c.iter_mut().zip(dots).zip(s_b) {
         let p = d as f32;
         *acc += p * s_a * sb;

@@ -6,14 +6,14 @@
 //! sentinel. `tests/fp8_gemm_fast.rs` checks it against `scaled_dot` bit for bit.
 
 /// `None` for an exponent: below every real one, and `max` with it is the `Option` max.
-const NONE: i32 = i32::MIN / 2;
+pub(super) const NONE: i32 = i32::MIN / 2;
 /// Lanes whose i8 running maximum or count stays in one register (AVX-512: 64 bytes).
 const CHUNK: usize = 64;
 
 /// Per-lane temporaries, allocated once per task.
 pub struct Scratch {
     emax: Vec<i8>,
-    count: Vec<u8>,
+    count: Vec<u32>,
     e_p: Vec<i32>,
     e_u: Vec<i32>,
     e_max_lower: Vec<i32>,
@@ -45,6 +45,71 @@ fn log2_normal(x: f64) -> i32 {
 #[inline(always)]
 fn pow2(e: i32) -> f64 {
     f64::from_bits(((e + 1023) as u64) << 52)
+}
+
+/// One lane of [`TensorCoreBound::step_exponents`](dsv3_reference::fp8::tc_bound::TensorCoreBound::step_exponents): `(e_u, e_max_lower, has_c)` from the
+/// step's largest pair exponent `e_p` ([`NONE`]: no nonzero product) and the window so far.
+#[inline(always)]
+pub(super) fn exponents_lane(has_c: bool, e_p: i32, exact: f64, delta: f64) -> (i32, i32, bool) {
+    let c_upper = exact.abs() + delta;
+    let e_c = if has_c && c_upper > 0.0 {
+        log2_normal(c_upper).max(-126)
+    } else {
+        NONE
+    };
+    let c_lower = exact.abs() - delta;
+    let e_cl = if has_c && c_lower > 0.0 {
+        log2_normal(c_lower).max(-126)
+    } else {
+        NONE
+    };
+    (e_p.max(e_c), e_p.max(e_cl), e_c != NONE)
+}
+
+/// One lane of [`TensorCoreBound::step_finish`](dsv3_reference::fp8::tc_bound::TensorCoreBound::step_finish): `Δ` after the step, from `Δ` before, the
+/// exponents `(e_p, e_u, e_max_lower)`, the terms that may be cut inexactly (products below the
+/// threshold, and the accumulator) and the window's partial after the step.
+#[inline(always)]
+pub(super) fn finish_lane(
+    f: i32,
+    (e_p, e_u, e_max_lower): (i32, i32, i32),
+    terms: u32,
+    delta: f64,
+    new_exact: f64,
+) -> f64 {
+    let d = delta;
+    let q = pow2(e_u - f);
+    let cut = f64::from(terms) * q;
+    let write_back = if e_p == NONE {
+        // no product: S is the accumulator cut to its own quantum, stored exactly
+        0.0
+    } else if d + cut == 0.0 {
+        // every term exact: the sum is stored exactly iff it fits F bits
+        if new_exact == 0.0 {
+            0.0
+        } else {
+            let e_s = log2_normal(new_exact.abs()).max(-126);
+            if (new_exact * pow2(f - e_s)).fract() == 0.0 {
+                0.0
+            } else {
+                pow2(e_s - f)
+            }
+        }
+    } else {
+        // |S| ≤ |exact| + Δ + cut, in the reference's order
+        let e_s = log2_normal(new_exact.abs() + d + cut).max(-126);
+        if e_max_lower != NONE && e_s <= e_max_lower {
+            0.0
+        } else {
+            pow2(e_s - f)
+        }
+    };
+    // no term at all: the step adds exactly nothing
+    if e_u == NONE {
+        d
+    } else {
+        d + cut + write_back
+    }
 }
 
 /// The row's exponents over the step, zeros encoded for the max and for the count.
@@ -166,53 +231,48 @@ fn step_row_generic(
         } else {
             NONE
         };
-        let (x, d) = (exact[j], delta[j]);
-        let c_upper = x.abs() + d;
-        let e_c = if has_c && c_upper > 0.0 {
-            log2_normal(c_upper).max(-126)
-        } else {
-            NONE
-        };
-        let c_lower = x.abs() - d;
-        let e_cl = if has_c && c_lower > 0.0 {
-            log2_normal(c_lower).max(-126)
-        } else {
-            NONE
-        };
-        let eu = ep.max(e_c);
+        let (eu, eml, has) = exponents_lane(has_c, ep, exact[j], delta[j]);
         e_p[j] = ep;
         e_u[j] = eu;
-        e_ml[j] = ep.max(e_cl);
-        hc[j] = e_c != NONE;
+        e_ml[j] = eml;
+        hc[j] = has;
         // every nonzero pair (≤ 16) is below the ceiling, every zero pair (≥ 54) above
         thr[j] = (eu - f + 6).clamp(-128, i32::from(super::PAIR_CEILING)) as i8;
     }
     // the nonzero products of every lane that may be cut inexactly
     let count = &mut s.count[..cols];
-    for c0 in (0..cols).step_by(CHUNK) {
-        let mut n = [0u8; CHUNK];
-        let mut t = [i8::MIN; CHUNK];
-        if c0 + CHUNK <= cols {
-            t.copy_from_slice(&thr[c0..c0 + CHUNK]);
-            for (k, &a) in ea_count.iter().enumerate() {
-                let row: &[i8; CHUNK] = ebt_count[k * stride + c0..][..CHUNK]
-                    .try_into()
-                    .expect("a full chunk");
-                for l in 0..CHUNK {
-                    n[l] += u8::from(a.wrapping_add(row[l]) < t[l]);
+    count.fill(0);
+    // u8 counters over at most 255 products at a time (a step may hold more: L up to 2^20)
+    for k0 in (0..ea_count.len()).step_by(255) {
+        let ks = k0..(k0 + 255).min(ea_count.len());
+        for c0 in (0..cols).step_by(CHUNK) {
+            let mut n = [0u8; CHUNK];
+            let mut t = [i8::MIN; CHUNK];
+            let width = CHUNK.min(cols - c0);
+            if width == CHUNK {
+                t.copy_from_slice(&thr[c0..c0 + CHUNK]);
+                for k in ks.clone() {
+                    let a = ea_count[k];
+                    let row: &[i8; CHUNK] = ebt_count[k * stride + c0..][..CHUNK]
+                        .try_into()
+                        .expect("a full chunk");
+                    for l in 0..CHUNK {
+                        n[l] += u8::from(a.wrapping_add(row[l]) < t[l]);
+                    }
+                }
+            } else {
+                t[..width].copy_from_slice(&thr[c0..]);
+                for k in ks.clone() {
+                    let a = ea_count[k];
+                    let row = &ebt_count[k * stride + c0..k * stride + c0 + width];
+                    for ((n, &b), &t) in n.iter_mut().zip(row).zip(t.iter()) {
+                        *n += u8::from(a.wrapping_add(b) < t);
+                    }
                 }
             }
-            count[c0..c0 + CHUNK].copy_from_slice(&n);
-        } else {
-            let width = cols - c0;
-            t[..width].copy_from_slice(&thr[c0..]);
-            for (k, &a) in ea_count.iter().enumerate() {
-                let row = &ebt_count[k * stride + c0..k * stride + c0 + width];
-                for ((n, &b), &t) in n.iter_mut().zip(row).zip(t.iter()) {
-                    *n += u8::from(a.wrapping_add(b) < t);
-                }
+            for (c, &n) in count[c0..c0 + width].iter_mut().zip(&n) {
+                *c += u32::from(n);
             }
-            count[c0..].copy_from_slice(&n[..width]);
         }
     }
     // the step's dots into their blocks'
@@ -226,32 +286,12 @@ fn step_row_generic(
         let (x, d) = (exact[j], delta[j]);
         let new_exact = x + std::mem::take(&mut dots[j]);
         exact[j] = new_exact;
-        if e_u[j] == NONE {
-            continue;
-        }
-        let q = pow2(e_u[j] - f);
-        let cut = (usize::from(count[j]) + usize::from(hc[j])) as f64 * q;
-        let write_back = if e_p[j] == NONE {
-            0.0
-        } else if d + cut == 0.0 {
-            if new_exact == 0.0 {
-                0.0
-            } else {
-                let e_s = log2_normal(new_exact.abs()).max(-126);
-                if (new_exact * pow2(f - e_s)).fract() == 0.0 {
-                    0.0
-                } else {
-                    pow2(e_s - f)
-                }
-            }
-        } else {
-            let e_s = log2_normal(new_exact.abs() + d + cut).max(-126);
-            if e_ml[j] != NONE && e_s <= e_ml[j] {
-                0.0
-            } else {
-                pow2(e_s - f)
-            }
-        };
-        delta[j] = d + cut + write_back;
+        delta[j] = finish_lane(
+            f,
+            (e_p[j], e_u[j], e_ml[j]),
+            count[j] + u32::from(hc[j]),
+            d,
+            new_exact,
+        );
     }
 }

@@ -87,7 +87,8 @@ pub fn gemm(
     let with_bound = with_magnitude && matches!(accumulation, Accumulation::TensorCoreBound { .. });
     let mut c = vec![0f32; m * n];
     let mut magnitude = vec![0f64; if with_magnitude { m * n } else { 0 }];
-    let mut bounds = vec![(0f64, 0f64); if with_bound { m * n } else { 0 }];
+    let bound_len = if with_bound { m * n } else { 0 };
+    let (mut window_magnitude, mut slack) = (vec![0f64; bound_len], vec![0f64; bound_len]);
     if m > 0 && n > 0 {
         let (a_codes, a_s) = (a.codes.as_standard_layout(), a.scales.as_standard_layout());
         let (b_codes, b_s) = (b.codes.as_standard_layout(), b.scales.as_standard_layout());
@@ -107,12 +108,25 @@ pub fn gemm(
             Accumulation::TensorCoreBound {
                 bound,
                 promote_interval,
-            } if with_bound => exact(
-                &ops,
-                &mut c,
-                &mut magnitude,
-                Some((bound, *promote_interval, &mut bounds)),
-            ),
+            } if with_bound => {
+                let window = window_len(*promote_interval, a.codes.ncols());
+                if fused_bound::fits(block_size, window, bound.group) {
+                    fused_bound::bound_fused(
+                        &ops,
+                        (bound, window),
+                        &mut c,
+                        &mut magnitude,
+                        (&mut window_magnitude, &mut slack),
+                    )
+                } else {
+                    exact(
+                        &ops,
+                        &mut c,
+                        &mut magnitude,
+                        Some((bound, *promote_interval, &mut window_magnitude, &mut slack)),
+                    )
+                }
+            }
             // without magnitudes the bound mode's output is the exact mode's
             Accumulation::TensorCoreBound { .. } if block_size <= fused::MAX_FUSED_BLOCK => {
                 fused::exact_fused(&ops, &mut c, &mut magnitude)
@@ -124,7 +138,6 @@ pub fn gemm(
         }
     }
     let shape = |on: bool| if on { (m, n) } else { (0, 0) };
-    let (window_magnitude, slack): (Vec<f64>, Vec<f64>) = bounds.into_iter().unzip();
     GemmOut {
         c: Array2::from_shape_vec((m, n), c).expect("m·n elements"),
         magnitude: Array2::from_shape_vec(shape(with_magnitude), magnitude).expect("matching size"),
@@ -179,12 +192,12 @@ type Task<'a> = (
     usize,
     &'a mut [f32],
     Option<&'a mut [f64]>,
-    Option<&'a mut [(f64, f64)]>,
+    Option<(&'a mut [f64], &'a mut [f64])>,
 );
 
 /// The bound mode's extra work for [`exact`]: the bound, the promotion interval and, per
 /// element, `(Σ_w |P_w|·a_s·b_s, Σ_w Δ_w·a_s·b_s)`.
-type BoundJob<'a> = Option<(&'a TensorCoreBound, usize, &'a mut [(f64, f64)])>;
+type BoundJob<'a> = Option<(&'a TensorCoreBound, usize, &'a mut [f64], &'a mut [f64])>;
 
 /// A run of K over which one f64 GEMM computes partial dots: the K-blocks, cut further at the
 /// bound's Tensor Core steps.
@@ -292,9 +305,9 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
     let values = e4m3_values();
     let (k, n) = (ops.a.ncols(), ops.b.nrows());
     let bs = ops.block_size;
-    let (bound, out_bounds) = match bound {
-        Some((b, interval, out)) => (Some((b, window_len(interval, k))), out),
-        None => (None, &mut [][..]),
+    let (bound, out_wmag, out_slack) = match bound {
+        Some((b, interval, wmag, slack)) => (Some((b, window_len(interval, k))), wmag, slack),
+        None => (None, &mut [][..], &mut [][..]),
     };
     let plan = segments(k, bs, bound.map(|(b, window)| (window, b.group)));
     // every code of b decoded once: [N, K] f64 (and its exponents in bound mode)
@@ -311,7 +324,7 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
     let with_magnitude = !magnitude.is_empty();
     let chunk = ROWS_PER_TASK * n;
     let mut mags = magnitude.chunks_mut(chunk);
-    let mut outs = out_bounds.chunks_mut(chunk);
+    let mut outs = out_wmag.chunks_mut(chunk).zip(out_slack.chunks_mut(chunk));
     let tasks: Vec<Task> = c
         .chunks_mut(chunk)
         .enumerate()
@@ -434,20 +447,21 @@ fn exact(ops: &Operands, c: &mut [f32], magnitude: &mut [f64], bound: BoundJob) 
                             for (j, x) in sb.iter_mut().enumerate().take(cols) {
                                 *x = ops.b_s[[ops.b_scale_row(n0 + j), kb]];
                             }
-                            let out = bound_rows.as_deref_mut().expect("bound mode");
+                            let out = bound_rows.as_mut().expect("bound mode");
                             for i in 0..rows {
                                 let sa = f64::from(ops.a_s[[ops.a_scale_row(r0 + i), kb]]);
                                 let row = i * cols..(i + 1) * cols;
-                                let o = &mut out[i * n + n0..i * n + n0 + cols];
-                                for (((o, x), d), &sbj) in o
+                                let at = i * n + n0..i * n + n0 + cols;
+                                for ((((wm, sl), x), d), &sbj) in out.0[at.clone()]
                                     .iter_mut()
+                                    .zip(&mut out.1[at])
                                     .zip(&mut window_exact[row.clone()])
                                     .zip(&mut window_delta[row])
                                     .zip(&sb)
                                 {
                                     let s = sa * f64::from(sbj);
-                                    o.0 += std::mem::take(x).abs() * s;
-                                    o.1 += std::mem::take(d) * s;
+                                    *wm += std::mem::take(x).abs() * s;
+                                    *sl += std::mem::take(d) * s;
                                 }
                             }
                         }
@@ -590,5 +604,6 @@ pub fn grouped(
 }
 
 mod fused;
+mod fused_bound;
 mod lanes;
 mod tc;
