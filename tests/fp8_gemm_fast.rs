@@ -17,20 +17,10 @@ use dsv3_reference::fp8::{
 use ndarray::{Array2, Array3};
 use proptest::prelude::*;
 
-/// A tiny xorshift stream: the proptest seed decides everything.
-struct Stream(u64);
+mod common;
 
-impl Stream {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The proptest seed decides everything.
+use common::Stream;
 
 /// Codes `[rows, k]`, one hazard kind per 1×B tile.
 fn codes(s: &mut Stream, rows: usize, k: usize, block: usize) -> Array2<u8> {

@@ -5,6 +5,7 @@
 //! memory: a 671B checkpoint's layer is never copied or dequantized as a whole.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 
 use half::bf16;
 use ndarray::{s, Array2, ArrayView2};
@@ -50,7 +51,7 @@ impl Precision {
     }
 
     /// Whether weights and GEMM operands are rounded to bf16.
-    fn rounds_to_bf16(self) -> bool {
+    pub fn rounds_to_bf16(self) -> bool {
         matches!(self, Precision::Bf16 | Precision::Fp8 { .. })
     }
 }
@@ -222,6 +223,28 @@ impl<'a> Linear<'a> {
     }
 }
 
+/// A faster implementation of [`linear`] that computes the very same bits, or `None` to leave a
+/// call to the readable loops below (which also produce every error). The reference never
+/// installs one; the root crate's model fast path does, around a forward ([`with_backend`]).
+pub type Backend = fn(ArrayView2<f32>, &Linear, Precision) -> Option<Result<Array2<f32>>>;
+
+thread_local! {
+    static BACKEND: Cell<Option<Backend>> = const { Cell::new(None) };
+}
+
+/// Run `f` with `backend` computing the [`linear`] calls made on this thread (`None`: the
+/// readable loops), then restore the previous one (also when `f` panics).
+pub fn with_backend<R>(backend: Option<Backend>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Backend>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BACKEND.with(|b| b.set(self.0));
+        }
+    }
+    let _restore = Restore(BACKEND.with(|b| b.replace(backend)));
+    f()
+}
+
 /// `y[m, n] = Σ_k x[m, k] · W[n, k] (+ b[n])`.
 ///
 /// OFF `linear()` / `nn.Linear`. Shapes: `x: [M, K]`, `W: [N, K]` → `y: [M, N]`. Sums in f64,
@@ -229,6 +252,11 @@ impl<'a> Linear<'a> {
 /// accumulation); `Fp8` takes [`fp8_linear`] (callers pass `precision.outside_fp8()` for the
 /// Linears V3 §3.3 keeps out of FP8).
 pub fn linear(x: ArrayView2<f32>, l: &Linear, precision: Precision) -> Result<Array2<f32>> {
+    if let Some(fast) = BACKEND.with(Cell::get) {
+        if let Some(y) = fast(x, l, precision) {
+            return y;
+        }
+    }
     let w = &l.weight;
     let (m_len, k_len) = x.dim();
     if k_len != w.cols {
@@ -287,6 +315,30 @@ pub fn linear(x: ArrayView2<f32>, l: &Linear, precision: Precision) -> Result<Ar
 /// Deviation: OFF HEAD forwards `scale_fmt` only from plain `Linear` (wq_a, wkv_a, routed
 /// experts), not from Column/RowParallelLinear; we apply it to every FP8 Linear (SPEC.md).
 pub fn fp8_linear(x: ArrayView2<f32>, l: &Linear, scale_fmt: ScaleFmt) -> Result<Array2<f32>> {
+    fp8_linear_with(x, l, scale_fmt, &|a, a_s, b, b_s, block| {
+        fp8_gemm(a, a_s, b, b_s, block, &Accumulation::Exact)
+    })
+}
+
+/// The GEMM step of [`fp8_linear`]: `(x codes [M, K], x scales [M, ⌈K/B⌉], W codes [N, K],
+/// W scales [⌈N/B⌉, ⌈K/B⌉], B)` → the f32 accumulators `[M, N]` of
+/// [`fp8_gemm`] with exact block dots (it validates its operands).
+pub type Fp8Gemm<'f> = &'f dyn Fn(
+    ArrayView2<u8>,
+    ArrayView2<f32>,
+    ArrayView2<u8>,
+    ArrayView2<f32>,
+    usize,
+) -> Result<Array2<f32>>;
+
+/// [`fp8_linear`] with its GEMM step computed by `gemm` (a faster implementation of the same
+/// bits, e.g. the root crate's fast path).
+pub fn fp8_linear_with(
+    x: ArrayView2<f32>,
+    l: &Linear,
+    scale_fmt: ScaleFmt,
+    gemm: Fp8Gemm,
+) -> Result<Array2<f32>> {
     let w = &l.weight;
     // pass 1: the weight's codes and block scales
     let quantized;
@@ -321,15 +373,7 @@ pub fn fp8_linear(x: ArrayView2<f32>, l: &Linear, scale_fmt: ScaleFmt) -> Result
         act_quant_any_k(x.view(), block, scale_fmt)?
     };
     // pass 3: block-scaled GEMM with exact block dots, output in bf16
-    let mut y = fp8_gemm(
-        xq.y.view(),
-        xq.s.view(),
-        codes,
-        scales,
-        block,
-        &Accumulation::Exact,
-    )
-    .map_err(|e| w.error(e))?;
+    let mut y = gemm(xq.y.view(), xq.s.view(), codes, scales, block).map_err(|e| w.error(e))?;
     y.mapv_inplace(bf16_round_f32);
     // pass 4: bias added to the bf16 output
     if let Some(b) = &l.bias {

@@ -42,6 +42,10 @@ pub struct Args {
     /// after it (what vLLM passes).
     #[arg(long, value_parser = super::choice::<MainHidden>(), default_value = "before-final-norm")]
     mtp_hidden: MainHidden,
+    /// Run every Linear through the readable single-threaded reference loops instead of the
+    /// fast path (vectorised, multi-threaded, bit-identical: SPEC.md "Model forward").
+    #[arg(long)]
+    readable: bool,
 }
 
 pub fn run(a: Args) -> Result<bool> {
@@ -55,6 +59,7 @@ pub fn run(a: Args) -> Result<bool> {
         attn: a.attn,
         mtp: a.mtp,
         mtp_hidden: a.mtp_hidden,
+        readable: a.readable,
     };
     forward::run(&args, &mut std::io::stderr())?;
     Ok(true)

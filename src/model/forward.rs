@@ -13,6 +13,7 @@ use dsv3_reference::model::{AttnImpl, Ffn, Logits, MainHidden, Model};
 use dsv3_reference::train::mtp_loss::{mtp_lambda, mtp_loss, mtp_module_loss};
 
 use crate::model::checkpoint::Checkpoint;
+use crate::model::fast_linear;
 use crate::registry::config::Choice;
 use crate::registry::error::{Error, Result};
 use crate::registry::io::{self, TensorMap};
@@ -80,6 +81,9 @@ pub struct ForwardArgs {
     pub mtp: bool,
     /// `h^0` of MTP module 1.
     pub mtp_hidden: MainHidden,
+    /// Run the readable single-threaded Linears instead of the fast path
+    /// ([`crate::model::fast_linear`], bit-identical).
+    pub readable: bool,
 }
 
 /// What happened.
@@ -222,8 +226,17 @@ fn top(row: ndarray::ArrayView1<f32>, n: usize) -> Vec<(usize, f32)> {
     v
 }
 
-/// Load, run, write `logits` F32 `[T, vocab]`; progress lines go to `log`.
+/// Load, run, write `logits` F32 `[T, vocab]`; progress lines go to `log`. The Linears run on
+/// the fast path unless `args.readable`.
 pub fn run(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
+    if args.readable {
+        run_here(args, log)
+    } else {
+        fast_linear::install(|| run_here(args, log))
+    }
+}
+
+fn run_here(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
     if args.tokens.is_empty() {
         return Err(Error::Usage("--tokens: no tokens given".into()));
     }
@@ -300,9 +313,14 @@ pub fn run(args: &ForwardArgs, log: &mut dyn Write) -> Result<ForwardReport> {
     let seconds = start.elapsed().as_secs_f64();
     let _ = writeln!(
         log,
-        "{mode}, precision {}, {} token(s): {seconds:.3} s",
+        "{mode}, precision {}, {} token(s): {seconds:.3} s ({} Linears)",
         precision_name(precision),
-        args.tokens.len()
+        args.tokens.len(),
+        if args.readable {
+            "readable"
+        } else {
+            "fast, bit-identical"
+        }
     );
     let (vs_f32, mtp_vs_f32, selection_changes) = if precision == Precision::F32 {
         (None, Vec::new(), None)

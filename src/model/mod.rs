@@ -2,4 +2,5 @@
 //! ([`forward`]); `dsv3 verify` runs it on the model fixtures ([`crate::verify::models`]).
 
 pub mod checkpoint;
+pub mod fast_linear;
 pub mod forward;

@@ -77,7 +77,13 @@ const RUNS: [Run; 3] = [
 
 /// The rows of one model fixture: main logits per [`RUNS`] entry, and with an MTP layer its
 /// logits per run and per `h^0` (before and after the final norm).
+/// The forwards run on the fast Linears ([`crate::model::fast_linear`], bit-identical to the
+/// readable ones: `tests/model_fast.rs`).
 pub fn run_model_case(dir: &Path, case: &ModelCase) -> Vec<CaseResult> {
+    crate::model::fast_linear::install(|| run_model_case_here(dir, case))
+}
+
+fn run_model_case_here(dir: &Path, case: &ModelCase) -> Vec<CaseResult> {
     let compare = format!("max|Δ| ≤ {LOGITS_REL_TOL:e}·max|ref|");
     let row = |what: String| {
         let name = format!("model/{}/{what}", case.name);

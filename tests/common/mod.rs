@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: the model-level fixture tests
-//! (`forward_fixtures.rs`, `mtp_fixtures.rs`) and the CLI tests (`reliability.rs`,
-//! `ci_conventions.rs`, `fuzz.rs`).
+//! (`forward_fixtures.rs`, `mtp_fixtures.rs`, `model_fast.rs`), the CLI tests (`reliability.rs`,
+//! `ci_conventions.rs`, `fuzz.rs`) and the fast-path identities (`fp8_gemm_fast.rs`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -90,4 +90,20 @@ pub fn check_file(op: &str, file: &Path, extra: &[&str]) -> (i32, String, String
     let mut args = vec!["check", op, "--inputs", s(file), "--outputs", s(file)];
     args.extend_from_slice(extra);
     run(&args)
+}
+
+/// A tiny xorshift stream: the seed decides everything a test draws.
+pub struct Stream(pub u64);
+
+impl Stream {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
 }
