@@ -21,7 +21,7 @@ use dsv3_reference::fp8::ScaleFmt;
 use dsv3_reference::linear::{linear, Linear, Precision, Stored, Weight};
 use dsv3_reference::model::{AttnImpl, MainHidden};
 
-use common::{fixtures, Stream};
+use common::{dsv3, fixtures, s, scratch, Stream};
 
 /// A value with a wide spread of magnitudes and both signs.
 fn value(s: &mut Stream) -> f32 {
@@ -214,4 +214,40 @@ fn fast_forwards_are_bit_identical_on_every_model_fixture() {
         }
     }
     assert_eq!(runs, models.len() * 9);
+}
+
+/// `dsv3 forward` and `dsv3 forward --readable` write byte-identical logits (decode, fp8, MTP)
+/// and say which Linears ran.
+#[test]
+fn cli_readable_and_fast_forwards_write_the_same_logits() {
+    let dir = scratch("readable");
+    let model = fixtures().join("models").join("fp8_sharded");
+    let (fast, readable) = (dir.join("fast.safetensors"), dir.join("readable.safetensors"));
+    for (out, extra) in [(&fast, None), (&readable, Some("--readable"))] {
+        let mut args = vec![
+            "forward",
+            "--model",
+            s(&model),
+            "--tokens",
+            "64,109,100,36,120",
+            "--decode",
+            "--precision",
+            "fp8",
+            "--mtp",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        let (code, err) = dsv3(&args);
+        assert_eq!(code, 0, "{err}");
+        let which = if extra.is_some() {
+            "(readable Linears)"
+        } else {
+            "(fast, bit-identical Linears)"
+        };
+        assert!(err.contains(which), "{err}");
+    }
+    let (a, b) = (std::fs::read(&fast).unwrap(), std::fs::read(&readable).unwrap());
+    assert!(a.len() > 1000);
+    assert!(a == b, "the logits files differ");
 }
