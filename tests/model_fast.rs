@@ -103,6 +103,7 @@ fn fast_linears_are_bit_identical_to_the_readable_loops() {
             (9, 40, 300, 128),
             (5, 33, 256, 64),
             (2, 100, 200, 128),
+            (2, 5, 0, 128),
         ] {
             for with_bias in [false, true] {
                 let mut l = Linear::new(weight(&mut s, form, n, k, b));
@@ -123,7 +124,7 @@ fn fast_linears_are_bit_identical_to_the_readable_loops() {
             }
         }
     }
-    assert_eq!(cases, 4 * 5 * 2 * 4);
+    assert_eq!(cases, 4 * 6 * 2 * 4);
 }
 
 #[test]
@@ -222,7 +223,10 @@ fn fast_forwards_are_bit_identical_on_every_model_fixture() {
 fn cli_readable_and_fast_forwards_write_the_same_logits() {
     let dir = scratch("readable");
     let model = fixtures().join("models").join("fp8_sharded");
-    let (fast, readable) = (dir.join("fast.safetensors"), dir.join("readable.safetensors"));
+    let (fast, readable) = (
+        dir.join("fast.safetensors"),
+        dir.join("readable.safetensors"),
+    );
     for (out, extra) in [(&fast, None), (&readable, Some("--readable"))] {
         let mut args = vec![
             "forward",
@@ -247,7 +251,10 @@ fn cli_readable_and_fast_forwards_write_the_same_logits() {
         };
         assert!(err.contains(which), "{err}");
     }
-    let (a, b) = (std::fs::read(&fast).unwrap(), std::fs::read(&readable).unwrap());
+    let (a, b) = (
+        std::fs::read(&fast).unwrap(),
+        std::fs::read(&readable).unwrap(),
+    );
     assert!(a.len() > 1000);
     assert!(a == b, "the logits files differ");
 }

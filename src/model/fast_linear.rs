@@ -51,7 +51,8 @@ pub fn install<R>(f: impl FnOnce() -> R) -> R {
 fn backend(x: ArrayView2<f32>, l: &Linear, precision: Precision) -> Option<Result<Array2<f32>>> {
     let w = &l.weight;
     let bias_fits = l.bias.as_ref().is_none_or(|b| b.len() == w.rows);
-    if x.ncols() != w.cols || x.nrows() == 0 || w.rows == 0 || !bias_fits || w.validate().is_err() {
+    let empty = x.nrows() == 0 || w.rows == 0 || w.cols == 0;
+    if x.ncols() != w.cols || empty || !bias_fits || w.validate().is_err() {
         return None;
     }
     match precision {
