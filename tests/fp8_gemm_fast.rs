@@ -14,6 +14,7 @@ use dsv3_reference::fp8::{
     m_grouped_fp8_gemm_contiguous, m_grouped_fp8_gemm_masked, TensorCoreModel, TermCut, WriteBack,
     HOPPER_FP8_WGMMA,
 };
+use dsv3_reference::numeric::round_to_bf16;
 use ndarray::{Array2, Array3};
 use proptest::prelude::*;
 
@@ -218,7 +219,8 @@ proptest! {
 }
 
 /// The fused kernel's tiles (256 × 256 outputs per task, 6 × 16 per micro-tile) with partial tiles
-/// on both sides and a partial last K-block: bit-identical to the readable loop.
+/// on both sides and a partial last K-block: bit-identical to the readable loop; its bf16 output
+/// (written from the tiles) is the rounding of those accumulators.
 #[test]
 fn the_fused_kernel_is_bit_identical_across_several_tiles() {
     let mut s = Stream(99);
@@ -249,6 +251,36 @@ fn the_fused_kernel_is_bit_identical_across_several_tiles() {
             false,
         );
         assert_eq!(bits(&out.c), bits(&readable), "M={m} N={n} K={k} B={block}");
+        // the bf16 output written from the tiles: the RNE rounding of every accumulator
+        for acc in [
+            Accumulation::Exact,
+            Accumulation::TensorCore {
+                model: HOPPER_FP8_WGMMA,
+                promote_interval: block,
+            },
+        ] {
+            let want: Vec<u8> = fast::gemm(
+                BlockScaled::tiles(a.view(), a_s.view()),
+                BlockScaled::blocks(b.view(), b_s.view()),
+                block,
+                &acc,
+                false,
+            )
+            .c
+            .iter()
+            .flat_map(|&v| round_to_bf16(v).to_le_bytes())
+            .collect();
+            let got = fast::gemm_bf16(
+                BlockScaled::tiles(a.view(), a_s.view()),
+                BlockScaled::blocks(b.view(), b_s.view()),
+                block,
+                &acc,
+            );
+            assert!(
+                got == want,
+                "bf16 output M={m} N={n} K={k} B={block} {acc:?}"
+            );
+        }
     }
 }
 

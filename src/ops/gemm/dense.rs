@@ -5,7 +5,7 @@ use dsv3_gpu::fp8_gemm::Backend;
 #[cfg(feature = "cuda")]
 use dsv3_gpu::Floats;
 use dsv3_reference::fp8::fp8_gemm::{self as reference, BlockScaled};
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 
 use super::generate::{codes, scales, size};
 #[cfg(feature = "cuda")]
@@ -14,7 +14,7 @@ use super::{
     Backends, GemmConfig, Layout, BLOCK, OUT_DTYPES, POLICY_DOC, SCALE_DTYPES, SCHEMA, TEST_CONFIGS,
 };
 use crate::ops::gemm::fast::{self, GemmOut};
-use crate::ops::{gen_fits, get, outputs};
+use crate::ops::{gen_fits, get, outputs, OutDtype};
 use crate::registry::contract::{Dim, TensorSpec};
 use crate::registry::error::Result;
 use crate::registry::io::TensorMap;
@@ -54,15 +54,19 @@ pub static FP8_GEMM: OpEntry = OpEntry {
     ],
 };
 
-/// A dense GEMM's operands: `(a, a_s, b, b_s)` as matrices (`a`'s leading dims flattened).
-pub(crate) struct Dense {
-    a: Array2<u8>,
+/// The dense GEMM (`fp8_gemm`).
+pub(crate) struct Dense;
+
+/// A dense GEMM's operands: `(a, a_s, b, b_s)` as matrices (`a`'s leading dims flattened), the
+/// codes borrowed from the inputs (at V3 sizes a copy would add tens of MB to a check).
+pub(crate) struct DenseOps<'a> {
+    a: ArrayView2<'a, u8>,
     a_s: Array2<f32>,
-    b: Array2<u8>,
+    b: ArrayView2<'a, u8>,
     b_s: Array2<f32>,
 }
 
-impl Dense {
+impl DenseOps<'_> {
     fn tiles(&self) -> (BlockScaled<'_>, BlockScaled<'_>) {
         (
             BlockScaled::tiles(self.a.view(), self.a_s.view()),
@@ -73,22 +77,22 @@ impl Dense {
 
 impl Layout for Dense {
     const OUTPUT: &'static str = "c";
-    type Operands = Dense;
+    type Operands<'a> = DenseOps<'a>;
 
     /// a's leading dims flattened as OFF: `M = numel / K` (also when K = 0).
-    fn operands(inputs: &TensorMap, cfg: &GemmConfig) -> Result<Dense> {
+    fn operands<'a>(inputs: &'a TensorMap, cfg: &GemmConfig) -> Result<DenseOps<'a>> {
         let a_t = get(inputs, "a");
         let k = *a_t.shape.last().unwrap_or(&0);
         let m: usize = a_t.shape[..a_t.shape.len() - 1].iter().product();
-        let a = Array2::from_shape_vec((m, k), a_t.data.clone()).expect("validated shape");
+        let a = ArrayView2::from_shape((m, k), &a_t.data[..]).expect("validated shape");
         let a_s = get(inputs, "a_s").to_f32().expect("F32 or F8_E8M0 scales");
         let a_s =
             Array2::from_shape_vec((m, k.div_ceil(cfg.block_size)), a_s).expect("validated shape");
-        let (b, b_s) = (
-            (get(inputs, "b")).matrix_u8(),
-            (get(inputs, "b_s")).matrix_f32(),
-        );
-        let d = Dense { a, a_s, b, b_s };
+        let b_t = get(inputs, "b");
+        let b = ArrayView2::from_shape((b_t.shape[0], b_t.shape[1]), &b_t.data[..])
+            .expect("validated shape");
+        let b_s = get(inputs, "b_s").matrix_f32();
+        let d = DenseOps { a, a_s, b, b_s };
         let (a, b) = d.tiles();
         reference::check_gemm(
             "fp8_gemm",
@@ -101,9 +105,20 @@ impl Layout for Dense {
         Ok(d)
     }
 
-    fn compute(ops: &Dense, cfg: &GemmConfig, with_magnitude: bool) -> GemmOut {
+    fn compute(ops: &DenseOps, cfg: &GemmConfig, with_magnitude: bool) -> GemmOut {
         let (a, b) = ops.tiles();
         fast::gemm(a, b, cfg.block_size, &cfg.accumulation(), with_magnitude)
+    }
+
+    /// A bf16 output straight from the kernel's tiles (no f32 `[M, N]` array: at M = 4096,
+    /// N = 7168 that is 117 MB of a check's memory).
+    fn output(ops: &DenseOps, cfg: &GemmConfig, shape: Vec<usize>) -> Tensor {
+        if cfg.out_dtype != OutDtype::Bf16 {
+            return cfg.out_tensor(shape, &Self::compute(ops, cfg, false).c);
+        }
+        let (a, b) = ops.tiles();
+        let bytes = fast::gemm_bf16(a, b, cfg.block_size, &cfg.accumulation());
+        Tensor::from_bytes(DType::BF16, shape, bytes).expect("two bytes per element")
     }
 
     fn shape(inputs: &TensorMap) -> (Vec<usize>, usize) {
@@ -143,7 +158,12 @@ impl Layout for Dense {
     }
 
     #[cfg(feature = "cuda")]
-    fn gpu(g: &dsv3_gpu::Gpu, backend: Backend, ops: &Dense, cfg: &GemmConfig) -> Result<Floats> {
+    fn gpu(
+        g: &dsv3_gpu::Gpu,
+        backend: Backend,
+        ops: &DenseOps,
+        cfg: &GemmConfig,
+    ) -> Result<Floats> {
         let (a, b) = ops.tiles();
         gpu::gemm_on_gpu(g, backend, a, b, cfg)
     }

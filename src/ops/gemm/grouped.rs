@@ -114,7 +114,7 @@ pub(crate) struct Contiguous;
 
 impl Layout for Contiguous {
     const OUTPUT: &'static str = "c";
-    type Operands = Grouped;
+    type Operands<'a> = Grouped;
 
     fn operands(inputs: &TensorMap, cfg: &GemmConfig) -> Result<Grouped> {
         let (a, a_s) = (
@@ -207,7 +207,7 @@ pub(crate) struct Masked;
 
 impl Layout for Masked {
     const OUTPUT: &'static str = "c";
-    type Operands = Grouped;
+    type Operands<'a> = Grouped;
 
     fn operands(inputs: &TensorMap, cfg: &GemmConfig) -> Result<Grouped> {
         let (a3, a_s3) = ((get(inputs, "a")).codes3(), (get(inputs, "a_s")).floats3());

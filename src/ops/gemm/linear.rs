@@ -70,7 +70,7 @@ impl Operands {
 
 impl<X: TrainingGemm> Layout for X {
     const OUTPUT: &'static str = X::T.output;
-    type Operands = Operands;
+    type Operands<'a> = Operands;
 
     fn operands(inputs: &TensorMap, cfg: &GemmConfig) -> Result<Operands> {
         let t = &X::T;

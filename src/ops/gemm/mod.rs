@@ -178,14 +178,20 @@ impl GemmConfig {
 
     /// The output tensor of f32 accumulators `c` under `out_dtype`.
     fn out_tensor(&self, shape: Vec<usize>, c: &Array2<f32>) -> Tensor {
-        let values: Vec<f32> = c.iter().copied().collect();
-        match self.out_dtype {
-            OutDtype::F32 => Tensor::from_f32(shape, &values),
-            OutDtype::Bf16 => Tensor::from_bf16(
-                shape,
-                &values.iter().map(|&v| round_to_bf16(v)).collect::<Vec<_>>(),
-            ),
+        // the output's bytes written straight from the accumulators (no intermediate copies:
+        // at V3 sizes each would be hundreds of MB)
+        let (dtype, size) = match self.out_dtype {
+            OutDtype::F32 => (DType::F32, 4),
+            OutDtype::Bf16 => (DType::BF16, 2),
+        };
+        let mut bytes = Vec::with_capacity(c.len() * size);
+        for &v in c {
+            match self.out_dtype {
+                OutDtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+                OutDtype::Bf16 => bytes.extend_from_slice(&round_to_bf16(v).to_le_bytes()),
+            }
         }
+        Tensor::from_bytes(dtype, shape, bytes).expect("one value per element")
     }
 }
 
@@ -228,17 +234,22 @@ covers another f32 order across blocks, FMA contraction and (a_s·b_s)·p as Dee
 pub(crate) trait Layout: 'static {
     /// The output tensor's name (`c`, `y`, `dx`, `dw`).
     const OUTPUT: &'static str;
-    /// The operands as the reference takes them.
-    type Operands;
+    /// The operands as the reference takes them (they may borrow the inputs' bytes).
+    type Operands<'a>;
 
     /// The operands of contract-checked `inputs`, validated by the reference's rules.
-    fn operands(inputs: &TensorMap, cfg: &GemmConfig) -> Result<Self::Operands>;
+    fn operands<'a>(inputs: &'a TensorMap, cfg: &GemmConfig) -> Result<Self::Operands<'a>>;
     /// The f32 accumulators (rows in output order), with magnitudes when asked for.
-    fn compute(ops: &Self::Operands, cfg: &GemmConfig, with_magnitude: bool) -> GemmOut;
+    fn compute(ops: &Self::Operands<'_>, cfg: &GemmConfig, with_magnitude: bool) -> GemmOut;
+    /// The reference output tensor of the exact and `tensor_core` modes, `[shape]` under
+    /// `out_dtype`.
+    fn output(ops: &Self::Operands<'_>, cfg: &GemmConfig, shape: Vec<usize>) -> Tensor {
+        cfg.out_tensor(shape, &Self::compute(ops, cfg, false).c)
+    }
     /// The output's shape and the reduction length.
     fn shape(inputs: &TensorMap) -> (Vec<usize>, usize);
     /// The rows the op defines (grouped layouts leave padding rows undefined); `None`: all.
-    fn defined_rows(_ops: &Self::Operands) -> Option<Vec<bool>> {
+    fn defined_rows(_ops: &Self::Operands<'_>) -> Option<Vec<bool>> {
         None
     }
     /// Random inputs (registry [`crate::registry::GenFn`]).
@@ -248,7 +259,7 @@ pub(crate) trait Layout: 'static {
     fn gpu(
         gpu: &dsv3_gpu::Gpu,
         backend: Backend,
-        ops: &Self::Operands,
+        ops: &Self::Operands<'_>,
         cfg: &GemmConfig,
     ) -> Result<Floats>;
 }

@@ -54,8 +54,7 @@ pub(super) fn reference<L: Layout>(inputs: &TensorMap, cfg: &GemmConfig) -> Resu
         promote_interval, ..
     } = cfg.accumulation()
     else {
-        let out = L::compute(&ops, cfg, false);
-        return Ok(outputs([(L::OUTPUT, cfg.out_tensor(shape, &out.c))]));
+        return Ok(outputs([(L::OUTPUT, L::output(&ops, cfg, shape))]));
     };
     let out = L::compute(&ops, cfg, true);
     let tolerance = tolerances(&out, cfg, k, promote_interval);

@@ -15,6 +15,7 @@
 //! compiler keeps the 6×16 accumulators in registers).
 
 use dsv3_reference::fp8::fp8_gemm::e4m3_values;
+use dsv3_reference::numeric::round_to_bf16;
 use rayon::prelude::*;
 
 use super::Operands;
@@ -70,6 +71,17 @@ pub(super) fn isa() -> Isa {
 /// Exact mode, fused: `c [M·N]` f32 accumulators (zero on entry), and each element's
 /// `Σ |p|·a_s·b_s` into `magnitude` when it is not empty. Block size ≤ [`MAX_FUSED_BLOCK`].
 pub(super) fn exact_fused(ops: &Operands, c: &mut [f32], magnitude: &mut [f64]) {
+    exact_fused_into(ops, Sink::F32(c.as_mut_ptr()), magnitude)
+}
+
+/// Exact mode, fused, each accumulator rounded to bf16 (RNE) as it leaves its tile:
+/// `bf16 [2·M·N]` little-endian bytes, no f32 M×N array.
+pub(super) fn exact_fused_bf16(ops: &Operands, bf16: &mut [u8]) {
+    debug_assert_eq!(bf16.len(), 2 * ops.a.nrows() * ops.b.nrows());
+    exact_fused_into(ops, Sink::Bf16(bf16.as_mut_ptr()), &mut [])
+}
+
+fn exact_fused_into(ops: &Operands, c: Sink, magnitude: &mut [f64]) {
     let values = e4m3_values();
     let (m, n) = (ops.a.nrows(), ops.b.nrows());
     let bs = ops.block_size;
@@ -81,7 +93,7 @@ pub(super) fn exact_fused(ops: &Operands, c: &mut [f32], magnitude: &mut [f64]) 
     let with_magnitude = !magnitude.is_empty();
     let isa = isa();
     let out = Out {
-        c: c.as_mut_ptr(),
+        c,
         magnitude: with_magnitude.then_some(magnitude.as_mut_ptr()),
     };
     // tasks: MC rows × NC columns of the output, disjoint
@@ -190,7 +202,15 @@ fn tile(job: &Job, r0: usize, n0: usize) {
         // SAFETY: row r0 + r < m, columns n0 .. n0 + nc ≤ n: inside c (and magnitude, same
         // shape), and inside this task's tile, which no other task touches.
         let (c_run, mag_run) = unsafe { out.run((r0 + r) * n + n0, nc) };
-        c_run.copy_from_slice(&c_tile[r * nc..(r + 1) * nc]);
+        let acc = &c_tile[r * nc..(r + 1) * nc];
+        match c_run {
+            Run::F32(c) => c.copy_from_slice(acc),
+            Run::Bf16(bytes) => {
+                for (b, &v) in bytes.chunks_exact_mut(2).zip(acc) {
+                    b.copy_from_slice(&round_to_bf16(v).to_le_bytes());
+                }
+            }
+        }
         if let Some(mag) = mag_run {
             mag.copy_from_slice(&mag_tile[r * nc..(r + 1) * nc]);
         }
@@ -244,9 +264,22 @@ pub(super) fn promote(
     }
 }
 
+/// Where the accumulators go: f32 values, or their bf16 roundings as little-endian bytes.
+#[derive(Clone, Copy)]
+enum Sink {
+    F32(*mut f32),
+    Bf16(*mut u8),
+}
+
+/// A run of the accumulators' [`Sink`].
+enum Run<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u8]),
+}
+
 /// The output buffers, written by the tasks through disjoint tiles.
 struct Out {
-    c: *mut f32,
+    c: Sink,
     magnitude: Option<*mut f64>,
 }
 
@@ -260,9 +293,12 @@ impl Out {
     /// # Safety
     /// The run must lie inside the buffers and be written by no one else meanwhile.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn run(&self, at: usize, len: usize) -> (&mut [f32], Option<&mut [f64]>) {
+    unsafe fn run(&self, at: usize, len: usize) -> (Run<'_>, Option<&mut [f64]>) {
         (
-            std::slice::from_raw_parts_mut(self.c.add(at), len),
+            match self.c {
+                Sink::F32(p) => Run::F32(std::slice::from_raw_parts_mut(p.add(at), len)),
+                Sink::Bf16(p) => Run::Bf16(std::slice::from_raw_parts_mut(p.add(2 * at), 2 * len)),
+            },
             self.magnitude
                 .map(|p| std::slice::from_raw_parts_mut(p.add(at), len)),
         )

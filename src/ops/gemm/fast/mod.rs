@@ -25,6 +25,7 @@ use dsv3_reference::fp8::fp8_gemm::{
 };
 use dsv3_reference::fp8::grouped_gemm::{ExpertWeights, GroupRows};
 use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound};
+use dsv3_reference::numeric::round_to_bf16;
 
 /// Rows of the output per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -145,6 +146,43 @@ pub fn gemm(
             .expect("matching size"),
         slack: Array2::from_shape_vec(shape(with_bound), slack).expect("matching size"),
     }
+}
+
+/// [`gemm`]'s accumulators without magnitudes, each rounded to bf16 (RNE) as little-endian
+/// bytes `[2·M·N]`: the exact mode (and the bound mode's output) writes them from its tiles with
+/// no f32 M×N array; other modes round [`gemm`]'s.
+pub fn gemm_bf16(
+    a: BlockScaled,
+    b: BlockScaled,
+    block_size: usize,
+    accumulation: &Accumulation,
+) -> Vec<u8> {
+    let (m, n) = (a.codes.nrows(), b.codes.nrows());
+    let exact_output = matches!(
+        accumulation,
+        Accumulation::Exact | Accumulation::TensorCoreBound { .. }
+    );
+    if !(exact_output && block_size <= fused::MAX_FUSED_BLOCK && m > 0 && n > 0) {
+        let c = gemm(a, b, block_size, accumulation, false).c;
+        let mut bytes = Vec::with_capacity(2 * c.len());
+        for &v in &c {
+            bytes.extend_from_slice(&round_to_bf16(v).to_le_bytes());
+        }
+        return bytes;
+    }
+    let mut bytes = vec![0u8; 2 * m * n];
+    let (a_codes, a_s) = (a.codes.as_standard_layout(), a.scales.as_standard_layout());
+    let (b_codes, b_s) = (b.codes.as_standard_layout(), b.scales.as_standard_layout());
+    let ops = Operands {
+        a: a_codes.view(),
+        a_s: a_s.view(),
+        b: b_codes.view(),
+        b_s: b_s.view(),
+        layouts: (a.layout, b.layout),
+        block_size,
+    };
+    fused::exact_fused_bf16(&ops, &mut bytes);
+    bytes
 }
 
 /// The operands in standard layout.
