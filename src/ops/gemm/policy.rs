@@ -1,6 +1,7 @@
 //! The reference outputs and the tolerance policy of every GEMM op (the module docs of
 //! [`super`] and SPEC.md "FP8 GEMM tolerance" / "Tensor Core bound" derive them).
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 
 use dsv3_reference::fp8::fp8_gemm::Accumulation;
@@ -20,33 +21,47 @@ use crate::registry::PolicyCtx;
 const AUX_ACCUMULATOR: &str = "aux:accumulator";
 const AUX_TOLERANCE: &str = "aux:tolerance";
 
-/// Each element's `tensor_core_bound` tolerance, from the accumulators' magnitudes, window
-/// magnitudes and slack, over a reduction of length `k`.
-fn tolerances(out: &GemmOut, cfg: &GemmConfig, k: usize, promote_interval: usize) -> Vec<f64> {
+/// Each element's `tensor_core_bound` tolerance as little-endian f64 bytes, from the
+/// accumulators' magnitudes, window magnitudes and slack, over a reduction of length `k`.
+fn tolerance_bytes(out: &GemmOut, cfg: &GemmConfig, k: usize, promote_interval: usize) -> Vec<u8> {
     let tolerance = TcBoundTolerance::new((cfg.partials(k), windows(promote_interval, k)));
+    let mut bytes = vec![0u8; 8 * out.magnitude.len()];
     match (
         out.magnitude.as_slice(),
         out.window_magnitude.as_slice(),
         out.slack.as_slice(),
     ) {
         // row-major arrays (every layout's today): in parallel
-        (Some(m), Some(mw), Some(d)) => (0..m.len())
-            .into_par_iter()
-            .map(|i| tolerance.of(m[i], mw[i], d[i]))
-            .collect(),
-        _ => out
-            .magnitude
-            .iter()
-            .zip(&out.window_magnitude)
-            .zip(&out.slack)
-            .map(|((&m, &mw), &d)| tolerance.of(m, mw, d))
-            .collect(),
+        (Some(m), Some(mw), Some(d)) => bytes
+            .par_chunks_mut(8)
+            .enumerate()
+            .for_each(|(i, b)| b.copy_from_slice(&tolerance.of(m[i], mw[i], d[i]).to_le_bytes())),
+        _ => {
+            let values = out
+                .magnitude
+                .iter()
+                .zip(&out.window_magnitude)
+                .zip(&out.slack);
+            for (b, ((&m, &mw), &d)) in bytes.chunks_exact_mut(8).zip(values) {
+                b.copy_from_slice(&tolerance.of(m, mw, d).to_le_bytes());
+            }
+        }
     }
+    bytes
+}
+
+/// The f32 accumulators as little-endian bytes (row-major).
+fn accumulator_bytes(c: &ndarray::Array2<f32>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(4 * c.len());
+    for &v in c {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    bytes
 }
 
 /// The reference outputs of `L`: its output under `out_dtype`; in bound mode also the f32
-/// accumulators and each element's tolerance as auxiliary tensors (the policy reads them
-/// instead of computing everything again).
+/// accumulators and each element's tolerance as auxiliary tensors (the policy reads them in
+/// place instead of computing everything again).
 pub(super) fn reference<L: Layout>(inputs: &TensorMap, cfg: &GemmConfig) -> Result<TensorMap> {
     let (shape, k) = L::shape(inputs);
     let ops = L::operands(inputs, cfg)?;
@@ -57,20 +72,17 @@ pub(super) fn reference<L: Layout>(inputs: &TensorMap, cfg: &GemmConfig) -> Resu
         return Ok(outputs([(L::OUTPUT, L::output(&ops, cfg, shape))]));
     };
     let out = L::compute(&ops, cfg, true);
-    let tolerance = tolerances(&out, cfg, k, promote_interval);
     let flat = vec![out.c.nrows(), out.c.ncols()];
-    let aux_tolerance = Tensor::from_bytes(
-        DType::F64,
-        flat.clone(),
-        tolerance.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    )
-    .expect("one f64 per element");
+    let tolerance = tolerance_bytes(&out, cfg, k, promote_interval);
+    // the magnitudes are spent: only the accumulators are needed from here
+    let c = out.c;
+    let aux_tolerance =
+        Tensor::from_bytes(DType::F64, flat.clone(), tolerance).expect("one f64 per element");
+    let aux_accumulator =
+        Tensor::from_bytes(DType::F32, flat, accumulator_bytes(&c)).expect("one f32 per element");
     Ok(outputs([
-        (L::OUTPUT, cfg.out_tensor(shape, &out.c)),
-        (
-            AUX_ACCUMULATOR,
-            Tensor::from_f32(flat, &out.c.iter().copied().collect::<Vec<_>>()),
-        ),
+        (L::OUTPUT, cfg.out_tensor(shape, &c)),
+        (AUX_ACCUMULATOR, aux_accumulator),
         (AUX_TOLERANCE, aux_tolerance),
     ]))
 }
@@ -110,30 +122,32 @@ fn bound_policy<'a, L: Layout>(
 ) -> Policy<'a> {
     let candidate = get(ctx.candidate, ctx.output);
     let bf16_out = candidate.dtype == DType::BF16;
-    // the reference handed over its accumulators and tolerances (else: compute them)
-    let (acc, tol) = match (
+    // the reference handed over its accumulators and tolerances, read in place (else: compute
+    // them); little-endian f32 and f64 bytes
+    let (acc, tol): (Cow<[u8]>, Cow<[u8]>) = match (
         ctx.reference.get(AUX_ACCUMULATOR),
         ctx.reference.get(AUX_TOLERANCE),
     ) {
-        (Some(a), Some(t)) => (
-            a.to_f32().unwrap_or_default(),
-            (0..t.numel()).map(|i| t.value(i)).collect(),
-        ),
+        (Some(a), Some(t)) if a.dtype == DType::F32 && t.dtype == DType::F64 => {
+            (Cow::Borrowed(&a.data[..]), Cow::Borrowed(&t.data[..]))
+        }
         _ => match compute::<L>(ctx.inputs, cfg, true) {
-            Ok(out) => {
-                let tol = tolerances(&out, cfg, k, promote_interval);
-                (out.c.iter().copied().collect(), tol)
-            }
-            Err(_) => (Vec::new(), Vec::new()),
+            Ok(out) => (
+                Cow::Owned(accumulator_bytes(&out.c)),
+                Cow::Owned(tolerance_bytes(&out, cfg, k, promote_interval)),
+            ),
+            Err(_) => (Cow::Owned(Vec::new()), Cow::Owned(Vec::new())),
         },
     };
     Policy::Bounded {
         why: "tensor_core_bound: the out_dtype rounding of a value within the Tensor Core \
               bound of the exact accumulator (SPEC.md \"Tensor Core bound\")",
         measure: Box::new(move |i| {
-            let (Some(&r), Some(&t)) = (acc.get(i), tol.get(i)) else {
+            let (Some(r), Some(t)) = (acc.get(4 * i..4 * i + 4), tol.get(8 * i..8 * i + 8)) else {
                 return f64::INFINITY;
             };
+            let r = f32::from_le_bytes(r.try_into().expect("4 bytes"));
+            let t = f64::from_le_bytes(t.try_into().expect("8 bytes"));
             bound_use(candidate.value(i), r, t, bf16_out)
         }),
     }
