@@ -267,6 +267,14 @@ pub fn linear(x: ArrayView2<f32>, l: &Linear, precision: Precision) -> Result<Ar
             expected: format!("[M, {}] (the in-features of `{}`)", w.cols, w.name),
         });
     }
+    if let Some(b) = l.bias.as_ref().filter(|b| b.len() != w.rows) {
+        return Err(w.error(Error::Shape {
+            op: "linear",
+            tensor: "bias",
+            got: vec![b.len()],
+            expected: format!("[{}] (the out-features of `{}`)", w.rows, w.name),
+        }));
+    }
     if let Precision::Fp8 { scale_fmt } = precision {
         return fp8_linear(x, l, scale_fmt);
     }
@@ -404,6 +412,25 @@ mod tests {
         };
         let y = linear(array![[1.0f32, 1.0]].view(), &l, Precision::F32).unwrap();
         assert_eq!(y, array![[3.0f32, 8.0, -0.5]]);
+    }
+
+    #[test]
+    fn linear_rejects_a_bias_of_the_wrong_length_in_every_precision() {
+        let w = Weight::from_values("w", array![[1.0f32, 2.0], [3.0, 4.0], [0.5, -1.0]]);
+        let l = Linear {
+            weight: w,
+            bias: Some(vec![0.0, 1.0]),
+        };
+        for p in [
+            Precision::F32,
+            Precision::Bf16,
+            Precision::Fp8 {
+                scale_fmt: ScaleFmt::F32,
+            },
+        ] {
+            let err = linear(array![[1.0f32, 1.0]].view(), &l, p).unwrap_err();
+            assert!(err.to_string().contains("bias"), "{p:?}: {err}");
+        }
     }
 
     #[test]
