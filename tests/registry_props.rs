@@ -2,7 +2,8 @@
 //! as they are registered):
 //! - its generator's inputs satisfy its contract under every test config;
 //! - its reference outputs satisfy the output contract and pass `check` against themselves;
-//! - corrupting one element of one output makes `check` fail (a policy that cannot fail is a bug).
+//! - corrupting one element of one output by a huge factor makes `check` fail (a policy that
+//!   cannot fail is a bug).
 
 use dsv3::ops::REGISTRY;
 use dsv3::registry::check::{check, Mode};
@@ -10,12 +11,36 @@ use dsv3::registry::rng::Rng;
 use dsv3::registry::{PolicyCtx, Sizes};
 use proptest::prelude::*;
 
-/// Flip the second-highest bit of element `i`: the exponent's top bit for floats (a change by a
-/// huge factor), a large jump for integers.
+/// Corrupt element `i` by a huge factor: for F64/F32/BF16/F16 set the highest clear bit of the
+/// exponent (|v| grows by 2^(2^j), at least 2^64 for every |v| below 2^64; all ones is ±inf or
+/// NaN), so the corruption never lands inside a wide tolerance (flipping the exponent's top bit
+/// of a value ≥ 2 shrinks it towards 0, which a bound on a heavily cancelling element may allow);
+/// for other dtypes flip the second-highest bit (a large jump for integers and FP8 codes).
 fn corrupt(t: &mut dsv3::registry::tensor::Tensor, i: usize) {
+    use dsv3::registry::tensor::DType;
     let size = t.dtype.size();
-    let bit = size * 8 - 2;
-    t.data[i * size + bit / 8] ^= 1 << (bit % 8);
+    let (exponent_bits, mantissa_bits) = match t.dtype {
+        DType::F64 => (11, 52),
+        DType::F32 => (8, 23),
+        DType::BF16 => (8, 7),
+        DType::F16 => (5, 10),
+        _ => {
+            let bit = size * 8 - 2;
+            t.data[i * size + bit / 8] ^= 1 << (bit % 8);
+            return;
+        }
+    };
+    let bytes = &mut t.data[i * size..(i + 1) * size];
+    let mut word = [0u8; 8];
+    word[..size].copy_from_slice(bytes);
+    let mut bits = u64::from_le_bytes(word);
+    let exponent = (bits >> mantissa_bits) & ((1 << exponent_bits) - 1);
+    match (0..exponent_bits).rev().find(|j| exponent & (1 << j) == 0) {
+        Some(j) => bits |= 1 << (mantissa_bits + j),
+        // already ±inf or NaN: make it finite and different
+        None => bits &= !(1 << (mantissa_bits + exponent_bits - 1)),
+    }
+    bytes.copy_from_slice(&bits.to_le_bytes()[..size]);
 }
 
 proptest! {

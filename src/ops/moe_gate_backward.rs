@@ -195,7 +195,11 @@ fn moe_gate_backward_gen(rng: &mut Rng, cfg: &Config, sizes: &Sizes) -> Result<T
         )));
     }
     let spread = *rng.pick(&[1.0, 4.0, 20.0]);
-    let logits: Vec<f32> = (0..n * e).map(|_| (rng.normal() * spread) as f32).collect();
+    // at least −40: σ(−40) ≈ 4e-18 keeps every selected sum above MIN_SELECTED_SUM (2^-60), where
+    // the reference refuses the normalised gradient
+    let logits: Vec<f32> = (0..n * e)
+        .map(|_| ((rng.normal() * spread) as f32).max(-40.0))
+        .collect();
     let mut ids = Vec::with_capacity(n * k);
     let mut dw = Vec::with_capacity(n * k);
     let norm = cfg.get::<MoeGateBackwardConfig>().norm_topk_prob;
