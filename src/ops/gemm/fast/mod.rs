@@ -91,21 +91,11 @@ pub fn gemm(
     let bound_len = if with_bound { m * n } else { 0 };
     let (mut window_magnitude, mut slack) = (vec![0f64; bound_len], vec![0f64; bound_len]);
     if m > 0 && n > 0 {
-        let (a_codes, a_s) = (a.codes.as_standard_layout(), a.scales.as_standard_layout());
-        let (b_codes, b_s) = (b.codes.as_standard_layout(), b.scales.as_standard_layout());
-        let ops = Operands {
-            a: a_codes.view(),
-            a_s: a_s.view(),
-            b: b_codes.view(),
-            b_s: b_s.view(),
-            layouts: (a.layout, b.layout),
-            block_size,
-        };
-        match accumulation {
+        with_operands(a, b, block_size, |ops| match accumulation {
             Accumulation::Exact if block_size <= fused::MAX_FUSED_BLOCK => {
-                fused::exact_fused(&ops, &mut c, &mut magnitude)
+                fused::exact_fused(ops, &mut c, &mut magnitude)
             }
-            Accumulation::Exact => exact(&ops, &mut c, &mut magnitude, None),
+            Accumulation::Exact => exact(ops, &mut c, &mut magnitude, None),
             Accumulation::TensorCoreBound {
                 bound,
                 promote_interval,
@@ -113,7 +103,7 @@ pub fn gemm(
                 let window = window_len(*promote_interval, a.codes.ncols());
                 if fused_bound::fits(block_size, window, bound.group) {
                     fused_bound::bound_fused(
-                        &ops,
+                        ops,
                         (bound, window),
                         &mut c,
                         &mut magnitude,
@@ -121,7 +111,7 @@ pub fn gemm(
                     )
                 } else {
                     exact(
-                        &ops,
+                        ops,
                         &mut c,
                         &mut magnitude,
                         Some((bound, *promote_interval, &mut window_magnitude, &mut slack)),
@@ -130,13 +120,13 @@ pub fn gemm(
             }
             // without magnitudes the bound mode's output is the exact mode's
             Accumulation::TensorCoreBound { .. } if block_size <= fused::MAX_FUSED_BLOCK => {
-                fused::exact_fused(&ops, &mut c, &mut magnitude)
+                fused::exact_fused(ops, &mut c, &mut magnitude)
             }
-            Accumulation::TensorCoreBound { .. } => exact(&ops, &mut c, &mut magnitude, None),
+            Accumulation::TensorCoreBound { .. } => exact(ops, &mut c, &mut magnitude, None),
             Accumulation::TensorCore { .. } => {
-                per_element(&ops, accumulation, &mut c, &mut magnitude)
+                per_element(ops, accumulation, &mut c, &mut magnitude)
             }
-        }
+        });
     }
     let shape = |on: bool| if on { (m, n) } else { (0, 0) };
     GemmOut {
@@ -171,18 +161,29 @@ pub fn gemm_bf16(
         return bytes;
     }
     let mut bytes = vec![0u8; 2 * m * n];
+    with_operands(a, b, block_size, |ops| {
+        fused::exact_fused_bf16(ops, &mut bytes)
+    });
+    bytes
+}
+
+/// `f` on the operands in standard layout (a transposed view is copied once).
+fn with_operands<R>(
+    a: BlockScaled,
+    b: BlockScaled,
+    block_size: usize,
+    f: impl FnOnce(&Operands) -> R,
+) -> R {
     let (a_codes, a_s) = (a.codes.as_standard_layout(), a.scales.as_standard_layout());
     let (b_codes, b_s) = (b.codes.as_standard_layout(), b.scales.as_standard_layout());
-    let ops = Operands {
+    f(&Operands {
         a: a_codes.view(),
         a_s: a_s.view(),
         b: b_codes.view(),
         b_s: b_s.view(),
         layouts: (a.layout, b.layout),
         block_size,
-    };
-    fused::exact_fused_bf16(&ops, &mut bytes);
-    bytes
+    })
 }
 
 /// The operands in standard layout.
