@@ -5,6 +5,7 @@
 //! 2^4, both scale layouts, both accumulation modes.
 
 use dsv3::ops::gemm::fast;
+use dsv3::registry::tolerance::TcBoundTolerance;
 use dsv3_reference::fp8::fp8_gemm::{
     e4m3_values, gemm, scaled_dot, Accumulation, BlockScaled, ScaleLayout, OFF_NAMES,
 };
@@ -321,6 +322,22 @@ fn the_fused_bound_kernel_is_bit_identical_across_several_tiles() {
             &acc,
             true,
         );
+        // the tolerances folded in the kernel's tiles (when it takes the configuration)
+        let partials = (k.div_ceil(block), k.div_ceil(promote_interval));
+        let tolerance = TcBoundTolerance::new(partials);
+        let folded = fast::gemm_bound_tolerances(
+            BlockScaled::tiles(a.view(), a_s.view()),
+            BlockScaled::blocks(b.view(), b_s.view()),
+            block,
+            &acc,
+            &tolerance,
+        );
+        let fused = block % promote_interval == 0 && group.min(promote_interval) <= 255;
+        assert_eq!(
+            folded.is_some(),
+            fused,
+            "M={m} N={n} K={k} B={block} {acc:?}"
+        );
         for i in 0..m {
             for j in 0..n {
                 let d = scaled_dot(
@@ -347,6 +364,15 @@ fn the_fused_bound_kernel_is_bit_identical_across_several_tiles() {
                     ),
                     "[{i}, {j}] M={m} N={n} K={k} B={block} {acc:?}"
                 );
+                if let Some((c, bytes)) = &folded {
+                    let t = f64::from_le_bytes(bytes[8 * (i * n + j)..][..8].try_into().unwrap());
+                    let want = tolerance.of(d.magnitude, d.window_magnitude, d.slack);
+                    assert_eq!(
+                        (c[[i, j]].to_bits(), t.to_bits()),
+                        (d.c.to_bits(), want.to_bits()),
+                        "folded [{i}, {j}]"
+                    );
+                }
             }
         }
     }

@@ -20,6 +20,7 @@ use crate::registry::error::Result;
 use crate::registry::io::TensorMap;
 use crate::registry::rng::Rng;
 use crate::registry::tensor::{DType, Tensor};
+use crate::registry::tolerance::TcBoundTolerance;
 use crate::registry::{OpEntry, Sizes};
 
 pub static FP8_GEMM: OpEntry = OpEntry {
@@ -108,6 +109,16 @@ impl Layout for Dense {
     fn compute(ops: &DenseOps, cfg: &GemmConfig, with_magnitude: bool) -> GemmOut {
         let (a, b) = ops.tiles();
         fast::gemm(a, b, cfg.block_size, &cfg.accumulation(), with_magnitude)
+    }
+
+    /// The tolerances folded in the fused bound kernel's tiles (no M×N sums).
+    fn bound_output(
+        ops: &DenseOps,
+        cfg: &GemmConfig,
+        tolerance: &TcBoundTolerance,
+    ) -> Option<(Array2<f32>, Vec<u8>)> {
+        let (a, b) = ops.tiles();
+        fast::gemm_bound_tolerances(a, b, cfg.block_size, &cfg.accumulation(), tolerance)
     }
 
     /// A bf16 output straight from the kernel's tiles (no f32 `[M, N]` array: at M = 4096,

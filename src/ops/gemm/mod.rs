@@ -246,6 +246,16 @@ pub(crate) trait Layout: 'static {
     fn output(ops: &Self::Operands<'_>, cfg: &GemmConfig, shape: Vec<usize>) -> Tensor {
         cfg.out_tensor(shape, &Self::compute(ops, cfg, false).c)
     }
+    /// `tensor_core_bound`: the accumulators and each element's tolerance (f64 little-endian
+    /// bytes) straight from a kernel that folds the sums in its tiles, or `None` (then
+    /// [`Layout::compute`] with magnitudes).
+    fn bound_output(
+        _ops: &Self::Operands<'_>,
+        _cfg: &GemmConfig,
+        _tolerance: &crate::registry::tolerance::TcBoundTolerance,
+    ) -> Option<(ndarray::Array2<f32>, Vec<u8>)> {
+        None
+    }
     /// The output's shape and the reduction length.
     fn shape(inputs: &TensorMap) -> (Vec<usize>, usize);
     /// The rows the op defines (grouped layouts leave padding rows undefined); `None`: all.

@@ -71,11 +71,17 @@ pub(super) fn reference<L: Layout>(inputs: &TensorMap, cfg: &GemmConfig) -> Resu
     else {
         return Ok(outputs([(L::OUTPUT, L::output(&ops, cfg, shape))]));
     };
-    let out = L::compute(&ops, cfg, true);
-    let flat = vec![out.c.nrows(), out.c.ncols()];
-    let tolerance = tolerance_bytes(&out, cfg, k, promote_interval);
-    // the magnitudes are spent: only the accumulators are needed from here
-    let c = out.c;
+    let folded = TcBoundTolerance::new((cfg.partials(k), windows(promote_interval, k)));
+    let (c, tolerance) = match L::bound_output(&ops, cfg, &folded) {
+        Some(folded) => folded,
+        None => {
+            let out = L::compute(&ops, cfg, true);
+            let tolerance = tolerance_bytes(&out, cfg, k, promote_interval);
+            // the magnitudes are spent: only the accumulators are needed from here
+            (out.c, tolerance)
+        }
+    };
+    let flat = vec![c.nrows(), c.ncols()];
     let aux_tolerance =
         Tensor::from_bytes(DType::F64, flat.clone(), tolerance).expect("one f64 per element");
     let aux_accumulator =

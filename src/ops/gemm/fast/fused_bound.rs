@@ -32,6 +32,8 @@
 
 use dsv3_reference::fp8::fp8_gemm::e4m3_values;
 use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound};
+
+use crate::registry::tolerance::TcBoundTolerance;
 use rayon::prelude::*;
 
 use super::fused::{isa, pack, promote, Isa, MAX_FUSED_BLOCK, MR, NC, NR};
@@ -67,6 +69,38 @@ pub(super) fn bound_fused(
     magnitude: &mut [f64],
     (window_magnitude, slack): (&mut [f64], &mut [f64]),
 ) {
+    let out = Out {
+        c: c.as_mut_ptr(),
+        extras: Extras::Sums {
+            magnitude: magnitude.as_mut_ptr(),
+            window_magnitude: window_magnitude.as_mut_ptr(),
+            slack: slack.as_mut_ptr(),
+        },
+    };
+    bound_fused_into(ops, (bound, window), out)
+}
+
+/// [`bound_fused`] with each element's tolerance `tolerance.of(M_b, M_w, D)` written as
+/// little-endian f64 bytes (`[8·M·N]`) from the tile, instead of the three sums: no M×N arrays
+/// beyond the accumulators and the tolerances.
+pub(super) fn bound_fused_tolerance(
+    ops: &Operands,
+    (bound, window): (&TensorCoreBound, usize),
+    c: &mut [f32],
+    (tolerance, bytes): (&TcBoundTolerance, &mut [u8]),
+) {
+    debug_assert_eq!(bytes.len(), 8 * c.len());
+    let out = Out {
+        c: c.as_mut_ptr(),
+        extras: Extras::Tolerance {
+            bytes: bytes.as_mut_ptr(),
+            tolerance: *tolerance,
+        },
+    };
+    bound_fused_into(ops, (bound, window), out)
+}
+
+fn bound_fused_into(ops: &Operands, (bound, window): (&TensorCoreBound, usize), out: Out) {
     let values = e4m3_values();
     let (m, n) = (ops.a.nrows(), ops.b.nrows());
     debug_assert!(fits(ops.block_size, window, bound.group));
@@ -82,12 +116,7 @@ pub(super) fn bound_fused(
         frac_bits: bound.frac_bits as i32,
         window,
         group: bound.group.min(window),
-        out: Out {
-            c: c.as_mut_ptr(),
-            magnitude: magnitude.as_mut_ptr(),
-            window_magnitude: window_magnitude.as_mut_ptr(),
-            slack: slack.as_mut_ptr(),
-        },
+        out,
     };
     let tiles: Vec<(usize, usize)> = (0..m.div_ceil(MC))
         .flat_map(|rt| (0..n.div_ceil(NC)).map(move |ct| (rt * MC, ct * NC)))
@@ -229,12 +258,26 @@ fn tile(job: &Job, r0: usize, n0: usize) {
         let at = (r0 + r) * n + n0;
         // SAFETY: row r0 + r < m, columns n0 .. n0 + nc ≤ n: inside every output (all M·N), and
         // inside this task's tile, which no other task touches.
-        let runs = unsafe { job.out.runs(at, nc) };
+        let (c_run, extras) = unsafe { job.out.runs(at, nc) };
         let here = r * nc..(r + 1) * nc;
-        runs.0.copy_from_slice(&c_tile[here.clone()]);
-        runs.1.copy_from_slice(&mag_tile[here.clone()]);
-        runs.2.copy_from_slice(&wmag_tile[here.clone()]);
-        runs.3.copy_from_slice(&slack_tile[here]);
+        c_run.copy_from_slice(&c_tile[here.clone()]);
+        match extras {
+            ExtraRuns::Sums(m, wm, sl) => {
+                m.copy_from_slice(&mag_tile[here.clone()]);
+                wm.copy_from_slice(&wmag_tile[here.clone()]);
+                sl.copy_from_slice(&slack_tile[here]);
+            }
+            ExtraRuns::Tolerance(bytes, tolerance) => {
+                for (((b, &m), &wm), &sl) in bytes
+                    .chunks_exact_mut(8)
+                    .zip(&mag_tile[here.clone()])
+                    .zip(&wmag_tile[here.clone()])
+                    .zip(&slack_tile[here])
+                {
+                    b.copy_from_slice(&tolerance.of(m, wm, sl).to_le_bytes());
+                }
+            }
+        }
     }
 }
 
@@ -407,34 +450,59 @@ fn pack_exponents(
     }
 }
 
+/// What goes out beside the accumulators.
+enum Extras {
+    /// `Σ|p|·a_s·b_s`, `Σ_w |P_w|·a_s·b_s` and `Σ_w Δ_w·a_s·b_s`, each `[M·N]` f64.
+    Sums {
+        magnitude: *mut f64,
+        window_magnitude: *mut f64,
+        slack: *mut f64,
+    },
+    /// Each element's tolerance from those sums, `[8·M·N]` little-endian bytes.
+    Tolerance {
+        bytes: *mut u8,
+        tolerance: TcBoundTolerance,
+    },
+}
+
+/// A run of the [`Extras`].
+enum ExtraRuns<'a> {
+    Sums(&'a mut [f64], &'a mut [f64], &'a mut [f64]),
+    Tolerance(&'a mut [u8], TcBoundTolerance),
+}
+
 /// The output buffers, written by the tasks through disjoint tiles.
 struct Out {
     c: *mut f32,
-    magnitude: *mut f64,
-    window_magnitude: *mut f64,
-    slack: *mut f64,
+    extras: Extras,
 }
 
 // SAFETY: the tasks write disjoint tiles (see `runs`' caller); the buffers outlive the parallel
 // loop, which borrows them mutably for its whole duration.
 unsafe impl Sync for Out {}
 
-/// A run of each output.
-type Runs<'a> = (&'a mut [f32], &'a mut [f64], &'a mut [f64], &'a mut [f64]);
-
 impl Out {
-    /// The run `at..at + len` of every output.
+    /// The run `at..at + len` of every output (elements; the tolerance bytes `8·at..8·(at + len)`).
     ///
     /// # Safety
-    /// The run must lie inside the buffers (each M·N long) and be written by no one else
-    /// meanwhile.
+    /// The run must lie inside the buffers (each M·N elements long) and be written by no one
+    /// else meanwhile.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn runs(&self, at: usize, len: usize) -> Runs<'_> {
+    unsafe fn runs(&self, at: usize, len: usize) -> (&mut [f32], ExtraRuns<'_>) {
+        let part = |p: *mut f64| std::slice::from_raw_parts_mut(p.add(at), len);
         (
             std::slice::from_raw_parts_mut(self.c.add(at), len),
-            std::slice::from_raw_parts_mut(self.magnitude.add(at), len),
-            std::slice::from_raw_parts_mut(self.window_magnitude.add(at), len),
-            std::slice::from_raw_parts_mut(self.slack.add(at), len),
+            match &self.extras {
+                Extras::Sums {
+                    magnitude,
+                    window_magnitude,
+                    slack,
+                } => ExtraRuns::Sums(part(*magnitude), part(*window_magnitude), part(*slack)),
+                Extras::Tolerance { bytes, tolerance } => ExtraRuns::Tolerance(
+                    std::slice::from_raw_parts_mut(bytes.add(8 * at), 8 * len),
+                    *tolerance,
+                ),
+            },
         )
     }
 }

@@ -27,6 +27,8 @@ use dsv3_reference::fp8::grouped_gemm::{ExpertWeights, GroupRows};
 use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound};
 use dsv3_reference::numeric::round_to_bf16;
 
+use crate::registry::tolerance::TcBoundTolerance;
+
 /// Rows of the output per parallel task.
 const ROWS_PER_TASK: usize = 64;
 /// Output columns per f64 block-dot tile.
@@ -165,6 +167,39 @@ pub fn gemm_bf16(
         fused::exact_fused_bf16(ops, &mut bytes)
     });
     bytes
+}
+
+/// The bound mode's accumulators and each element's tolerance, `tolerance.of(M_b, M_w, D)` on
+/// the magnitude, window magnitude and slack [`gemm`] returns (bit for bit), as little-endian
+/// f64 bytes `[8·M·N]`, without those three M×N sums; `None` when the fused bound kernel does
+/// not take the configuration (then use [`gemm`]).
+pub fn gemm_bound_tolerances(
+    a: BlockScaled,
+    b: BlockScaled,
+    block_size: usize,
+    accumulation: &Accumulation,
+    tolerance: &TcBoundTolerance,
+) -> Option<(Array2<f32>, Vec<u8>)> {
+    let Accumulation::TensorCoreBound {
+        bound,
+        promote_interval,
+    } = accumulation
+    else {
+        return None;
+    };
+    let (m, n, k) = (a.codes.nrows(), b.codes.nrows(), a.codes.ncols());
+    let window = window_len(*promote_interval, k);
+    if m == 0 || n == 0 || !fused_bound::fits(block_size, window, bound.group) {
+        return None;
+    }
+    let (mut c, mut bytes) = (vec![0f32; m * n], vec![0u8; 8 * m * n]);
+    with_operands(a, b, block_size, |ops| {
+        fused_bound::bound_fused_tolerance(ops, (bound, window), &mut c, (tolerance, &mut bytes))
+    });
+    Some((
+        Array2::from_shape_vec((m, n), c).expect("m·n elements"),
+        bytes,
+    ))
 }
 
 /// `f` on the operands in standard layout (a transposed view is copied once).
