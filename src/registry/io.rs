@@ -115,10 +115,14 @@ impl SafeFile {
 
     /// The bytes of `name` as stored (little-endian), borrowed from the mapping.
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
-        let info = self.metadata.info(name)?;
+        self.map.get(self.data_range(name)?)
+    }
+
+    /// Where the bytes of `name` lie in the file (not checked against its length).
+    fn data_range(&self, name: &str) -> Option<std::ops::Range<usize>> {
+        let (a, b) = self.metadata.info(name)?.data_offsets;
         let start = 8 + self.header_len;
-        let (a, b) = info.data_offsets;
-        self.map.get(start + a..start + b)
+        Some(start + a..start + b)
     }
 
     /// Read one tensor (copies its bytes).
@@ -128,12 +132,15 @@ impl SafeFile {
             reason: format!("no tensor named `{name}`"),
         })?;
         let dtype = self.dtype_of(name, info)?;
-        let bytes = self.bytes(name).ok_or_else(|| Error::Corrupt {
-            path: self.path.clone(),
-            reason: format!("tensor `{name}` lies outside the file"),
-        })?;
-        let stored = bytes.len();
-        Tensor::from_bytes(dtype, info.shape.clone(), self.read_bytes(bytes)?).ok_or_else(|| {
+        let range = self
+            .data_range(name)
+            .filter(|r| r.start <= r.end && r.end <= self.map.len())
+            .ok_or_else(|| Error::Corrupt {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}` lies outside the file"),
+            })?;
+        let stored = range.len();
+        Tensor::from_bytes(dtype, info.shape.clone(), self.read_bytes(range)?).ok_or_else(|| {
             Error::Corrupt {
                 path: self.path.clone(),
                 reason: format!(
@@ -144,23 +151,22 @@ impl SafeFile {
         })
     }
 
-    /// An owned copy of `range` (a slice of the mapping): read from the file with `pread` on
+    /// An owned copy of the file's bytes `range` (inside the mapping): read from the file with `pread` on
     /// Unix, so that the mapping's pages are never touched (they would count in the resident
     /// set beside the copy); copied from the mapping elsewhere.
-    fn read_bytes(&self, range: &[u8]) -> Result<Vec<u8>> {
+    fn read_bytes(&self, range: std::ops::Range<usize>) -> Result<Vec<u8>> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::FileExt;
-            let offset = range.as_ptr() as usize - self.map.as_ptr() as usize;
             let mut out = vec![0u8; range.len()];
             self.file
-                .read_exact_at(&mut out, offset as u64)
+                .read_exact_at(&mut out, range.start as u64)
                 .map_err(|e| Error::io(&self.path, e))?;
             Ok(out)
         }
         #[cfg(not(unix))]
         {
-            Ok(range.to_vec())
+            Ok(self.map[range].to_vec())
         }
     }
 

@@ -155,6 +155,16 @@ impl std::fmt::Display for DType {
     }
 }
 
+/// The little-endian bytes of `values`, allocated once (collecting a `flat_map` grows the
+/// vector by doubling: at V3 sizes, hundreds of MB copied and held twice).
+pub fn le_bytes<T: Copy, const N: usize>(values: &[T], to_bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * N);
+    for &v in values {
+        out.extend_from_slice(&to_bytes(v));
+    }
+    out
+}
+
 /// A dense, row-major tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
@@ -172,19 +182,11 @@ impl Tensor {
     }
 
     pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Self {
-        Self::packed(
-            DType::F32,
-            shape,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+        Self::packed(DType::F32, shape, le_bytes(values, |v| v.to_le_bytes()))
     }
 
     pub fn from_bf16(shape: Vec<usize>, values: &[bf16]) -> Self {
-        Self::packed(
-            DType::BF16,
-            shape,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+        Self::packed(DType::BF16, shape, le_bytes(values, |v| v.to_le_bytes()))
     }
 
     /// A tensor of one-byte codes (`F8_E4M3`, `F8_E5M2`, `F8_E8M0`, `U8`).
@@ -194,35 +196,19 @@ impl Tensor {
     }
 
     pub fn from_u16(shape: Vec<usize>, values: &[u16]) -> Self {
-        Self::packed(
-            DType::U16,
-            shape,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+        Self::packed(DType::U16, shape, le_bytes(values, |v| v.to_le_bytes()))
     }
 
     pub fn from_f64(shape: Vec<usize>, values: &[f64]) -> Self {
-        Self::packed(
-            DType::F64,
-            shape,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+        Self::packed(DType::F64, shape, le_bytes(values, |v| v.to_le_bytes()))
     }
 
     pub fn from_i64(shape: Vec<usize>, values: &[i64]) -> Self {
-        Self::packed(
-            DType::I64,
-            shape,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+        Self::packed(DType::I64, shape, le_bytes(values, |v| v.to_le_bytes()))
     }
 
     pub fn from_i32(shape: Vec<usize>, values: &[i32]) -> Self {
-        Self::packed(
-            DType::I32,
-            shape,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+        Self::packed(DType::I32, shape, le_bytes(values, |v| v.to_le_bytes()))
     }
 
     pub fn from_bool(shape: Vec<usize>, values: &[bool]) -> Self {
@@ -237,12 +223,12 @@ impl Tensor {
     /// of the op's input).
     pub fn from_f32_as(dtype: DType, shape: Vec<usize>, values: &[f32]) -> Self {
         match dtype {
-            DType::BF16 => Self::from_bf16(
+            DType::BF16 => Self::packed(
+                DType::BF16,
                 shape,
-                &values
-                    .iter()
-                    .map(|&v| dsv3_reference::numeric::round_to_bf16(v))
-                    .collect::<Vec<_>>(),
+                le_bytes(values, |v| {
+                    dsv3_reference::numeric::round_to_bf16(v).to_le_bytes()
+                }),
             ),
             _ => Self::from_f32(shape, values),
         }

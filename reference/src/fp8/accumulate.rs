@@ -279,15 +279,28 @@ fn write_back(sum: i128, q: i32, out_frac_bits: u32, round: WriteBack) -> f32 {
         kept_q = out_q;
     }
     // |value| = kept · 2^kept_q with at most out_frac_bits + 2 significant bits: exact in f64
-    let value = kept as f64 * 2f64.powi(kept_q);
-    let largest = (2.0 - 2f64.powi(-(out_frac_bits as i32))) * 2f64.powi(127);
-    let value = if value > largest {
+    register_value(
+        kept as f64 * 2f64.powi(kept_q),
+        out_frac_bits,
+        round,
+        negative,
+    )
+}
+
+/// The register's value from the magnitude the write-back kept (exact in f64): above the largest
+/// value `out_frac_bits` fraction bits hold below 2^128, truncation saturates to it and rounding
+/// to nearest overflows to ∞; then f32 (exact: at most 24 significant bits), signed.
+pub fn register_value(magnitude: f64, out_frac_bits: u32, round: WriteBack, negative: bool) -> f32 {
+    // 2^e from its bits (−64 ≤ e ≤ 127: normal), cheaper than powi for the fast path's steps
+    let pow2 = |e: i32| f64::from_bits(((e + 1023) as u64) << 52);
+    let largest = (2.0 - pow2(-(out_frac_bits as i32))) * pow2(127);
+    let value = if magnitude > largest {
         match round {
             WriteBack::TowardZero => largest,
             WriteBack::NearestEven => f64::INFINITY,
         }
     } else {
-        value
+        magnitude
     };
     let value = value as f32;
     if negative {

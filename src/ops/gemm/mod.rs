@@ -42,7 +42,6 @@ use dsv3_reference::fp8::accumulate::{MAX_FRAC_BITS, MAX_GROUP};
 use dsv3_reference::fp8::fp8_gemm::{self as reference, Accumulation};
 use dsv3_reference::fp8::tc_bound::TensorCoreBound;
 use dsv3_reference::fp8::{TensorCoreModel, TermCut, WriteBack};
-use dsv3_reference::numeric::round_to_bf16;
 use ndarray::Array2;
 
 use super::{OutDtype, BLOCK_KIND};
@@ -178,20 +177,12 @@ impl GemmConfig {
 
     /// The output tensor of f32 accumulators `c` under `out_dtype`.
     fn out_tensor(&self, shape: Vec<usize>, c: &Array2<f32>) -> Tensor {
-        // the output's bytes written straight from the accumulators (no intermediate copies:
-        // at V3 sizes each would be hundreds of MB)
-        let (dtype, size) = match self.out_dtype {
-            OutDtype::F32 => (DType::F32, 4),
-            OutDtype::Bf16 => (DType::BF16, 2),
+        let dtype = match self.out_dtype {
+            OutDtype::F32 => DType::F32,
+            OutDtype::Bf16 => DType::BF16,
         };
-        let mut bytes = Vec::with_capacity(c.len() * size);
-        for &v in c {
-            match self.out_dtype {
-                OutDtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-                OutDtype::Bf16 => bytes.extend_from_slice(&round_to_bf16(v).to_le_bytes()),
-            }
-        }
-        Tensor::from_bytes(dtype, shape, bytes).expect("one value per element")
+        let c = c.as_standard_layout();
+        Tensor::from_f32_as(dtype, shape, c.as_slice().expect("standard layout"))
     }
 }
 

@@ -50,13 +50,10 @@ fn tolerance_bytes(out: &GemmOut, cfg: &GemmConfig, k: usize, promote_interval: 
     bytes
 }
 
-/// The f32 accumulators as little-endian bytes (row-major).
-fn accumulator_bytes(c: &ndarray::Array2<f32>) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(4 * c.len());
-    for &v in c {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    bytes
+/// The f32 accumulators as a tensor (row-major).
+fn accumulators(c: &ndarray::Array2<f32>) -> Tensor {
+    let c = c.as_standard_layout();
+    Tensor::from_f32(c.shape().to_vec(), c.as_slice().expect("standard layout"))
 }
 
 /// The reference outputs of `L`: its output under `out_dtype`; in bound mode also the f32
@@ -84,8 +81,7 @@ pub(super) fn reference<L: Layout>(inputs: &TensorMap, cfg: &GemmConfig) -> Resu
     let flat = vec![c.nrows(), c.ncols()];
     let aux_tolerance =
         Tensor::from_bytes(DType::F64, flat.clone(), tolerance).expect("one f64 per element");
-    let aux_accumulator =
-        Tensor::from_bytes(DType::F32, flat, accumulator_bytes(&c)).expect("one f32 per element");
+    let aux_accumulator = accumulators(&c);
     Ok(outputs([
         (L::OUTPUT, cfg.out_tensor(shape, &c)),
         (AUX_ACCUMULATOR, aux_accumulator),
@@ -139,7 +135,7 @@ fn bound_policy<'a, L: Layout>(
         }
         _ => match compute::<L>(ctx.inputs, cfg, true) {
             Ok(out) => (
-                Cow::Owned(accumulator_bytes(&out.c)),
+                Cow::Owned(accumulators(&out.c).data),
                 Cow::Owned(tolerance_bytes(&out, cfg, k, promote_interval)),
             ),
             Err(_) => (Cow::Owned(Vec::new()), Cow::Owned(Vec::new())),

@@ -27,6 +27,7 @@ use dsv3_reference::fp8::grouped_gemm::{ExpertWeights, GroupRows};
 use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound};
 use dsv3_reference::numeric::round_to_bf16;
 
+use crate::registry::tensor::le_bytes;
 use crate::registry::tolerance::TcBoundTolerance;
 
 /// Rows of the output per parallel task.
@@ -156,11 +157,8 @@ pub fn gemm_bf16(
     );
     if !(exact_output && block_size <= fused::MAX_FUSED_BLOCK && m > 0 && n > 0) {
         let c = gemm(a, b, block_size, accumulation, false).c;
-        let mut bytes = Vec::with_capacity(2 * c.len());
-        for &v in &c {
-            bytes.extend_from_slice(&round_to_bf16(v).to_le_bytes());
-        }
-        return bytes;
+        let c = c.as_slice().expect("gemm's accumulators are row-major");
+        return le_bytes(c, |v| round_to_bf16(v).to_le_bytes());
     }
     let mut bytes = vec![0u8; 2 * m * n];
     with_operands(a, b, block_size, |ops| {

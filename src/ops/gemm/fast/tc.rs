@@ -9,7 +9,7 @@
 //! steps against `fdpa_step` below, and the tensor_core mode against the readable loop in
 //! `tests/fp8_gemm_fast.rs`.
 
-use dsv3_reference::fp8::accumulate::e4m3_parts;
+use dsv3_reference::fp8::accumulate::{e4m3_parts, register_value};
 use dsv3_reference::fp8::{TensorCoreModel, TermCut, WriteBack};
 
 /// Largest F the i64 sum covers.
@@ -284,23 +284,8 @@ fn write_back_i64(sum: i64, q: i32, out_frac_bits: u32, round: WriteBack) -> f32
         kept = whole + u64::from(round_up);
         kept_q = out_q;
     }
-    let pow2 = |e: i32| f64::from_bits(((e + 1023) as u64) << 52);
-    let value = kept as f64 * pow2(kept_q);
-    let largest = (2.0 - pow2(-(out_frac_bits as i32))) * pow2(127);
-    let value = if value > largest {
-        match round {
-            WriteBack::TowardZero => largest,
-            WriteBack::NearestEven => f64::INFINITY,
-        }
-    } else {
-        value
-    };
-    let value = value as f32;
-    if negative {
-        -value
-    } else {
-        value
-    }
+    let value = kept as f64 * f64::from_bits(((kept_q + 1023) as u64) << 52);
+    register_value(value, out_frac_bits, round, negative)
 }
 
 #[cfg(test)]
