@@ -24,7 +24,7 @@ use super::Operands;
 pub(super) const MR: usize = 6;
 pub(super) const NR: usize = 16;
 /// Rows and columns of one task.
-const MC: usize = 256;
+pub(super) const MC: usize = 256;
 pub(super) const NC: usize = 256;
 /// The largest block the fused path takes (larger: the blocked-GEMM path).
 pub const MAX_FUSED_BLOCK: usize = 1024;
@@ -92,6 +92,8 @@ fn exact_fused_into(ops: &Operands, c: Sink, magnitude: &mut [f64]) {
     );
     let with_magnitude = !magnitude.is_empty();
     let isa = isa();
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let amx = super::amx_chosen();
     let out = Out {
         c,
         magnitude: with_magnitude.then_some(magnitude.as_mut_ptr()),
@@ -108,6 +110,9 @@ fn exact_fused_into(ops: &Operands, c: Sink, magnitude: &mut [f64]) {
         out: &out,
     };
     tiles.into_par_iter().for_each(|(r0, n0)| match isa {
+        // SAFETY: chosen only where `amx::available()`.
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        _ if amx => unsafe { super::amx::tile(&job, r0, n0) },
         // SAFETY: each variant is chosen only after detecting the features it is compiled for.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { tile_avx512(&job, r0, n0) },
@@ -119,12 +124,12 @@ fn exact_fused_into(ops: &Operands, c: Sink, magnitude: &mut [f64]) {
 }
 
 /// What every tile reads, and where it writes.
-struct Job<'a, 'b> {
-    ops: &'a Operands<'b>,
-    a: &'a [u8],
-    b: &'a [u8],
+pub(super) struct Job<'a, 'b> {
+    pub(super) ops: &'a Operands<'b>,
+    pub(super) a: &'a [u8],
+    pub(super) b: &'a [u8],
     values: &'a [f64; 256],
-    out: &'a Out,
+    pub(super) out: &'a Out,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -198,9 +203,26 @@ fn tile(job: &Job, r0: usize, n0: usize) {
             }
         }
     }
+    // SAFETY: the task's rows and columns, clipped to the output; tasks are disjoint.
+    unsafe { write_tile(out, (r0, n0, n), (mr, nc), &c_tile, &mag_tile) };
+}
+
+/// Write a task's accumulators `c_tile [mr·nc]` (and magnitudes, if kept) to rows
+/// `r0..r0 + mr`, columns `n0..n0 + nc` of the `[_, n]` output.
+///
+/// # Safety
+/// Those rows and columns lie inside the output and belong to the calling task alone.
+#[inline(always)]
+pub(super) unsafe fn write_tile(
+    out: &Out,
+    (r0, n0, n): (usize, usize, usize),
+    (mr, nc): (usize, usize),
+    c_tile: &[f32],
+    mag_tile: &[f64],
+) {
     for r in 0..mr {
-        // SAFETY: row r0 + r < m, columns n0 .. n0 + nc ≤ n: inside c (and magnitude, same
-        // shape), and inside this task's tile, which no other task touches.
+        // SAFETY: row r0 + r, columns n0 .. n0 + nc: inside c (and magnitude, same shape), and
+        // this task's alone (the caller's contract).
         let (c_run, mag_run) = unsafe { out.run((r0 + r) * n + n0, nc) };
         let acc = &c_tile[r * nc..(r + 1) * nc];
         match c_run {
@@ -278,7 +300,7 @@ enum Run<'a> {
 }
 
 /// The output buffers, written by the tasks through disjoint tiles.
-struct Out {
+pub(super) struct Out {
     c: Sink,
     magnitude: Option<*mut f64>,
 }
@@ -288,6 +310,11 @@ struct Out {
 unsafe impl Sync for Out {}
 
 impl Out {
+    /// Whether the magnitudes are wanted.
+    pub(super) fn magnitude_kept(&self) -> bool {
+        self.magnitude.is_some()
+    }
+
     /// The run `at..at + len` of the accumulators and of the magnitudes.
     ///
     /// # Safety

@@ -675,7 +675,59 @@ pub fn grouped(
     out
 }
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
 mod fused;
 mod fused_bound;
 mod lanes;
 mod tc;
+
+/// Which kernel computes the exact mode's block dots (all bit-identical; see [`with_exact_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExactKernel {
+    /// AMX where the CPU and OS allow it (unless `DSV3_EXACT_KERNEL=f64`), else f64.
+    Auto,
+    /// The f64 register-tiled micro-kernel (AVX-512, AVX2+FMA or portable).
+    F64,
+    /// The AMX int8 tiles (`amx.rs`); the f64 kernel where AMX is not available.
+    Amx,
+}
+
+thread_local! {
+    static EXACT_KERNEL: std::cell::Cell<ExactKernel> = const { std::cell::Cell::new(ExactKernel::Auto) };
+}
+
+/// Run `f` with the exact mode's block dots computed by `kernel` on this thread's GEMMs (tests
+/// and benchmarks compare the kernels with it).
+pub fn with_exact_kernel<R>(kernel: ExactKernel, f: impl FnOnce() -> R) -> R {
+    let before = EXACT_KERNEL.with(|k| k.replace(kernel));
+    let out = f();
+    EXACT_KERNEL.with(|k| k.set(before));
+    out
+}
+
+/// Whether the AMX kernel can run on this machine (CPU and OS).
+pub fn amx_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        amx::available()
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// Whether this thread's exact GEMMs use AMX now.
+fn amx_chosen() -> bool {
+    match EXACT_KERNEL.with(|k| k.get()) {
+        ExactKernel::F64 => false,
+        ExactKernel::Amx => amx_available(),
+        ExactKernel::Auto => {
+            static ENV_F64: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let f64_asked = *ENV_F64
+                .get_or_init(|| std::env::var("DSV3_EXACT_KERNEL").is_ok_and(|v| v == "f64"));
+            !f64_asked && amx_available()
+        }
+    }
+}
