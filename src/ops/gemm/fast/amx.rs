@@ -30,7 +30,13 @@
 use std::arch::asm;
 use std::sync::OnceLock;
 
-use super::fused::{promote, write_tile, Job, MC, NC};
+use super::fused::{promote, write_tile, Job};
+
+/// Rows and columns of one task: each operand's codes are decoded once per task that needs
+/// them, so larger tasks decode less (A `N/NC` times, B `M/MC` times); the task's f32
+/// accumulators (1 MB) and magnitudes (2 MB) stay in a 4 MB L2.
+pub(super) const MC: usize = 512;
+pub(super) const NC: usize = 256;
 
 /// Rows (and columns) of an output tile; rows of an operand tile.
 const T: usize = 16;
@@ -159,9 +165,13 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
     let mut bpack = vec![0u8; groups_b * chunks_max * LIMBS * TILE];
     let mut sa = vec![0f32; mr];
     let mut sb = vec![0f32; nc];
-    let mut c_tile = vec![0f32; mr * nc];
-    let mut mag_tile = vec![0f64; if out.magnitude_kept() { mr * nc } else { 0 }];
-    let mut sums = Sums([0; GROUPS * T * T]);
+    // accumulators (and magnitudes) tile-major, 16 × 16 output tiles column group by column
+    // group, in the order the blocks visit them: `((gb·groups_a + ga)·16 + i)·16 + j`
+    let tiled = groups_a * groups_b * T * T;
+    let mut c_tile = vec![0f32; tiled];
+    let mut mag_tile = vec![0f64; if out.magnitude_kept() { tiled } else { 0 }];
+    let mut sums = [Sums([0; GROUPS * T * T]), Sums([0; GROUPS * T * T])];
+    let mut cur = 0;
     let mut planes = [[0i8; CHUNK]; LIMBS];
     let cfg = TileConfig::all_full();
     // SAFETY: the configuration is a valid palette-1 layout; the tile state was granted.
@@ -216,45 +226,87 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
         for (j, s) in sb.iter_mut().enumerate() {
             *s = ops.b_scale(n0 + j, kb);
         }
-        for gb in 0..groups_b {
+        // software-pipelined: the tile products of output tile t + 1 run on the AMX unit while
+        // the vector units promote tile t (two sums buffers)
+        let mut pending: Option<(usize, usize)> = None;
+        let mut promote_tile = |(ga, gb): (usize, usize), sums: &Sums| {
             let cols = T.min(nc - gb * T);
             let sbs = &sb[gb * T..gb * T + cols];
+            for i in 0..T.min(mr - ga * T) {
+                let r = ga * T + i;
+                let dots = recombine(sums, i);
+                let at = ((gb * groups_a + ga) * T + i) * T;
+                let mag_run = (!mag_tile.is_empty()).then(|| &mut mag_tile[at..at + cols]);
+                promote(
+                    &mut c_tile[at..at + cols],
+                    mag_run,
+                    &dots[..cols],
+                    sa[r],
+                    sbs,
+                );
+            }
+        };
+        for gb in 0..groups_b {
             let bt = bpack[gb * chunks_max * LIMBS * TILE..].as_ptr();
             for ga in 0..groups_a {
                 let at = apack[ga * chunks_max * LIMBS * TILE..].as_ptr();
+                let (s0, s1) = sums.split_at_mut(1);
+                let (now, before) = if cur == 0 {
+                    (&mut s0[0], &s1[0])
+                } else {
+                    (&mut s1[0], &s0[0])
+                };
                 // SAFETY: `chunks` ≤ chunks_max tiles of both operands lie behind `at` and `bt`;
-                // `sums` holds the seven groups' 16 × 16 int32 tiles.
-                unsafe { block_sums(at, bt, chunks, &mut sums) };
-                for i in 0..T.min(mr - ga * T) {
-                    let r = ga * T + i;
-                    let dots = recombine(&sums, i);
-                    let at = r * nc + gb * T;
-                    let mag_run = (!mag_tile.is_empty()).then(|| &mut mag_tile[at..at + cols]);
-                    promote(
-                        &mut c_tile[at..at + cols],
-                        mag_run,
-                        &dots[..cols],
-                        sa[r],
-                        sbs,
-                    );
+                // `now` holds the seven groups' 16 × 16 int32 tiles.
+                unsafe { block_sums(at, bt, chunks, now) };
+                if let Some(tile) = pending {
+                    promote_tile(tile, before);
                 }
+                pending = Some((ga, gb));
+                cur ^= 1;
             }
+        }
+        if let Some(tile) = pending {
+            promote_tile(tile, &sums[cur ^ 1]);
         }
     }
     // SAFETY: the tile state is this thread's; releasing it ends its use.
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
     // SAFETY: the task's rows and columns, clipped to the output; tasks are disjoint.
-    unsafe { write_tile(out, (r0, n0, n), (mr, nc), &c_tile, &mag_tile) };
+    unsafe {
+        write_tile(
+            out,
+            (r0, n0, n),
+            (mr, nc),
+            &row_major(&c_tile, (mr, nc), groups_a),
+            &row_major(&mag_tile, (mr, nc), groups_a),
+        )
+    };
+}
+
+/// A tile-major `[groups_b][groups_a][16][16]` array as row-major `[mr, nc]` (empty stays empty).
+fn row_major<V: Copy + Default>(tiled: &[V], (mr, nc): (usize, usize), groups_a: usize) -> Vec<V> {
+    if tiled.is_empty() {
+        return Vec::new();
+    }
+    let mut rows = vec![V::default(); mr * nc];
+    for (r, row) in rows.chunks_exact_mut(nc).enumerate() {
+        for (gb, run) in row.chunks_mut(T).enumerate() {
+            let at = ((gb * groups_a + r / T) * T + r % T) * T;
+            run.copy_from_slice(&tiled[at..at + run.len()]);
+        }
+    }
+    rows
 }
 
 /// Ask for `codes` in the cache: the next K-block's codes of a row, 7 KB from its neighbour's,
 /// which the hardware prefetchers do not foresee (without this the decode waits on DRAM).
 #[inline(always)]
 fn prefetch(codes: &[u8]) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     for line in codes.chunks(64) {
         // SAFETY: a prefetch of an address inside a live slice; it has no architectural effect.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
     }
 }
 

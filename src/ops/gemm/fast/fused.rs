@@ -24,7 +24,7 @@ use super::Operands;
 pub(super) const MR: usize = 6;
 pub(super) const NR: usize = 16;
 /// Rows and columns of one task.
-pub(super) const MC: usize = 256;
+const MC: usize = 256;
 pub(super) const NC: usize = 256;
 /// The largest block the fused path takes (larger: the blocked-GEMM path).
 pub const MAX_FUSED_BLOCK: usize = 1024;
@@ -98,9 +98,17 @@ fn exact_fused_into(ops: &Operands, c: Sink, magnitude: &mut [f64]) {
         c,
         magnitude: with_magnitude.then_some(magnitude.as_mut_ptr()),
     };
-    // tasks: MC rows × NC columns of the output, disjoint
-    let tiles: Vec<(usize, usize)> = (0..m.div_ceil(MC))
-        .flat_map(|rt| (0..n.div_ceil(NC)).map(move |ct| (rt * MC, ct * NC)))
+    // tasks: MC rows × NC columns of the output (the AMX kernel's own sizes), disjoint
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let (mc, nc) = if amx {
+        (super::amx::MC, super::amx::NC)
+    } else {
+        (MC, NC)
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let (mc, nc) = (MC, NC);
+    let tiles: Vec<(usize, usize)> = (0..m.div_ceil(mc))
+        .flat_map(|rt| (0..n.div_ceil(nc)).map(move |ct| (rt * mc, ct * nc)))
         .collect();
     let job = Job {
         ops,
