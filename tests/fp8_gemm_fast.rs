@@ -4,7 +4,7 @@
 //! zero tiles, ±448 tiles, subnormal codes, outliers, every finite code, scales from 2^-75 to
 //! 2^4, both scale layouts, both accumulation modes.
 
-use dsv3::ops::gemm::fast;
+use dsv3::ops::gemm::fast::{self, ExactKernel};
 use dsv3::registry::tolerance::TcBoundTolerance;
 use dsv3_reference::fp8::fp8_gemm::{
     e4m3_values, gemm, scaled_dot, Accumulation, BlockScaled, ScaleLayout, OFF_NAMES,
@@ -182,6 +182,14 @@ proptest! {
         // the fast path without magnitudes computes the same accumulators
         let plain = fast::gemm(BlockScaled::tiles(a.view(), a_s.view()), BlockScaled { codes: b.view(), scales: b_s.view(), layout }, block, &acc, false);
         prop_assert_eq!(bits(&plain.c), bits(&readable));
+        // and so does each exact kernel (f64 micro-kernel, AMX where the machine has it), with
+        // the same magnitudes
+        for kernel in [ExactKernel::F64, ExactKernel::Amx] {
+            let each = fast::with_exact_kernel(kernel, || fast::gemm(BlockScaled::tiles(a.view(), a_s.view()), BlockScaled { codes: b.view(), scales: b_s.view(), layout }, block, &acc, true));
+            prop_assert_eq!(bits(&each.c), bits(&readable), "{:?}", kernel);
+            let mag = |o: &fast::GemmOut| o.magnitude.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(mag(&each), mag(&out), "{:?}", kernel);
+        }
     }
 
     #[test]
@@ -224,6 +232,17 @@ proptest! {
 /// (written from the tiles) is the rounding of those accumulators.
 #[test]
 fn the_fused_kernel_is_bit_identical_across_several_tiles() {
+    if !fast::amx_available() {
+        println!("SKIP (AMX part): this CPU or OS offers no AMX-INT8; the f64 kernel runs twice");
+    }
+    for kernel in [ExactKernel::F64, ExactKernel::Amx] {
+        fast::with_exact_kernel(kernel, fused_kernel_cases);
+    }
+}
+
+/// [`the_fused_kernel_is_bit_identical_across_several_tiles`]' cases (f64 tasks of 256 × 256,
+/// AMX tasks of 512 × 256 outputs, both crossed).
+fn fused_kernel_cases() {
     let mut s = Stream(99);
     for (m, n, k, block) in [
         (300usize, 530usize, 300usize, 128usize),
@@ -252,7 +271,8 @@ fn the_fused_kernel_is_bit_identical_across_several_tiles() {
             false,
         );
         assert_eq!(bits(&out.c), bits(&readable), "M={m} N={n} K={k} B={block}");
-        // the bf16 output written from the tiles: the RNE rounding of every accumulator
+        // the bf16 and f32 outputs written from the tiles: every accumulator's bytes, rounded
+        // to bf16 (RNE) or as they are
         for acc in [
             Accumulation::Exact,
             Accumulation::TensorCore {
@@ -260,27 +280,34 @@ fn the_fused_kernel_is_bit_identical_across_several_tiles() {
                 promote_interval: block,
             },
         ] {
-            let want: Vec<u8> = fast::gemm(
+            let c = fast::gemm(
                 BlockScaled::tiles(a.view(), a_s.view()),
                 BlockScaled::blocks(b.view(), b_s.view()),
                 block,
                 &acc,
                 false,
             )
-            .c
-            .iter()
-            .flat_map(|&v| round_to_bf16(v).to_le_bytes())
-            .collect();
-            let got = fast::gemm_bf16(
-                BlockScaled::tiles(a.view(), a_s.view()),
-                BlockScaled::blocks(b.view(), b_s.view()),
-                block,
-                &acc,
-            );
-            assert!(
-                got == want,
-                "bf16 output M={m} N={n} K={k} B={block} {acc:?}"
-            );
+            .c;
+            for bf16 in [true, false] {
+                let want: Vec<u8> = if bf16 {
+                    c.iter()
+                        .flat_map(|&v| round_to_bf16(v).to_le_bytes())
+                        .collect()
+                } else {
+                    c.iter().flat_map(|&v| v.to_le_bytes()).collect()
+                };
+                let got = fast::gemm_bytes(
+                    BlockScaled::tiles(a.view(), a_s.view()),
+                    BlockScaled::blocks(b.view(), b_s.view()),
+                    block,
+                    &acc,
+                    bf16,
+                );
+                assert!(
+                    got == want,
+                    "output bytes (bf16: {bf16}) M={m} N={n} K={k} B={block} {acc:?}"
+                );
+            }
         }
     }
 }

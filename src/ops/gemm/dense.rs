@@ -121,15 +121,14 @@ impl Layout for Dense {
         fast::gemm_bound_tolerances(a, b, cfg.block_size, &cfg.accumulation(), tolerance)
     }
 
-    /// A bf16 output straight from the kernel's tiles (no f32 `[M, N]` array: at M = 4096,
-    /// N = 7168 that is 117 MB of a check's memory).
+    /// The output's bytes straight from the kernel's tiles (no f32 `[M, N]` array beside them:
+    /// at M = 4096, N = 7168 that is 117 MB of a check's memory).
     fn output(ops: &DenseOps, cfg: &GemmConfig, shape: Vec<usize>) -> Tensor {
-        if cfg.out_dtype != OutDtype::Bf16 {
-            return cfg.out_tensor(shape, &Self::compute(ops, cfg, false).c);
-        }
         let (a, b) = ops.tiles();
-        let bytes = fast::gemm_bf16(a, b, cfg.block_size, &cfg.accumulation());
-        Tensor::from_bytes(DType::BF16, shape, bytes).expect("two bytes per element")
+        let bf16 = cfg.out_dtype == OutDtype::Bf16;
+        let bytes = fast::gemm_bytes(a, b, cfg.block_size, &cfg.accumulation(), bf16);
+        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        Tensor::from_bytes(dtype, shape, bytes).expect("the dtype's bytes per element")
     }
 
     fn shape(inputs: &TensorMap) -> (Vec<usize>, usize) {

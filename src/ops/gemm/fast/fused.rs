@@ -74,11 +74,17 @@ pub(super) fn exact_fused(ops: &Operands, c: &mut [f32], magnitude: &mut [f64]) 
     exact_fused_into(ops, Sink::F32(c.as_mut_ptr()), magnitude)
 }
 
-/// Exact mode, fused, each accumulator rounded to bf16 (RNE) as it leaves its tile:
-/// `bf16 [2·M·N]` little-endian bytes, no f32 M×N array.
-pub(super) fn exact_fused_bf16(ops: &Operands, bf16: &mut [u8]) {
-    debug_assert_eq!(bf16.len(), 2 * ops.a.nrows() * ops.b.nrows());
-    exact_fused_into(ops, Sink::Bf16(bf16.as_mut_ptr()), &mut [])
+/// Exact mode, fused, the accumulators written as little-endian bytes as they leave their tiles
+/// (`bf16`: rounded to bf16, RNE, `[2·M·N]` bytes; else f32, `[4·M·N]`), no f32 M×N array.
+pub(super) fn exact_fused_bytes(ops: &Operands, bytes: &mut [u8], bf16: bool) {
+    let width = if bf16 { 2 } else { 4 };
+    debug_assert_eq!(bytes.len(), width * ops.a.nrows() * ops.b.nrows());
+    let sink = if bf16 {
+        Sink::Bf16(bytes.as_mut_ptr())
+    } else {
+        Sink::F32Le(bytes.as_mut_ptr())
+    };
+    exact_fused_into(ops, sink, &mut [])
 }
 
 fn exact_fused_into(ops: &Operands, c: Sink, magnitude: &mut [f64]) {
@@ -235,6 +241,11 @@ pub(super) unsafe fn write_tile(
         let acc = &c_tile[r * nc..(r + 1) * nc];
         match c_run {
             Run::F32(c) => c.copy_from_slice(acc),
+            Run::F32Le(bytes) => {
+                for (b, &v) in bytes.chunks_exact_mut(4).zip(acc) {
+                    b.copy_from_slice(&v.to_le_bytes());
+                }
+            }
             Run::Bf16(bytes) => {
                 for (b, &v) in bytes.chunks_exact_mut(2).zip(acc) {
                     b.copy_from_slice(&round_to_bf16(v).to_le_bytes());
@@ -294,16 +305,18 @@ pub(super) fn promote(
     }
 }
 
-/// Where the accumulators go: f32 values, or their bf16 roundings as little-endian bytes.
+/// Where the accumulators go: f32 values, or as little-endian bytes, f32 or rounded to bf16.
 #[derive(Clone, Copy)]
 enum Sink {
     F32(*mut f32),
+    F32Le(*mut u8),
     Bf16(*mut u8),
 }
 
 /// A run of the accumulators' [`Sink`].
 enum Run<'a> {
     F32(&'a mut [f32]),
+    F32Le(&'a mut [u8]),
     Bf16(&'a mut [u8]),
 }
 
@@ -332,6 +345,9 @@ impl Out {
         (
             match self.c {
                 Sink::F32(p) => Run::F32(std::slice::from_raw_parts_mut(p.add(at), len)),
+                Sink::F32Le(p) => {
+                    Run::F32Le(std::slice::from_raw_parts_mut(p.add(4 * at), 4 * len))
+                }
                 Sink::Bf16(p) => Run::Bf16(std::slice::from_raw_parts_mut(p.add(2 * at), 2 * len)),
             },
             self.magnitude

@@ -141,14 +141,15 @@ pub fn gemm(
     }
 }
 
-/// [`gemm`]'s accumulators without magnitudes, each rounded to bf16 (RNE) as little-endian
-/// bytes `[2·M·N]`: the exact mode (and the bound mode's output) writes them from its tiles with
-/// no f32 M×N array; other modes round [`gemm`]'s.
-pub fn gemm_bf16(
+/// [`gemm`]'s accumulators without magnitudes as little-endian bytes: rounded to bf16 (RNE,
+/// `[2·M·N]`) when `bf16`, else f32 (`[4·M·N]`). The exact mode (and the bound mode's output)
+/// writes them from its tiles with no f32 M×N array; other modes convert [`gemm`]'s.
+pub fn gemm_bytes(
     a: BlockScaled,
     b: BlockScaled,
     block_size: usize,
     accumulation: &Accumulation,
+    bf16: bool,
 ) -> Vec<u8> {
     let (m, n) = (a.codes.nrows(), b.codes.nrows());
     let exact_output = matches!(
@@ -158,11 +159,15 @@ pub fn gemm_bf16(
     if !(exact_output && block_size <= fused::MAX_FUSED_BLOCK && m > 0 && n > 0) {
         let c = gemm(a, b, block_size, accumulation, false).c;
         let c = c.as_slice().expect("gemm's accumulators are row-major");
-        return le_bytes(c, |v| round_to_bf16(v).to_le_bytes());
+        return if bf16 {
+            le_bytes(c, |v| round_to_bf16(v).to_le_bytes())
+        } else {
+            le_bytes(c, |v| v.to_le_bytes())
+        };
     }
-    let mut bytes = vec![0u8; 2 * m * n];
+    let mut bytes = vec![0u8; if bf16 { 2 } else { 4 } * m * n];
     with_operands(a, b, block_size, |ops| {
-        fused::exact_fused_bf16(ops, &mut bytes)
+        fused::exact_fused_bytes(ops, &mut bytes, bf16)
     });
     bytes
 }
