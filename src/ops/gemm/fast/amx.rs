@@ -124,6 +124,72 @@ fn decode(codes: &[u8; CHUNK], planes: &mut [[i8; CHUNK]; LIMBS]) {
     }
 }
 
+/// Decode a row's codes `k0..k0 + kc` into row `i` of its group's digit tiles: chunk `q`,
+/// digit `l` at `(q·LIMBS + l)·TILE` in `tiles`.
+#[inline(always)]
+fn pack_row(
+    tiles: &mut [u8],
+    row: &[u8],
+    (k0, kc): (usize, usize),
+    i: usize,
+    planes: &mut [[i8; CHUNK]; LIMBS],
+) {
+    for q in 0..kc.div_ceil(CHUNK) {
+        let from = k0 + q * CHUNK;
+        decode(&chunk_codes(row, from, (from + CHUNK).min(k0 + kc)), planes);
+        for (l, plane) in planes.iter().enumerate() {
+            let at = (q * LIMBS + l) * TILE + i * CHUNK;
+            tiles[at..at + CHUNK].copy_from_slice(&plane.map(|v| v as u8));
+        }
+    }
+}
+
+/// A's digit tiles for the whole GEMM (row group `g`, K-block `kb`, chunk `q`, digit `l` at
+/// `(((g·blocks + kb)·chunks_max + q)·LIMBS + l)·TILE`), decoded once instead of once per
+/// column task.
+pub(super) struct ADigits {
+    tiles: Vec<u8>,
+    blocks: usize,
+    chunks_max: usize,
+}
+
+impl ADigits {
+    /// Decoded in parallel over row groups when they take no more memory than B's codes
+    /// (`3·M ≤ N`: small M, where A is decoded `N / NC` times otherwise); else `None`.
+    pub(super) fn of(a: &[u8], (m, k, n): (usize, usize, usize), bs: usize) -> Option<Self> {
+        use rayon::prelude::*;
+        if 3 * m > n || k == 0 {
+            return None;
+        }
+        let (blocks, chunks_max) = (k.div_ceil(bs), bs.div_ceil(CHUNK));
+        let group = blocks * chunks_max * LIMBS * TILE;
+        let mut tiles = vec![0u8; m.div_ceil(T) * group];
+        tiles
+            .par_chunks_mut(group)
+            .enumerate()
+            .for_each(|(g, tiles)| {
+                let mut planes = [[0i8; CHUNK]; LIMBS];
+                for i in 0..T.min(m - g * T) {
+                    let row = &a[(g * T + i) * k..(g * T + i + 1) * k];
+                    for (kb, k0) in (0..k).step_by(bs).enumerate() {
+                        let at = kb * chunks_max * LIMBS * TILE;
+                        pack_row(&mut tiles[at..], row, (k0, bs.min(k - k0)), i, &mut planes);
+                    }
+                }
+            });
+        Some(ADigits {
+            tiles,
+            blocks,
+            chunks_max,
+        })
+    }
+
+    /// Row group `g`'s tiles of K-block `kb`.
+    fn block(&self, g: usize, kb: usize) -> &[u8] {
+        &self.tiles[(g * self.blocks + kb) * self.chunks_max * LIMBS * TILE..]
+    }
+}
+
 /// Codes `from..to` of a row (at most 64), zero-padded to 64 at the end of the block.
 #[inline(always)]
 fn chunk_codes(row: &[u8], from: usize, to: usize) -> [u8; CHUNK] {
@@ -144,7 +210,14 @@ fn chunk_codes(row: &[u8], from: usize, to: usize) -> [u8; CHUNK] {
 /// Only where [`available`] is true; the task's tile of the output is its own.
 #[target_feature(enable = "avx512f,avx512bw,fma")]
 pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
-    let Job { ops, a, b, out, .. } = *job;
+    let Job {
+        ops,
+        a,
+        b,
+        out,
+        a_digits,
+        ..
+    } = *job;
     let (m, k, n) = (ops.a.nrows(), ops.a.ncols(), ops.b.nrows());
     let bs = ops.block_size;
     let mr = MC.min(m - r0);
@@ -181,20 +254,14 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
         let kc = bs.min(k - k0);
         let chunks = kc.div_ceil(CHUNK);
         let next = (k0 + kc)..(k0 + kc + bs).min(k);
-        for r in 0..mr {
-            let row = &a[(r0 + r) * k..(r0 + r + 1) * k];
-            prefetch(&row[next.clone()]);
-            let (g, i) = (r / T, r % T);
-            for q in 0..chunks {
-                let from = k0 + q * CHUNK;
-                decode(
-                    &chunk_codes(row, from, (from + CHUNK).min(k0 + kc)),
-                    &mut planes,
-                );
-                for (l, plane) in planes.iter().enumerate() {
-                    let at = ((g * chunks_max + q) * LIMBS + l) * TILE + i * CHUNK;
-                    apack[at..at + CHUNK].copy_from_slice(&plane.map(|v| v as u8));
-                }
+        // A's tiles of this block: decoded once for the whole GEMM, or here
+        if a_digits.is_none() {
+            for r in 0..mr {
+                let row = &a[(r0 + r) * k..(r0 + r + 1) * k];
+                prefetch(&row[next.clone()]);
+                let (g, i) = (r / T, r % T);
+                let tiles = &mut apack[g * chunks_max * LIMBS * TILE..];
+                pack_row(tiles, row, (k0, kc), i, &mut planes);
             }
         }
         for c in 0..nc {
@@ -257,7 +324,10 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
         for gb in 0..groups_b {
             let bt = bpack[gb * chunks_max * LIMBS * TILE..].as_ptr();
             for ga in 0..groups_a {
-                let at = apack[ga * chunks_max * LIMBS * TILE..].as_ptr();
+                let at = match a_digits {
+                    Some(d) => d.block(r0 / T + ga, kb).as_ptr(),
+                    None => apack[ga * chunks_max * LIMBS * TILE..].as_ptr(),
+                };
                 let slot = step % DEPTH;
                 // SAFETY: `chunks` ≤ chunks_max tiles of both operands lie behind `at` and `bt`;
                 // the slot holds the five groups' 16 × 16 int32 tiles.

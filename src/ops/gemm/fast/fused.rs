@@ -116,12 +116,20 @@ fn exact_fused_into(ops: &Operands, c: Sink, magnitude: &mut [f64]) {
     let tiles: Vec<(usize, usize)> = (0..m.div_ceil(mc))
         .flat_map(|rt| (0..n.div_ceil(nc)).map(move |ct| (rt * mc, ct * nc)))
         .collect();
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let a_digits = if amx {
+        super::amx::ADigits::of(a, (m, ops.a.ncols(), n), bs)
+    } else {
+        None
+    };
     let job = Job {
         ops,
         a,
         b,
         values: &values,
         out: &out,
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        a_digits: a_digits.as_ref(),
     };
     tiles.into_par_iter().for_each(|(r0, n0)| match isa {
         // SAFETY: chosen only where `amx::available()`.
@@ -144,6 +152,9 @@ pub(super) struct Job<'a, 'b> {
     pub(super) b: &'a [u8],
     values: &'a [f64; 256],
     pub(super) out: &'a Out,
+    /// The AMX kernel's digit tiles of A, when decoded once for the whole GEMM.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    pub(super) a_digits: Option<&'a super::amx::ADigits>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -167,6 +178,7 @@ fn tile(job: &Job, r0: usize, n0: usize) {
         b,
         values,
         out,
+        ..
     } = *job;
     let (m, k, n) = (ops.a.nrows(), ops.a.ncols(), ops.b.nrows());
     let bs = ops.block_size;
