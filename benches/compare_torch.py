@@ -10,7 +10,9 @@ The Rust side is timed in the same run, alternating with torch (the machine is s
 timings taken minutes apart are not comparable): `dsv3 run fp8_gemm` with `out_dtype` f32 on the
 same operands, wall time including process start and the safetensors load/save (the file is in
 the page cache), and its compute alone (the reference's time that `dsv3 check --report` records).
-Its output must equal torch's bit for bit. The yardstick in the same run: the roofline, one
+Its output must equal torch's bit for bit, and so must the f64 micro-kernel's (`dsv3 run` with
+`DSV3_EXACT_KERNEL=f64`, timed too: on a CPU with AMX the default kernel is the AMX one). The
+yardstick in the same run: the roofline, one
 float64 matmul of the same 2·M·N·K FLOPs (MKL through torch), and each side's share of it.
 Criterion's own estimate (`target/criterion/...`, after `cargo bench --bench fp8_gemm`) is
 printed too when present.
@@ -74,11 +76,17 @@ def rust_seconds(m, n, k):
         return None
 
 
-def time_dsv3(path_in, path_out):
+def time_dsv3(path_in, path_out, kernel=None):
+    """`dsv3 run`'s wall time; `kernel="f64"` forces the f64 micro-kernel (`DSV3_EXACT_KERNEL`)
+    where the default would take AMX."""
     exe = os.path.join(ROOT, "target", "release", "dsv3")
+    env = dict(os.environ)
+    env.pop("DSV3_EXACT_KERNEL", None)
+    if kernel:
+        env["DSV3_EXACT_KERNEL"] = kernel
     t = time.perf_counter()
     subprocess.run([exe, "run", "fp8_gemm", "--inputs", path_in, "--out", path_out,
-                    "--config", '{"out_dtype":"f32"}'], check=True, stdout=subprocess.DEVNULL)
+                    "--config", '{"out_dtype":"f32"}'], check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t
 
 
@@ -102,7 +110,8 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.repeat}, alternating")
     print(f"{'shape (MxNxK)':<20} {'torch s':>9} {'dsv3 run s':>11} {'torch/dsv3':>11} {'dsv3 compute s':>15} "
-          f"{'torch/dsv3 compute':>19} {'roofline s':>11} {'dsv3 % roofline':>16} {'criterion s':>12} {'bitwise':>8}")
+          f"{'torch/dsv3 compute':>19} {'roofline s':>11} {'dsv3 % roofline':>16} {'f64-kernel run s':>17} "
+          f"{'criterion s':>12} {'bitwise':>8}")
     tmp = tempfile.mkdtemp(prefix="dsv3-compare-torch-")
     for m, n, k in SHAPES:
         a, b = codes(m, k, 0), codes(n, k, 17)
@@ -110,7 +119,7 @@ def main():
         path_in, path_out = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
         save_file({"a": a, "a_s": a_s, "b": b, "b_s": b_s}, path_in)
         fp8_gemm_exact(a[:8], a_s[:8], b, b_s)  # warm-up
-        best_torch, best_rust, best_compute, best_roof, c = (float("inf"),) * 4 + (None,)
+        best_torch, best_rust, best_compute, best_roof, best_f64, c = (float("inf"),) * 5 + (None,)
         a64, b64t = a.to(torch.float64), b.to(torch.float64).T.contiguous()
         for _ in range(args.repeat):
             t = time.perf_counter()
@@ -118,14 +127,17 @@ def main():
             best_torch = min(best_torch, time.perf_counter() - t)
             best_rust = min(best_rust, time_dsv3(path_in, path_out))
             best_compute = min(best_compute, dsv3_compute_seconds(path_in, path_out, tmp))
+            best_f64 = min(best_f64, time_dsv3(path_in, path_out + ".f64", kernel="f64"))
             t = time.perf_counter()
             a64 @ b64t  # the roofline: one f64 GEMM of the same FLOPs
             best_roof = min(best_roof, time.perf_counter() - t)
-        same = torch.equal(load_file(path_out)["c"].view(torch.int32), c.view(torch.int32))
+        same = all(torch.equal(load_file(p)["c"].view(torch.int32), c.view(torch.int32))
+                   for p in (path_out, path_out + ".f64"))
         crit = rust_seconds(m, n, k)
         crit_s = f"{crit:12.3f}" if crit else f"{'-':>12}"
         print(f"{f'{m}x{n}x{k}':<20} {best_torch:9.3f} {best_rust:11.3f} {best_torch / best_rust:11.2f} {best_compute:15.3f} "
-              f"{best_torch / best_compute:19.2f} {best_roof:11.3f} {100 * best_roof / best_compute:15.0f}% {crit_s} {str(same):>8}")
+              f"{best_torch / best_compute:19.2f} {best_roof:11.3f} {100 * best_roof / best_compute:15.0f}% "
+              f"{best_f64:17.3f} {crit_s} {str(same):>8}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 //! f64 in any order (at most 43 significant bits for B = 128), so a blocked f64 GEMM yields the
 //! very same f64 block dots as the reference's plain loop. Blocks up to 1024 deep go through the
 //! fused kernel ([`fused`]: a 6×16 register-tiled micro-kernel whose block dots are promoted at
-//! once, no M×N intermediate); the bound mode and larger blocks through `matrixmultiply::dgemm`
-//! per K-segment. Everything after that (the rounding to f32, `(p·a_s)·b_s`,
+//! once, no M×N intermediate; on CPUs with AMX-INT8 the same tasks compute the block dots as
+//! int8 digit products on the tile unit, `amx.rs`, exactly: [`ExactKernel`]); the bound mode
+//! and larger blocks through `matrixmultiply::dgemm` per K-segment. Everything after that (the rounding to f32, `(p·a_s)·b_s`,
 //! the f32 accumulation in ascending block order) is done element by element with the same
 //! expressions in the same order. Rows are spread over threads with rayon; each output element
 //! is computed by exactly one thread.
