@@ -33,8 +33,9 @@ use std::sync::OnceLock;
 use super::fused::{promote, write_tile, Job};
 
 /// Rows and columns of one task: each operand's codes are decoded once per task that needs
-/// them, so larger tasks decode less (A `N/NC` times, B `M/MC` times); the task's f32
-/// accumulators (1 MB) and magnitudes (2 MB) stay in a 4 MB L2.
+/// them, so larger tasks decode less (A `N/NC` times unless [`ADigits`] holds it, B `M/MC`
+/// times), while the task's f32 accumulators (512 KB) and a check's magnitudes (1 MB) still fit
+/// a 2 MB L2; of 128…512 × 256…512, 512 × 256 measured fastest.
 pub(super) const MC: usize = 512;
 pub(super) const NC: usize = 256;
 
@@ -46,7 +47,7 @@ const CHUNK: usize = 64;
 /// issued (2: 8 % faster than promoting at once; 3 and 4 measured no faster).
 const DEPTH: usize = 2;
 /// Digits (int8 tiles) per operand.
-const LIMBS: usize = 3;
+const DIGITS: usize = 3;
 /// Bytes of one operand tile (16 rows × 64 bytes).
 const TILE: usize = T * CHUNK;
 /// Groups `g = i + j` of digit pairs.
@@ -111,7 +112,7 @@ impl TileConfig {
 
 /// The digit planes of 64 codes: `planes[l][i]` is code `i`'s digit `l` (see the module header).
 #[inline(always)]
-fn decode(codes: &[u8; CHUNK], planes: &mut [[i8; CHUNK]; LIMBS]) {
+fn decode(codes: &[u8; CHUNK], planes: &mut [[i8; CHUNK]; DIGITS]) {
     for i in 0..CHUNK {
         let c = codes[i];
         let e = u32::from((c >> 3) & 15);
@@ -125,27 +126,27 @@ fn decode(codes: &[u8; CHUNK], planes: &mut [[i8; CHUNK]; LIMBS]) {
 }
 
 /// Decode a row's codes `k0..k0 + kc` into row `i` of its group's digit tiles: chunk `q`,
-/// digit `l` at `(q·LIMBS + l)·TILE` in `tiles`.
+/// digit `l` at `(q·DIGITS + l)·TILE` in `tiles`.
 #[inline(always)]
 fn pack_row(
     tiles: &mut [u8],
     row: &[u8],
     (k0, kc): (usize, usize),
     i: usize,
-    planes: &mut [[i8; CHUNK]; LIMBS],
+    planes: &mut [[i8; CHUNK]; DIGITS],
 ) {
     for q in 0..kc.div_ceil(CHUNK) {
         let from = k0 + q * CHUNK;
         decode(&chunk_codes(row, from, (from + CHUNK).min(k0 + kc)), planes);
         for (l, plane) in planes.iter().enumerate() {
-            let at = (q * LIMBS + l) * TILE + i * CHUNK;
+            let at = (q * DIGITS + l) * TILE + i * CHUNK;
             tiles[at..at + CHUNK].copy_from_slice(&plane.map(|v| v as u8));
         }
     }
 }
 
 /// A's digit tiles for the whole GEMM (row group `g`, K-block `kb`, chunk `q`, digit `l` at
-/// `(((g·blocks + kb)·chunks_max + q)·LIMBS + l)·TILE`), decoded once instead of once per
+/// `(((g·blocks + kb)·chunks_max + q)·DIGITS + l)·TILE`), decoded once instead of once per
 /// column task.
 pub(super) struct ADigits {
     tiles: Vec<u8>,
@@ -162,17 +163,17 @@ impl ADigits {
             return None;
         }
         let (blocks, chunks_max) = (k.div_ceil(bs), bs.div_ceil(CHUNK));
-        let group = blocks * chunks_max * LIMBS * TILE;
+        let group = blocks * chunks_max * DIGITS * TILE;
         let mut tiles = vec![0u8; m.div_ceil(T) * group];
         tiles
             .par_chunks_mut(group)
             .enumerate()
             .for_each(|(g, tiles)| {
-                let mut planes = [[0i8; CHUNK]; LIMBS];
+                let mut planes = [[0i8; CHUNK]; DIGITS];
                 for i in 0..T.min(m - g * T) {
                     let row = &a[(g * T + i) * k..(g * T + i + 1) * k];
                     for (kb, k0) in (0..k).step_by(bs).enumerate() {
-                        let at = kb * chunks_max * LIMBS * TILE;
+                        let at = kb * chunks_max * DIGITS * TILE;
                         pack_row(&mut tiles[at..], row, (k0, bs.min(k - k0)), i, &mut planes);
                     }
                 }
@@ -186,7 +187,7 @@ impl ADigits {
 
     /// Row group `g`'s tiles of K-block `kb`.
     fn block(&self, g: usize, kb: usize) -> &[u8] {
-        &self.tiles[(g * self.blocks + kb) * self.chunks_max * LIMBS * TILE..]
+        &self.tiles[(g * self.blocks + kb) * self.chunks_max * DIGITS * TILE..]
     }
 }
 
@@ -234,10 +235,10 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
         row,
         mag_row,
     } = &mut scratch;
-    // a tile (group g, chunk q, limb l) at ((g·chunks_max + q)·LIMBS + l)·TILE; rows past the
+    // a tile (group g, chunk q, digit l) at ((g·chunks_max + q)·DIGITS + l)·TILE; rows past the
     // operand's end are never written and stay zero
-    let apack = zeroed(apack, groups_a * chunks_max * LIMBS * TILE);
-    let bpack = zeroed(bpack, groups_b * chunks_max * LIMBS * TILE);
+    let apack = zeroed(apack, groups_a * chunks_max * DIGITS * TILE);
+    let bpack = zeroed(bpack, groups_b * chunks_max * DIGITS * TILE);
     let mut sa = vec![0f32; mr];
     let mut sb = vec![0f32; nc];
     // accumulators (and magnitudes) tile-major, 16 × 16 output tiles column group by column
@@ -246,7 +247,7 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
     let c_tile = zeroed(c_tile, tiled);
     let mag_tile = zeroed(mag_tile, if out.magnitude_kept() { tiled } else { 0 });
     let mut sums: [Sums; DEPTH] = std::array::from_fn(|_| Sums([0; GROUPS * T * T]));
-    let mut planes = [[0i8; CHUNK]; LIMBS];
+    let mut planes = [[0i8; CHUNK]; DIGITS];
     let cfg = TileConfig::all_full();
     // SAFETY: the configuration is a valid palette-1 layout; the tile state was granted.
     unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
@@ -260,7 +261,7 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
                 let row = &a[(r0 + r) * k..(r0 + r + 1) * k];
                 prefetch(&row[next.clone()]);
                 let (g, i) = (r / T, r % T);
-                let tiles = &mut apack[g * chunks_max * LIMBS * TILE..];
+                let tiles = &mut apack[g * chunks_max * DIGITS * TILE..];
                 pack_row(tiles, row, (k0, kc), i, &mut planes);
             }
         }
@@ -275,7 +276,7 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
                     &mut planes,
                 );
                 for (l, plane) in planes.iter().enumerate() {
-                    let tile = ((g * chunks_max + q) * LIMBS + l) * TILE;
+                    let tile = ((g * chunks_max + q) * DIGITS + l) * TILE;
                     let tile: &mut [u8; TILE] =
                         (&mut bpack[tile..tile + TILE]).try_into().expect("a tile");
                     // VNNI: row kq holds, for each column j, its codes 4·kq .. 4·kq + 4
@@ -322,11 +323,11 @@ pub(super) unsafe fn tile(job: &Job, r0: usize, n0: usize) {
         let mut ring: [Option<(usize, usize)>; DEPTH] = [None; DEPTH];
         let mut step = 0;
         for gb in 0..groups_b {
-            let bt = bpack[gb * chunks_max * LIMBS * TILE..].as_ptr();
+            let bt = bpack[gb * chunks_max * DIGITS * TILE..].as_ptr();
             for ga in 0..groups_a {
                 let at = match a_digits {
                     Some(d) => d.block(r0 / T + ga, kb).as_ptr(),
-                    None => apack[ga * chunks_max * LIMBS * TILE..].as_ptr(),
+                    None => apack[ga * chunks_max * DIGITS * TILE..].as_ptr(),
                 };
                 let slot = step % DEPTH;
                 // SAFETY: `chunks` ≤ chunks_max tiles of both operands lie behind `at` and `bt`;
@@ -375,7 +376,7 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
 }
 
-/// `v` as `len` zeros, in its own allocation when that is large enough.
+/// `v` as `len` zeros, reusing its allocation when that is large enough.
 fn zeroed<V: Copy + Default>(v: &mut Vec<V>, len: usize) -> &mut [V] {
     v.clear();
     v.resize(len, V::default());
@@ -401,7 +402,7 @@ fn prefetch(codes: &[u8]) {
     }
 }
 
-/// The seven groups' int32 sums of one output tile: `S_g[i][j]` at `(g·16 + i)·16 + j`.
+/// The five groups' int32 sums of one output tile: `S_g[i][j]` at `(g·16 + i)·16 + j`.
 #[repr(C, align(64))]
 struct Sums([i32; GROUPS * T * T]);
 
@@ -431,11 +432,11 @@ fn recombine(sums: &Sums, i: usize) -> [f64; T] {
 }
 
 /// The five group sums ([`Sums`]) of one 16 × 16 output tile over `chunks` 64-deep chunks of a
-/// K-block. `a`: the row group's
-/// digit tiles, `(q·3 + l)·1024` bytes in; `b`: the column group's, alike.
+/// K-block. `a`: the row group's digit tiles, `(q·3 + l)·1024` bytes in; `b`: the column
+/// group's, alike.
 ///
 /// Tile loads cost about three tile products here, so the order minimises them: group 0
-/// (A0·B0) first, on its own (tmm0); then per chunk the three B digits stay in tmm4..6 while the
+/// (A0·B0) first, on its own (tmm3, written last by the next phase); then per chunk the three B digits stay in tmm4..6 while the
 /// three A digits stream through tmm7 into groups 1..4 (tmm0..3): 8 loads and 9 products per
 /// chunk, 5 stores per block. Consecutive products write different accumulators.
 ///
@@ -455,7 +456,7 @@ unsafe fn block_sums(a: *const u8, b: *const u8, chunks: usize, sums: &mut Sums)
     );
     // group 0: A0·B0 (in tmm3, which the next phase writes last)
     for q in 0..chunks {
-        let (aq, bq) = (a.add(q * LIMBS * TILE), b.add(q * LIMBS * TILE));
+        let (aq, bq) = (a.add(q * DIGITS * TILE), b.add(q * DIGITS * TILE));
         asm!(
             "tileloadd tmm4, [{b} + {s}*1]",
             "tileloadd tmm7, [{a} + {s}*1]",
@@ -472,7 +473,7 @@ unsafe fn block_sums(a: *const u8, b: *const u8, chunks: usize, sums: &mut Sums)
     );
     // groups 1..4 in tmm0..3: B0 B1 B2 resident, A0 A1 A2 streamed
     for q in 0..chunks {
-        let (aq, bq) = (a.add(q * LIMBS * TILE), b.add(q * LIMBS * TILE));
+        let (aq, bq) = (a.add(q * DIGITS * TILE), b.add(q * DIGITS * TILE));
         asm!(
             "tileloadd tmm5, [{b} + {s}*1 + 1024]",
             "tileloadd tmm6, [{b} + {s}*1 + 2048]",
@@ -515,18 +516,18 @@ mod tests {
         let values = e4m3_values();
         for c0 in (0..256).step_by(CHUNK) {
             let codes: [u8; CHUNK] = std::array::from_fn(|i| (c0 + i) as u8);
-            let mut planes = [[0i8; CHUNK]; LIMBS];
+            let mut planes = [[0i8; CHUNK]; DIGITS];
             decode(&codes, &mut planes);
             for (i, &c) in codes.iter().enumerate() {
                 let v = values[usize::from(c)];
                 if !v.is_finite() {
                     continue;
                 }
-                let sum: f64 = (0..LIMBS)
+                let sum: f64 = (0..DIGITS)
                     .map(|l| f64::from(planes[l][i]) * f64::from(1u32 << (7 * l)))
                     .sum();
                 assert_eq!(sum, v * 512.0, "code {c:#04x}");
-                assert!((0..LIMBS).all(|l| planes[l][i] == 0 || (planes[l][i] < 0) == (v < 0.0)));
+                assert!((0..DIGITS).all(|l| planes[l][i] == 0 || (planes[l][i] < 0) == (v < 0.0)));
             }
         }
     }
