@@ -11,6 +11,7 @@
 //! The math lives in [`dsv3_reference`]; the CUDA kernels in `dsv3_gpu` (feature `cuda`). The
 //! command line is the `dsv3` binary (`src/cli/`).
 
+mod isa;
 pub mod model;
 pub mod ops;
 pub mod registry;

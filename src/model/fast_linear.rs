@@ -128,13 +128,13 @@ fn strip(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has every feature the function is compiled for.
-            return unsafe { strip_avx512(l, at, x, scratch, out) };
-        }
-        if is_x86_feature_detected!("avx2") {
+        use crate::isa::{isa, Isa};
+        match isa() {
+            // SAFETY: the level's detected features include every one the function enables.
+            Isa::Avx512 => return unsafe { strip_avx512(l, at, x, scratch, out) },
             // SAFETY: as above.
-            return unsafe { strip_avx2(l, at, x, scratch, out) };
+            Isa::Avx2 => return unsafe { strip_avx2(l, at, x, scratch, out) },
+            Isa::Portable => {}
         }
     }
     strip_here(l, at, x, scratch, out)

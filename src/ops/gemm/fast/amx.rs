@@ -23,8 +23,8 @@
 //! the order that loads least wins — and stores the five group sums, which
 //! the vector units recombine and promote while the AMX unit works on the next output tile.
 //!
-//! Taken where the CPU has AMX-INT8 and AVX-512BW and Linux grants the tile state
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); `DSV3_EXACT_KERNEL=f64` or
+//! Taken where the CPU has AMX-INT8 and the AVX-512 level (`src/isa.rs`) and Linux grants the
+//! tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); `DSV3_EXACT_KERNEL=f64` or
 //! [`super::with_exact_kernel`] chooses the f64 kernel instead.
 
 use std::arch::asm;
@@ -61,10 +61,8 @@ pub(super) fn available() -> bool {
 
 fn detect() -> bool {
     use std::arch::x86_64::__cpuid_count;
-    if !(is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("fma"))
-    {
+    // `tile` is compiled for (a subset of) the AVX-512 level
+    if crate::isa::isa() != crate::isa::Isa::Avx512 {
         return false;
     }
     // SAFETY: CPUID exists on every x86_64 CPU; leaf 7 is read only when the CPU reports it.

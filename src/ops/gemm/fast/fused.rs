@@ -19,6 +19,7 @@ use dsv3_reference::numeric::round_to_bf16;
 use rayon::prelude::*;
 
 use super::Operands;
+use crate::isa::{isa, Isa};
 
 /// Micro-tile: rows × columns of the output per kernel call.
 pub(super) const MR: usize = 6;
@@ -43,29 +44,6 @@ fn kernel_body(kc: usize, a: &[f64], b: &[f64]) -> [[f64; NR]; MR] {
         }
     }
     acc
-}
-
-/// Which instruction set the tiles are compiled for on this CPU.
-#[derive(Clone, Copy)]
-pub(super) enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
-pub(super) fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            return Isa::Avx512;
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2;
-        }
-    }
-    Isa::Portable
 }
 
 /// Exact mode, fused: `c [M·N]` f32 accumulators (zero on entry), and each element's

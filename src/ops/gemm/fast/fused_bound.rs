@@ -36,9 +36,10 @@ use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound};
 use crate::registry::tolerance::TcBoundTolerance;
 use rayon::prelude::*;
 
-use super::fused::{isa, pack, promote, Isa, MAX_FUSED_BLOCK, MR, NC, NR};
+use super::fused::{pack, promote, MAX_FUSED_BLOCK, MR, NC, NR};
 use super::lanes::{exponents_lane, finish_lane, NONE};
 use super::Operands;
+use crate::isa::{isa, Isa};
 
 /// Output elements of one micro-tile: the lanes of the recurrence.
 const LANES: usize = MR * NR;

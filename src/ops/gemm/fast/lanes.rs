@@ -134,13 +134,13 @@ pub fn step_row(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512dq") {
-            // SAFETY: the CPU has every feature the function is compiled for.
-            return unsafe { step_row_avx512(f, has_c, ea, eb, window, dots, s) };
-        }
-        if is_x86_feature_detected!("avx2") {
+        use crate::isa::{isa, Isa};
+        match isa() {
+            // SAFETY: the level's detected features include every one the function enables.
+            Isa::Avx512 => return unsafe { step_row_avx512(f, has_c, ea, eb, window, dots, s) },
             // SAFETY: as above.
-            return unsafe { step_row_avx2(f, has_c, ea, eb, window, dots, s) };
+            Isa::Avx2 => return unsafe { step_row_avx2(f, has_c, ea, eb, window, dots, s) },
+            Isa::Portable => {}
         }
     }
     step_row_generic(f, has_c, ea, eb, window, dots, s)

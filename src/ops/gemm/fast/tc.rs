@@ -236,25 +236,13 @@ pub fn accumulate_e4m3_fast(model: &TensorCoreModel, codes: &Codes, a: &[u8], b:
         if model.group == GROUP32
             && model.frac_bits <= MAX_FAST_FRAC_BITS
             && model.term_cut != TermCut::Nearest
-            && avx512()
+            && crate::isa::isa() == crate::isa::Isa::Avx512
         {
             // SAFETY: the CPU has the features the function is compiled for (checked above).
             return unsafe { steps32_avx512(model, codes, a, b) };
         }
     }
     accumulate_e4m3(model, codes, a, b)
-}
-
-/// Whether this CPU runs [`steps32_avx512`] (detected once).
-#[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
-    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DETECTED.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512dq")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-    })
 }
 
 /// [`write_back`] for a sum that fits an i64 (every sum here), the same arithmetic without
