@@ -121,14 +121,18 @@ impl Layout for Dense {
         fast::gemm_bound_tolerances(a, b, cfg.block_size, &cfg.accumulation(), tolerance)
     }
 
-    /// The output's bytes straight from the kernel's tiles (no f32 `[M, N]` array beside them:
-    /// at M = 4096, N = 7168 that is 117 MB of a check's memory).
+    /// The output's bytes straight from the kernel's tiles where it computes them (no f32
+    /// `[M, N]` array beside them: at M = 4096, N = 7168 that is 117 MB of a check's memory).
     fn output(ops: &DenseOps, cfg: &GemmConfig, shape: Vec<usize>) -> Tensor {
         let (a, b) = ops.tiles();
         let bf16 = cfg.out_dtype == OutDtype::Bf16;
-        let bytes = fast::gemm_bytes(a, b, cfg.block_size, &cfg.accumulation(), bf16);
-        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-        Tensor::from_bytes(dtype, shape, bytes).expect("the dtype's bytes per element")
+        match fast::gemm_bytes(a, b, cfg.block_size, &cfg.accumulation(), bf16) {
+            Some(bytes) => {
+                let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+                Tensor::from_bytes(dtype, shape, bytes).expect("the dtype's bytes per element")
+            }
+            None => cfg.out_tensor(shape, &Self::compute(ops, cfg, false).c),
+        }
     }
 
     fn shape(inputs: &TensorMap) -> (Vec<usize>, usize) {

@@ -26,9 +26,7 @@ use dsv3_reference::fp8::fp8_gemm::{
 };
 use dsv3_reference::fp8::grouped_gemm::{ExpertWeights, GroupRows};
 use dsv3_reference::fp8::tc_bound::{e4m3_exponent, TensorCoreBound};
-use dsv3_reference::numeric::round_to_bf16;
 
-use crate::registry::tensor::le_bytes;
 use crate::registry::tolerance::TcBoundTolerance;
 
 /// Rows of the output per parallel task.
@@ -142,35 +140,30 @@ pub fn gemm(
     }
 }
 
-/// [`gemm`]'s accumulators without magnitudes as little-endian bytes: rounded to bf16 (RNE,
-/// `[2·M·N]`) when `bf16`, else f32 (`[4·M·N]`). The exact mode (and the bound mode's output)
-/// writes them from its tiles with no f32 M×N array; other modes convert [`gemm`]'s.
+/// [`gemm`]'s accumulators without magnitudes as little-endian bytes, written from the fused
+/// kernel's tiles with no f32 M×N array: rounded to bf16 (RNE, `[2·M·N]`) when `bf16`, else f32
+/// (`[4·M·N]`). `None` where the fused kernel does not compute the output (not the exact mode
+/// or the bound mode's output, blocks over 1024, an empty output): then convert [`gemm`]'s.
 pub fn gemm_bytes(
     a: BlockScaled,
     b: BlockScaled,
     block_size: usize,
     accumulation: &Accumulation,
     bf16: bool,
-) -> Vec<u8> {
+) -> Option<Vec<u8>> {
     let (m, n) = (a.codes.nrows(), b.codes.nrows());
     let exact_output = matches!(
         accumulation,
         Accumulation::Exact | Accumulation::TensorCoreBound { .. }
     );
     if !(exact_output && block_size <= fused::MAX_FUSED_BLOCK && m > 0 && n > 0) {
-        let c = gemm(a, b, block_size, accumulation, false).c;
-        let c = c.as_slice().expect("gemm's accumulators are row-major");
-        return if bf16 {
-            le_bytes(c, |v| round_to_bf16(v).to_le_bytes())
-        } else {
-            le_bytes(c, |v| v.to_le_bytes())
-        };
+        return None;
     }
     let mut bytes = vec![0u8; if bf16 { 2 } else { 4 } * m * n];
     with_operands(a, b, block_size, |ops| {
         fused::exact_fused_bytes(ops, &mut bytes, bf16)
     });
-    bytes
+    Some(bytes)
 }
 
 /// The bound mode's accumulators and each element's tolerance, `tolerance.of(M_b, M_w, D)` on
